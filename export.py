@@ -1,0 +1,252 @@
+"""Write our .bin checkpoints and tokenizer.bin.
+
+  python3 export.py OUT.bin [--version 0|1] --checkpoint model.pt   # llama2.c training checkpoint
+  python3 export.py OUT.bin [--version 0|1] --bin IN.bin            # convert between our versions
+  python3 export.py --tokenizer tokenizer.model [-o tokenizer.bin]  # sentencepiece -> tokenizer.bin
+
+The layouts are documented byte by byte in README.md. Files are written to a
+temporary name and renamed, so a failed export never leaves a half-written file.
+"""
+
+import argparse
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+
+import model as M
+
+
+def fail(msg):
+    sys.exit(f"export.py: error: {msg}")
+
+
+def progress(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+
+
+def header_bytes(args, version):
+    """The header: 28 bytes for version 0, 256 for version 1."""
+    fields = (args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads)
+    if version == 0:
+        if args.rope_theta != M.DEFAULT_ROPE_THETA or args.norm_eps != M.DEFAULT_NORM_EPS:
+            fail(f"version 0 cannot store rope_theta={args.rope_theta} / norm_eps={args.norm_eps}; "
+                 "use --version 1")
+        vocab = args.vocab_size if args.shared_classifier else -args.vocab_size
+        return struct.pack("<7i", *fields, vocab, args.max_seq_len)
+    head = struct.pack("<Ii7iB", M.MAGIC, version, *fields, args.vocab_size, args.max_seq_len,
+                       int(args.shared_classifier))
+    head = head.ljust(64, b"\0") + struct.pack("<2f", args.rope_theta, args.norm_eps)
+    return head.ljust(M.HEADER_BYTES, b"\0")
+
+
+def file_order(model, version):
+    """[(label, tensor)] in the order the weights are stored."""
+    args, sd = model.args, model.state_dict()
+    L = args.n_layers
+    stack = lambda name: torch.stack([sd[f"layers.{i}.{name}"] for i in range(L)])
+    norms = [("rms_att", stack("attention_norm.weight")), ("rms_ffn", stack("ffn_norm.weight"))]
+    mats = [(name.split(".")[1], stack(name)) for name, _ in M.layer_tensors(args)]
+    emb = ("token_embedding", sd["tok_embeddings.weight"])
+    if version == 0:
+        cos, sin = M.rope_tables(args.head_size, args.max_seq_len, args.rope_theta)
+        out = [emb, norms[0], *mats[:4], norms[1], *mats[4:], ("rms_final", sd["norm.weight"]),
+               ("freq_cis_real", cos), ("freq_cis_imag", sin)]
+    else:
+        out = [*norms, ("rms_final", sd["norm.weight"]), emb, *mats]
+    if not args.shared_classifier:
+        out.append(("classifier", sd["output.weight"]))
+    return out
+
+
+def write_atomically(path, chunks):
+    """Write the byte strings `chunks` yields to path via a temporary file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_checkpoint(model, path, version):
+    if version not in (0, 1):
+        fail(f"--version {version}: this exporter writes versions 0 and 1")
+
+    def chunks():
+        yield header_bytes(model.args, version)
+        for label, t in file_order(model, version):
+            progress(f"  {label:16s} {tuple(t.shape)}")
+            yield t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+
+    progress(f"writing {path} (version {version})")
+    write_atomically(path, chunks())
+    progress(f"wrote {path}: {os.path.getsize(path)} bytes")
+
+
+def load_training_checkpoint(path):
+    """llama2.c's train.py checkpoint: {"model_args": {...}, "model": state_dict}."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        fail(f"{path}: cannot load: {e}")
+    if not isinstance(ck, dict) or "model_args" not in ck or "model" not in ck:
+        fail(f"{path}: not a llama2.c training checkpoint (needs 'model_args' and 'model')")
+    known = set(M.ModelArgs.__dataclass_fields__)
+    kwargs = {k: v for k, v in ck["model_args"].items() if k in known}
+    sd = {k.removeprefix("_orig_mod."): v for k, v in ck["model"].items()}  # torch.compile prefix
+    sd = {k: v for k, v in sd.items() if k not in ("freqs_cos", "freqs_sin")}
+    emb, out = sd.get("tok_embeddings.weight"), sd.get("output.weight")
+    kwargs["shared_classifier"] = out is None or (emb is not None and torch.equal(emb, out))
+    try:
+        model = M.Transformer(M.ModelArgs(**kwargs))
+        if kwargs["shared_classifier"]:
+            sd["output.weight"] = emb
+        model.load_state_dict(sd)
+    except (RuntimeError, TypeError, ValueError) as e:
+        fail(f"{path}: weights do not match model_args: {e}")
+    return model
+
+
+# ----------------------------------------------------------------------------
+# Tokenizer: the sentencepiece .model protobuf, read without the sentencepiece
+# package. ModelProto field 1 is the repeated SentencePiece {1: piece, 2: score,
+# 3: type}; field 2 is the TrainerSpec, whose fields 40/41/42 are unk/bos/eos ids.
+
+
+def protobuf_fields(buf):
+    """Yield (field number, wire type, value) of one protobuf message. Values are
+    ints for varints, raw bytes for fixed32/fixed64/length-delimited fields."""
+    pos = 0
+
+    def varint():
+        nonlocal pos
+        result = shift = 0
+        while True:
+            if pos >= len(buf):
+                raise ValueError("truncated varint")
+            b = buf[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return result
+            if shift > 63:
+                raise ValueError("varint too long")
+
+    while pos < len(buf):
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, pos = buf[pos:pos + n], pos + n
+        elif wire == 2:
+            n = varint()
+            value, pos = buf[pos:pos + n], pos + n
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("truncated field")
+        yield field, wire, value
+
+
+def read_sentencepiece(path):
+    """[(piece bytes, score float32 bytes, type)], bos_id, eos_id."""
+    try:
+        with open(path, "rb") as f:
+            buf = f.read()
+    except OSError as e:
+        fail(f"{path}: {e.strerror}")
+    pieces, ids = [], {41: 1, 42: 2}  # sentencepiece's default bos/eos ids
+    try:
+        for field, wire, value in protobuf_fields(buf):
+            if field == 1 and wire == 2:
+                piece, score, kind = b"", struct.pack("<f", 0.0), 1
+                for f2, w2, v2 in protobuf_fields(value):
+                    if f2 == 1 and w2 == 2:
+                        piece = bytes(v2)
+                    elif f2 == 2 and w2 == 5:
+                        score = bytes(v2)
+                    elif f2 == 3 and w2 == 0:
+                        kind = v2
+                pieces.append((piece, score, kind))
+            elif field == 2 and wire == 2:
+                for f2, w2, v2 in protobuf_fields(value):
+                    if f2 in ids and w2 == 0:
+                        ids[f2] = v2 - (1 << 64) if v2 >= 1 << 63 else v2
+    except ValueError as e:
+        fail(f"{path}: not a sentencepiece model ({e})")
+    if not pieces:
+        fail(f"{path}: not a sentencepiece model (no pieces)")
+    return pieces, ids[41], ids[42]
+
+
+def export_tokenizer(model_path, out_path):
+    pieces, bos, eos = read_sentencepiece(model_path)
+    if (bos, eos) != (1, 2):
+        fail(f"{model_path}: bos/eos ids are {bos}/{eos}; run.cpp expects 1/2")
+    tokens = []
+    for i, (piece, score, _) in enumerate(pieces):
+        if i == bos:
+            piece = b"\n<s>\n"
+        elif i == eos:
+            piece = b"\n</s>\n"
+        tokens.append((piece.replace("\u2581".encode(), b" "), score))
+    if any(not p for p, _ in tokens):
+        fail(f"{model_path}: contains an empty piece")
+    max_len = max(len(p) for p, _ in tokens)
+
+    def chunks():
+        yield struct.pack("<i", max_len)
+        for piece, score in tokens:
+            yield score + struct.pack("<i", len(piece)) + piece
+
+    write_atomically(out_path, chunks())
+    progress(f"wrote {out_path}: {len(tokens)} tokens, max_token_length {max_len}")
+
+
+# ----------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", help="output checkpoint (.bin)")
+    ap.add_argument("--version", type=int, default=0, help="checkpoint version: 0 (llama2.c legacy, default) or 1")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="llama2.c training checkpoint (.pt)")
+    src.add_argument("--bin", help="one of our .bin checkpoints, any version")
+    src.add_argument("--tokenizer", help="sentencepiece tokenizer.model")
+    ap.add_argument("-o", dest="tokenizer_out", default="tokenizer.bin", help="tokenizer output (default tokenizer.bin)")
+    a = ap.parse_args()
+
+    if a.tokenizer:
+        export_tokenizer(a.tokenizer, a.tokenizer_out)
+        return
+    if not a.out:
+        fail("give the output checkpoint path")
+    if a.checkpoint:
+        model = load_training_checkpoint(a.checkpoint)
+    else:
+        if not os.path.isfile(a.bin):
+            fail(f"{a.bin}: no such file")
+        try:
+            model = M.load_checkpoint(a.bin)
+        except (ValueError, RuntimeError, struct.error) as e:
+            fail(f"{a.bin}: not a valid checkpoint ({e})")
+    write_checkpoint(model, a.out, a.version)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""The Llama 2 model in PyTorch, written to be read: the reference run.cpp is
+tested against, and a loader for our .bin checkpoints (versions 0, 1 and 2).
+
+Parameter names match llama2.c's training code, so its checkpoints load with
+load_state_dict. Shapes: B batch, T time, D dim, H heads, K kv heads, S head size.
+"""
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MAGIC = 0x616B3432  # "ak42"
+HEADER_BYTES = 256  # versions 1 and 2
+DEFAULT_ROPE_THETA = 10000.0
+DEFAULT_NORM_EPS = 1e-5
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: Optional[int] = None  # None: same as n_heads
+    vocab_size: int = 32000
+    hidden_dim: Optional[int] = None  # None: derived from dim as in llama2.c
+    multiple_of: int = 32  # only used to derive hidden_dim
+    norm_eps: float = DEFAULT_NORM_EPS
+    max_seq_len: int = 256
+    rope_theta: float = DEFAULT_ROPE_THETA
+    shared_classifier: bool = True
+    dropout: float = 0.0  # accepted for llama2.c's model_args; inference ignores it
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            hidden = int(2 * (4 * self.dim) / 3)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def head_size(self):
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def rope_tables(head_size, seq_len, theta):
+    """cos, sin of shape (seq_len, head_size / 2): angle p * theta^(-2i / head_size),
+    computed in float64 like run.cpp."""
+    freqs = theta ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the pairs (x[..., 2i], x[..., 2i+1]) of each head. x: (B, T, H, S)."""
+    a, b = x[..., 0::2], x[..., 1::2]  # (B, T, H, S/2)
+    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_size = args.n_heads, args.n_kv_heads, args.head_size
+        kv_dim = args.n_kv_heads * args.head_size
+        self.wq = nn.Linear(args.dim, args.dim, bias=False)
+        self.wk = nn.Linear(args.dim, kv_dim, bias=False)
+        self.wv = nn.Linear(args.dim, kv_dim, bias=False)
+        self.wo = nn.Linear(args.dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_size)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_size)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_size)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # grouped-query attention: each kv head serves n_heads / n_kv_heads query heads
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, S)
+        scores = q @ k.transpose(2, 3) / math.sqrt(self.head_size)  # (B, H, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(causal, float("-inf"))
+        out = F.softmax(scores, dim=-1) @ v  # (B, H, T, S)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.shared_classifier:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens):
+        """tokens (B, T) -> logits (B, T, vocab) at every position."""
+        T = tokens.shape[1]
+        cos, sin = rope_tables(self.args.head_size, T, self.args.rope_theta)
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.output(self.norm(x))
+
+    @torch.no_grad()
+    def generate_greedy(self, tokens, steps):
+        """What `run -t 0 -n steps` computes: run `steps` positions, each giving
+        the next token (forced while inside the prompt `tokens`), stopping
+        before a BOS or EOS. Returns the whole sequence, prompt included."""
+        tokens = list(tokens)
+        while len(tokens) <= steps:
+            logits = self(torch.tensor([tokens]))[0, -1]
+            nxt = int(torch.argmax(logits))  # first maximum: lowest id on ties
+            if nxt in (1, 2):
+                break
+            tokens.append(nxt)
+        return tokens
+
+
+# ----------------------------------------------------------------------------
+# Reading our checkpoints. The layouts are documented byte by byte in README.md.
+
+# (name in the state dict per layer, shape as a function of args), in file order
+def layer_tensors(args):
+    kv_dim = args.n_kv_heads * args.head_size
+    return [
+        ("attention.wq.weight", (args.dim, args.dim)),
+        ("attention.wk.weight", (kv_dim, args.dim)),
+        ("attention.wv.weight", (kv_dim, args.dim)),
+        ("attention.wo.weight", (args.dim, args.dim)),
+        ("feed_forward.w1.weight", (args.hidden_dim, args.dim)),
+        ("feed_forward.w2.weight", (args.dim, args.hidden_dim)),
+        ("feed_forward.w3.weight", (args.hidden_dim, args.dim)),
+    ]
+
+
+class Reader:
+    def __init__(self, data, offset):
+        self.data, self.offset = data, offset
+
+    def floats(self, *shape):
+        n = int(np.prod(shape))
+        a = np.frombuffer(self.data, dtype="<f4", count=n, offset=self.offset)
+        self.offset += 4 * n
+        return torch.from_numpy(a.copy()).view(*shape)
+
+    def quantized(self, group_size, *shape):
+        """int8 values then one float32 scale per group: Q8_0 dequantized."""
+        n = int(np.prod(shape))
+        q = np.frombuffer(self.data, dtype=np.int8, count=n, offset=self.offset)
+        s = np.frombuffer(self.data, dtype="<f4", count=n // group_size, offset=self.offset + n)
+        self.offset += n + 4 * (n // group_size)
+        w = q.astype(np.float32).reshape(-1, group_size) * s[:, None]
+        return torch.from_numpy(w).view(*shape)
+
+
+def read_header(data):
+    """(args, version, group_size, header_bytes) from the first bytes of a .bin."""
+    if len(data) >= 4 and struct.unpack_from("<I", data, 0)[0] == MAGIC:
+        version = struct.unpack_from("<i", data, 4)[0]
+        if version not in (1, 2):
+            raise ValueError(f"unsupported checkpoint version {version}")
+        dim, hidden, L, H, K, vocab, seq = struct.unpack_from("<7i", data, 8)
+        shared = data[36] == 1
+        group_size = struct.unpack_from("<i", data, 37)[0] if version == 2 else 0
+        theta, eps = struct.unpack_from("<2f", data, 64)
+        header = HEADER_BYTES
+    else:
+        version, group_size, header = 0, 0, 28
+        dim, hidden, L, H, K, vocab, seq = struct.unpack_from("<7i", data, 0)
+        shared, vocab = vocab > 0, abs(vocab)
+        theta = eps = 0.0
+    args = ModelArgs(dim=dim, n_layers=L, n_heads=H, n_kv_heads=K, vocab_size=vocab,
+                     hidden_dim=hidden, max_seq_len=seq, shared_classifier=shared,
+                     rope_theta=theta or DEFAULT_ROPE_THETA, norm_eps=eps or DEFAULT_NORM_EPS)
+    return args, version, group_size, header
+
+
+def load_checkpoint(path):
+    """Any of our .bin versions -> Transformer (float32; int8 weights dequantized)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    args, version, group_size, header = read_header(data)
+    model = Transformer(args)
+    r = Reader(data, header)
+    L, D = args.n_layers, args.dim
+    sd = {}
+
+    def per_layer(name, tensor):
+        for i in range(L):
+            sd[f"layers.{i}.{name}"] = tensor[i]
+
+    if version == 0:
+        sd["tok_embeddings.weight"] = r.floats(args.vocab_size, D)
+        per_layer("attention_norm.weight", r.floats(L, D))
+        for name, shape in layer_tensors(args)[:4]:
+            per_layer(name, r.floats(L, *shape))
+        per_layer("ffn_norm.weight", r.floats(L, D))
+        for name, shape in layer_tensors(args)[4:]:
+            per_layer(name, r.floats(L, *shape))
+        sd["norm.weight"] = r.floats(D)
+        r.floats(args.max_seq_len, args.head_size)  # the two unused RoPE tables
+        weights = lambda *shape: r.floats(*shape)
+    else:
+        per_layer("attention_norm.weight", r.floats(L, D))
+        per_layer("ffn_norm.weight", r.floats(L, D))
+        sd["norm.weight"] = r.floats(D)
+        if version == 1:
+            weights = lambda *shape: r.floats(*shape)
+        else:
+            weights = lambda *shape: r.quantized(group_size, *shape)
+        sd["tok_embeddings.weight"] = weights(args.vocab_size, D)
+        for name, shape in layer_tensors(args):
+            if version == 1:
+                per_layer(name, weights(L, *shape))
+            else:  # version 2 quantizes each layer's matrix separately
+                for i in range(L):
+                    sd[f"layers.{i}.{name}"] = weights(*shape)
+    sd["output.weight"] = sd["tok_embeddings.weight"] if args.shared_classifier else weights(args.vocab_size, D)
+    if r.offset != len(data):
+        raise ValueError(f"{path}: {len(data) - r.offset} bytes left over after the weights")
+    model.load_state_dict(sd)
+    return model
