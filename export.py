@@ -9,9 +9,13 @@ temporary name and renamed, so a failed export never leaves a half-written file.
 """
 
 import argparse
+import collections
+import io
 import os
+import pickle
 import struct
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -94,10 +98,50 @@ def write_checkpoint(model, path, version):
     progress(f"wrote {path}: {os.path.getsize(path)} bytes")
 
 
+def load_weights_only(path):
+    """torch.save's zip format read by an unpickler that builds tensors, dicts
+    and numbers and refuses every other class, so a checkpoint cannot run code.
+    This is what torch.load(weights_only=True) does, but torch 1.13 (Debian 12)
+    rejects the floats in llama2.c's model_args and ignores pickle_module."""
+    dtypes = {"FloatStorage": torch.float32, "HalfStorage": torch.float16,
+              "BFloat16Storage": torch.bfloat16, "DoubleStorage": torch.float64,
+              "LongStorage": torch.int64, "IntStorage": torch.int32, "BoolStorage": torch.bool}
+
+    def rebuild_tensor(storage, offset, size, stride, *_):
+        return torch.as_strided(storage, size, stride, offset)
+
+    with zipfile.ZipFile(path) as z:
+        pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
+        prefix = pkl[: -len("data.pkl")]
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module == "torch" and name in dtypes:
+                    return dtypes[name]
+                if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                    return rebuild_tensor
+                if (module, name) == ("torch._utils", "_rebuild_parameter"):
+                    return lambda data, *_: data
+                if (module, name) == ("collections", "OrderedDict"):
+                    return collections.OrderedDict
+                raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+            def persistent_load(self, pid):  # ("storage", dtype, key, location, numel)
+                _, dtype, key, _, _ = pid
+                return torch.frombuffer(bytearray(z.read(f"{prefix}data/{key}")), dtype=dtype)
+
+        return Unpickler(io.BytesIO(z.read(pkl))).load()
+
+
 def load_training_checkpoint(path):
     """llama2.c's train.py checkpoint: {"model_args": {...}, "model": state_dict}."""
+    if not os.path.isfile(path):
+        fail(f"{path}: no such file")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            ck = load_weights_only(path)
     except Exception as e:  # torch raises many types for a bad file
         fail(f"{path}: cannot load: {e}")
     if not isinstance(ck, dict) or "model_args" not in ck or "model" not in ck:

@@ -735,6 +735,9 @@ static int sample_topp(const float* p, int n, float topp, std::vector<std::pair<
     cand.clear();
     for (int i = 0; i < n; i++)
         if (p[i] >= cutoff) cand.push_back({p[i], i});
+    // With topp < 1/n the cutoff can drop everything; then the most likely
+    // token alone passes topp, and it is the answer.
+    if (cand.empty()) return sample_argmax(p, n);
     // most likely first; equal probabilities in id order
     std::sort(cand.begin(), cand.end(), [](const auto& a, const auto& b) {
         return a.first != b.first ? a.first > b.first : a.second < b.second;

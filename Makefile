@@ -1,0 +1,87 @@
+# Build, test and benchmark run.cpp.
+#   make            ./run with OpenMP, tuned for this CPU (same as `make runomp`)
+#   make test       build every variant and run all tests (installs test packages if missing)
+#   make bench      tok/s of prompt and generation on stories260K and random 15M/110M-shaped models
+# As in llama2.c, run / runfast / runomp / debug all write ./run.
+
+CXX   ?= g++
+CLANG ?= clang++
+
+# Python with torch: `python3` if it has it, else Debian's /usr/bin/python3 (where apt installs it).
+PYTHON ?= $(or $(shell for p in python3 /usr/bin/python3; do $$p -c "import torch" 2>/dev/null && { echo $$p; break; }; done),/usr/bin/python3)
+
+# -std=c++17: the language level; -Wall -Wextra: all the usual warnings.
+WARN  = -std=c++17 -Wall -Wextra
+# Without -fopenmp the omp pragmas are ignored on purpose: do not warn about them.
+NOOMP = -Wno-unknown-pragmas
+# -O3: full optimisation, including the vectorizer that maps matmul's lanes onto SIMD.
+# -march=native: use every instruction this CPU has (AVX2/AVX-512 FMA); the binary may not run elsewhere.
+# No -ffast-math (llama2.c's -Ofast): it would let the compiler drop NaN checks and
+# change results between builds.
+OPT   = -O3
+NATIVE = -march=native
+# -fopenmp: parallel rows in matmul and heads in attention. OMP_NUM_THREADS picks the count.
+OMP   = -fopenmp
+# -g -O1: debuggable but not glacial; sanitizers catch out-of-bounds reads and undefined behaviour.
+SAN   = -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+
+# The sentencepiece model tokenizer.bin is made from: your downloaded Llama 2 tokenizer.model,
+# else the copy in ../shared/models.
+TOKENIZER_MODEL ?= $(firstword $(wildcard tokenizer.model ../shared/models/llama2/tokenizer.model))
+
+.PHONY: all run runfast runomp debug test unit e2e bench clean
+all: runomp
+
+run: run.cpp            # portable: any x86-64 or ARM, one thread
+	$(CXX) $(WARN) $(NOOMP) $(OPT) -o run run.cpp
+runfast: run.cpp        # this CPU's full instruction set, one thread
+	$(CXX) $(WARN) $(NOOMP) $(OPT) $(NATIVE) -o run run.cpp
+runomp: run.cpp         # this CPU, all cores
+	$(CXX) $(WARN) $(OPT) $(NATIVE) $(OMP) -o run run.cpp
+debug: run.cpp          # address + undefined-behaviour sanitizers
+	$(CXX) $(WARN) $(NOOMP) $(SAN) -o run run.cpp
+
+tokenizer.bin: export.py $(TOKENIZER_MODEL)
+	@test -n "$(TOKENIZER_MODEL)" || { echo "no tokenizer.model: download Llama 2's and put it here" >&2; exit 1; }
+	$(PYTHON) export.py --tokenizer $(TOKENIZER_MODEL) -o $@
+
+# ---------------------------------------------------------------------------
+# Tests. Every variant is built with -Werror: the engine must be warning-free
+# with g++ and clang++, with and without OpenMP. Test binaries live in build/.
+
+VARIANTS = gcc gcc-omp clang clang-omp debug
+CXX_gcc       = $(CXX)   $(WARN) -Werror $(NOOMP) $(OPT)
+CXX_gcc-omp   = $(CXX)   $(WARN) -Werror $(OPT) $(NATIVE) $(OMP)
+CXX_clang     = $(CLANG) $(WARN) -Werror $(NOOMP) $(OPT) $(NATIVE)
+CXX_clang-omp = $(CLANG) $(WARN) -Werror $(OPT) $(OMP)
+CXX_debug     = $(CXX)   $(WARN) -Werror $(NOOMP) $(SAN)
+
+build/run-%: run.cpp
+	@mkdir -p build
+	$(CXX_$*) -o $@ run.cpp
+build/test_run-%: tests/test_run.cpp run.cpp
+	@mkdir -p build
+	$(CXX_$*) -o $@ tests/test_run.cpp
+build/tokenize_many: tests/tokenize_many.cpp run.cpp
+	@mkdir -p build
+	$(CXX_gcc) -o $@ tests/tokenize_many.cpp
+
+build/.deps: tests/install-deps.sh
+	@mkdir -p build
+	PYTHON="$(PYTHON)" sh tests/install-deps.sh && touch $@
+
+unit: $(VARIANTS:%=build/test_run-%)
+	@for v in $(VARIANTS); do echo "== unit tests: $$v"; ./build/test_run-$$v || exit 1; done
+
+e2e: build/.deps $(VARIANTS:%=build/run-%) build/tokenize_many
+	RUN_BINARIES="$(VARIANTS:%=build/run-%)" $(PYTHON) -m pytest -q tests
+
+test: build/.deps unit e2e
+
+# ---------------------------------------------------------------------------
+
+bench: build/.deps runomp tokenizer.bin
+	$(PYTHON) tests/bench.py
+
+clean:
+	rm -rf run build tokenizer.bin

@@ -1,0 +1,126 @@
+"""Shared helpers for the end-to-end tests: where the binaries and models are,
+random models, synthetic tokenizers, and running the engine."""
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import export as E  # noqa: E402
+import model as M  # noqa: E402
+
+MODELS = ROOT.parent / "shared" / "models"
+STORIES = MODELS / "stories260K" / "stories260K.bin"
+TOK512 = MODELS / "stories260K" / "tok512.bin"
+LLAMA_MODEL = MODELS / "llama2" / "tokenizer.model"
+LLAMA_BIN = MODELS / "llama2" / "tokenizer.bin"
+
+# `make test` passes every build variant; run by hand, pytest uses ./run
+BINARIES = os.environ.get("RUN_BINARIES", "run").split()
+
+
+def binary_id(b):
+    return Path(b).name
+
+
+@pytest.fixture(params=BINARIES, ids=binary_id)
+def binary(request):
+    path = ROOT / request.param
+    if not path.exists():
+        pytest.fail(f"{path} is missing: build it first (make test builds everything)")
+    return str(path)
+
+
+def run(binary, *args, stdin=None, env=None, check=True, timeout=300):
+    """Run the engine; returns the CompletedProcess with bytes stdout/stderr."""
+    full_env = dict(os.environ, **(env or {}))
+    p = subprocess.run([binary, *map(str, args)], input=stdin, capture_output=True, env=full_env,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{binary} {args} exited {p.returncode}: {p.stderr.decode(errors='replace')}")
+    return p
+
+
+def read_dump(path, vocab):
+    """RUN_DUMP_LOGITS records: (positions, input tokens, logits (T, vocab))."""
+    raw = Path(path).read_bytes()
+    rec = 8 + 4 * vocab
+    assert len(raw) % rec == 0
+    n = len(raw) // rec
+    pos, tok, logits = [], [], torch.empty(n, vocab, dtype=torch.float64)
+    for i in range(n):
+        p, t = struct.unpack_from("<2i", raw, i * rec)
+        pos.append(p)
+        tok.append(t)
+        logits[i] = torch.frombuffer(bytearray(raw[i * rec + 8:(i + 1) * rec]), dtype=torch.float32).double()
+    return pos, tok, logits
+
+
+def random_model(seed, **kw):
+    """A model.py Transformer with random weights, norm weights included."""
+    torch.manual_seed(seed)
+    m = M.Transformer(M.ModelArgs(**kw))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def save_model(m, path, version=0):
+    E.write_checkpoint(m, str(path), version)
+    return path
+
+
+def write_tokenizer(path, pieces, scores=None):
+    """tokenizer.bin from a list of str/bytes pieces (scores default to -id)."""
+    pieces = [p.encode() if isinstance(p, str) else p for p in pieces]
+    scores = scores or [-float(i) for i in range(len(pieces))]
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", max(len(p) for p in pieces)))
+        for p, s in zip(pieces, scores):
+            f.write(struct.pack("<fi", s, len(p)) + p)
+    return path
+
+
+def byte_vocab(extra):
+    """<unk>, BOS, EOS, the 256 byte pieces, then `extra` pieces."""
+    return ["<unk>", "\n<s>\n", "\n</s>\n"] + [f"<0x{b:02X}>" for b in range(256)] + list(extra)
+
+
+def vocab_of_size(n):
+    """A byte-fallback vocabulary of exactly n >= 259 pieces with some merges."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    extra = [" "] + letters + [" " + c for c in letters] + [a + b for a in letters for b in letters]
+    assert n >= 259
+    return byte_vocab(extra[: n - 259])
+
+
+def decode_text(pieces, tokens):
+    """What run prints for `tokens` (starting with BOS): llama2.c's decode rules."""
+    out = b""
+    for prev, tok in zip(tokens, tokens[1:]):
+        p = pieces[tok]
+        if 3 <= tok < 259:
+            p = bytes([tok - 3])
+        elif prev == 1 and p.startswith(b" "):
+            p = p[1:]
+        out += p
+    return out
+
+
+def read_tokenizer(path, vocab):
+    raw = Path(path).read_bytes()
+    off, pieces = 4, []
+    for _ in range(vocab):
+        _, n = struct.unpack_from("<fi", raw, off)
+        pieces.append(raw[off + 8:off + 8 + n])
+        off += 8 + n
+    return pieces

@@ -1,0 +1,18 @@
+#!/bin/sh
+# Installs what `make test` needs when it is missing, from Debian's packages:
+# PyTorch, NumPy, pytest and sentencepiece for $PYTHON, clang++ and its OpenMP runtime.
+set -e
+PYTHON=${PYTHON:-/usr/bin/python3}
+if $PYTHON -c 'import torch, numpy, pytest, sentencepiece' 2>/dev/null &&
+   command -v clang++ >/dev/null && echo 'int main(){}' | clang++ -fopenmp -x c++ - -o /dev/null 2>/dev/null; then
+    exit 0
+fi
+PKGS="python3-torch python3-numpy python3-pytest python3-sentencepiece clang libomp-dev"
+if ! command -v apt-get >/dev/null; then
+    echo "missing test dependencies; install the equivalents of: $PKGS" >&2
+    exit 1
+fi
+SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+echo "installing test dependencies: $PKGS" >&2
+$SUDO apt-get update
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y $PKGS

@@ -1,0 +1,169 @@
+"""run.cpp against model.py: logits at every position, greedy generations, the
+real stories260K model, checkpoint versions, and thread-count determinism."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import (ROOT, STORIES, TOK512, E, M, decode_text, random_model, read_dump,
+                      read_tokenizer, run, save_model, vocab_of_size, write_tokenizer)
+
+U = 2.0 ** -24  # float32 unit roundoff
+
+# Tiny random models covering the architecture's variants; sizes deliberately
+# not powers of two (head sizes 8, 10, 10, 16).
+CONFIGS = {
+    "mha-shared": dict(dim=48, hidden_dim=100, n_layers=2, n_heads=6, n_kv_heads=6, vocab_size=300, max_seq_len=64),
+    "gqa-separate": dict(dim=60, hidden_dim=130, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=301,
+                         max_seq_len=80, shared_classifier=False),
+    "mqa": dict(dim=40, hidden_dim=72, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=263, max_seq_len=70),
+    "theta-eps-v1": dict(dim=32, hidden_dim=50, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=270,
+                         max_seq_len=40, rope_theta=500000.0, norm_eps=1e-6),
+}
+PROMPT = "hello world"
+
+
+def rounding_depth(args, T):
+    """How many float32 roundings can stack up behind one logit, adding the
+    per-element bounds in run.cpp's kernel banners along the longest path:
+    rmsnorm n/2 + 6, a dot product of length n contributes n, softmax over T
+    positions T + 4 plus the weighted sum over T values, and a few single
+    roundings (residual adds, SiLU, RoPE)."""
+    rms = args.dim / 2 + 6
+    attention = args.dim + 3 + args.head_size + (T + 4) + T + args.dim + 1
+    ffn = args.dim + 4 + args.hidden_dim + 1
+    return args.n_layers * (2 * rms + attention + ffn) + rms + args.dim
+
+
+def reference_logits(m, tokens):
+    """model.py in float64: logits (T, vocab) and each logit's magnitude
+    sum_k |W[v, k] h[k]|, the scale its rounding error is proportional to."""
+    m = m.double()
+    with torch.no_grad():
+        logits = m(torch.tensor([tokens]))[0]
+        x = m.tok_embeddings(torch.tensor([tokens]))
+        cos, sin = M.rope_tables(m.args.head_size, len(tokens), m.args.rope_theta)
+        for layer in m.layers:
+            x = layer(x, cos, sin)
+        h = m.norm(x)[0]
+        magnitude = h.abs() @ m.output.weight.abs().T
+    return logits, magnitude
+
+
+def setup_model(tmp_path, name):
+    cfg = dict(CONFIGS[name])
+    m = random_model(sum(map(ord, name)), **cfg)
+    version = 1 if name.endswith("-v1") else 0
+    ckpt = save_model(m, tmp_path / "model.bin", version)
+    tok = write_tokenizer(tmp_path / "tok.bin", vocab_of_size(cfg["vocab_size"]))
+    return m, ckpt, tok
+
+
+def prompt_tokens(binary, ckpt, tok, prompt):
+    out = run(binary, ckpt, "-z", tok, "-m", "tokenize", "-i", prompt).stdout
+    return [int(t) for t in out.split()]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_model_py(binary, tmp_path, name):
+    m, ckpt, tok = setup_model(tmp_path, name)
+    dump = tmp_path / "logits.bin"
+    T = m.args.max_seq_len
+    run(binary, ckpt, "-z", tok, "-t", "0", "-n", T, "-i", PROMPT, env={"RUN_DUMP_LOGITS": str(dump)})
+    pos, tokens, logits = read_dump(dump, m.args.vocab_size)
+    assert pos == list(range(len(pos))) and len(pos) >= 10, "generation stopped too early to test"
+    ref, magnitude = reference_logits(m, tokens)
+    tol = rounding_depth(m.args, len(tokens)) * U * magnitude
+    err = (logits - ref).abs()
+    worst = (err / tol).max().item()
+    assert worst <= 1.0, f"logit error {err.max().item():.3g} is {worst:.2f} x the bound"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_greedy_matches_model_py(binary, tmp_path, name):
+    m, ckpt, tok = setup_model(tmp_path, name)
+    steps = min(64, m.args.max_seq_len)
+    dump = tmp_path / "logits.bin"
+    run(binary, ckpt, "-z", tok, "-t", "0", "-n", steps, "-i", PROMPT, env={"RUN_DUMP_LOGITS": str(dump)})
+    _, tokens, _ = read_dump(dump, m.args.vocab_size)
+    expected = m.double().generate_greedy(prompt_tokens(binary, ckpt, tok, PROMPT), steps)
+    assert len(expected) >= 20, "greedy run hit BOS/EOS too soon to be a test"
+    # the dump holds each position's input; the token sampled last is printed only
+    assert tokens == expected[:len(tokens)] and len(tokens) in (len(expected), len(expected) - 1)
+
+
+def test_stories260k_greedy_text(binary):
+    """The real model: 200 greedy steps from BOS, text equal to model.py's."""
+    out = run(binary, STORIES, "-z", TOK512, "-t", "0", "-n", 200).stdout
+    m = M.load_checkpoint(str(STORIES)).double()
+    expected = decode_text(read_tokenizer(TOK512, 512), m.generate_greedy([1], 200))
+    assert len(expected) > 400
+    assert out == expected + b"\n"
+
+
+def test_stories260k_with_prompt(binary):
+    prompt = "Once upon a time, Lily"
+    out = run(binary, STORIES, "-z", TOK512, "-t", "0", "-n", 60, "-i", prompt).stdout
+    m = M.load_checkpoint(str(STORIES)).double()
+    ids = prompt_tokens(binary, STORIES, TOK512, prompt)
+    expected = decode_text(read_tokenizer(TOK512, 512), m.generate_greedy(ids, 60))
+    assert out.startswith(prompt.encode()) and out == expected + b"\n"
+
+
+def export_cli(*args):
+    subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, args)], check=True, capture_output=True)
+
+
+def test_versions_give_identical_output(binary, tmp_path):
+    """Version 0 and version 1 of one model sample the same text, for the real
+    model and for a random one with a separate classifier."""
+    gqa = random_model(3, **CONFIGS["gqa-separate"])
+    save_model(gqa, tmp_path / "gqa.bin", 0)
+    tok = write_tokenizer(tmp_path / "tok.bin", vocab_of_size(301))
+    for src, tokenizer in [(STORIES, TOK512), (tmp_path / "gqa.bin", tok)]:
+        outputs = []
+        for version in (0, 1):
+            dst = tmp_path / f"v{version}.bin"
+            export_cli(dst, "--version", version, "--bin", src)
+            outputs.append(run(binary, dst, "-z", tokenizer, "-s", 42, "-n", 80).stdout)
+        outputs.append(run(binary, src, "-z", tokenizer, "-s", 42, "-n", 80).stdout)
+        assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) > 40
+
+
+def test_same_bytes_for_any_thread_count(binary):
+    outs = {run(binary, STORIES, "-z", TOK512, "-s", 11, "-t", "1.0", "-p", "0.95", "-n", 256,
+                env={"OMP_NUM_THREADS": str(n)}).stdout for n in (1, 2, 3)}
+    assert len(outs) == 1
+
+
+def test_training_checkpoint_export(tmp_path):
+    """A llama2.c-style training checkpoint (compiled: '_orig_mod.' keys)
+    exports to a .bin that model.py reads back as the same weights."""
+    m = random_model(9, **CONFIGS["gqa-separate"])
+    cfg = CONFIGS["gqa-separate"]
+    model_args = {k: cfg[k] for k in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")}
+    model_args.update(max_seq_len=cfg["max_seq_len"], multiple_of=32, norm_eps=1e-5, dropout=0.0)
+    sd = {"_orig_mod." + k: v for k, v in m.state_dict().items()}
+    torch.save({"model_args": model_args, "model": sd, "iter_num": 5}, tmp_path / "ckpt.pt")
+    for version in (0, 1):
+        export_cli(tmp_path / "out.bin", "--version", version, "--checkpoint", tmp_path / "ckpt.pt")
+        back = M.load_checkpoint(str(tmp_path / "out.bin"))
+        for k, v in m.state_dict().items():
+            assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_training_checkpoint_cannot_run_code(tmp_path):
+    """A pickle that would call os.system is refused, not executed."""
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model_args": {}, "model": {}, "payload": Evil()}, tmp_path / "evil.pt")
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), tmp_path / "out.bin", "--checkpoint",
+                        tmp_path / "evil.pt"], capture_output=True)
+    assert p.returncode == 1 and b"refusing" in p.stderr and not marker.exists()

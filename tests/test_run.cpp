@@ -1,0 +1,388 @@
+// Unit tests for run.cpp's kernels, tokenizer, sampler and text output.
+// Each kernel is compared with a double-precision reference under the error
+// bound stated in its banner; u = 2^-24 is the float unit roundoff.
+// Prints "N passed, N failed" and exits 1 on any failure.
+
+#define RUN_NO_MAIN
+// the CLI half of run.cpp is tested end to end, not here
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include "../run.cpp"
+
+#include <random>
+
+static int g_passed = 0, g_failed = 0;
+
+#define CHECK(cond, ...)                                                  \
+    do {                                                                  \
+        if (cond) {                                                       \
+            g_passed++;                                                   \
+        } else {                                                          \
+            g_failed++;                                                   \
+            std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);   \
+            std::printf(__VA_ARGS__);                                     \
+            std::printf("\n");                                            \
+        }                                                                 \
+    } while (0)
+
+constexpr double u = 1.0 / (1 << 24);
+static std::mt19937 rng(1234);
+
+static std::vector<float> random_floats(size_t n, float lo, float hi) {
+    std::uniform_real_distribution<float> d(lo, hi);
+    std::vector<float> v(n);
+    for (float& f : v) f = d(rng);
+    return v;
+}
+
+// Odd sizes around the 16-lane block of matmul, plus a few large ones.
+static const int kSizes[] = {1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 255, 257, 768};
+
+// ---------------------------------------------------------------------------
+
+static void test_rmsnorm() {
+    for (int n : kSizes) {
+        for (bool in_place : {false, true}) {
+            std::vector<float> x = random_floats(n, -2, 2), w = random_floats(n, -1, 1), o(n);
+            double ss = 0;
+            for (float v : x) ss += (double)v * v;
+            const double eps = 1e-5, scale = 1.0 / std::sqrt(ss / n + eps);
+            std::vector<float> in = x;
+            float* out = in_place ? in.data() : o.data();
+            rmsnorm(out, in.data(), w.data(), n, (float)eps);
+            double worst = 0;
+            for (int i = 0; i < n; i++) {
+                const double exact = w[i] * (scale * x[i]);
+                worst = std::max(worst, std::fabs(out[i] - exact) / ((n / 2.0 + 6) * u * std::fabs(exact) + 1e-300));
+            }
+            CHECK(worst <= 1.0, "rmsnorm n=%d in_place=%d: error is %.2f x the bound", n, in_place, worst);
+        }
+    }
+}
+
+static void test_softmax() {
+    for (int n : kSizes) {
+        std::vector<float> x = random_floats(n, -8, 8);
+        std::vector<float> p = x;
+        softmax(p.data(), n);
+        double mx = -1e300;
+        for (float v : x) mx = std::max(mx, (double)v);
+        double sum = 0, max_d = 0;
+        for (float v : x) sum += std::exp(v - mx), max_d = std::max(max_d, mx - v);
+        double worst = 0;
+        for (int i = 0; i < n; i++) {
+            const double exact = std::exp(x[i] - mx) / sum;
+            const double bound = ((mx - x[i]) + max_d + n + 4) * u * exact;
+            worst = std::max(worst, std::fabs(p[i] - exact) / bound);
+        }
+        CHECK(worst <= 1.0, "softmax n=%d: error is %.2f x the bound", n, worst);
+    }
+}
+
+// Both matmuls against a double reference, with x and w deliberately
+// misaligned by 0..3 floats so no SIMD path can assume alignment.
+static void test_matmul() {
+    for (int n : kSizes) {
+        for (int d : {1, 3, 17, 64}) {
+            for (int shift : {0, 1, 3}) {
+                std::vector<float> xs = random_floats(n + shift, -1, 1);
+                std::vector<float> ws = random_floats((size_t)d * n + shift, -1, 1);
+                const float* x = xs.data() + shift;
+                const float* w = ws.data() + shift;
+                std::vector<float> fast(d), ref(d);
+                matmul(fast.data(), x, w, n, d);
+                matmul_reference(ref.data(), x, w, n, d);
+                const double gamma = n * u / (1 - n * u);
+                double worst_fast = 0, worst_ref = 0;
+                for (int i = 0; i < d; i++) {
+                    double exact = 0, mag = 0;
+                    for (int j = 0; j < n; j++) {
+                        exact += (double)w[(size_t)i * n + j] * x[j];
+                        mag += std::fabs((double)w[(size_t)i * n + j] * x[j]);
+                    }
+                    const double bound = gamma * mag + 1e-300;
+                    worst_fast = std::max(worst_fast, std::fabs(fast[i] - exact) / bound);
+                    worst_ref = std::max(worst_ref, std::fabs(ref[i] - exact) / bound);
+                }
+                CHECK(worst_fast <= 1.0, "matmul n=%d d=%d shift=%d: %.2f x the bound", n, d, shift, worst_fast);
+                CHECK(worst_ref <= 1.0, "matmul_reference n=%d d=%d shift=%d: %.2f x the bound", n, d, shift, worst_ref);
+            }
+        }
+    }
+}
+
+static void test_rope() {
+    for (float theta : {10000.0f, 500000.0f}) {
+        for (int head_size : {2, 6, 8, 64}) {
+            Config c{};
+            c.dim = 3 * head_size, c.n_heads = 3, c.n_kv_heads = 3, c.n_layers = 1;
+            c.hidden_dim = 4, c.vocab_size = 4, c.seq_len = 600, c.rope_theta = theta;
+            RunState s = make_run_state(c);
+            for (int pos : {0, 1, 7, 511, 599}) {
+                std::vector<float> v = random_floats(c.dim, -3, 3), r = v;
+                const size_t half = head_size / 2;
+                rope(r.data(), 3, head_size, s.rope_cos.get() + pos * half, s.rope_sin.get() + pos * half);
+                double worst = 0;
+                for (int h = 0; h < 3; h++)
+                    for (size_t i = 0; i < half; i++) {
+                        const double angle = pos * std::pow((double)theta, -2.0 * i / head_size);
+                        const double a = v[h * head_size + 2 * i], b = v[h * head_size + 2 * i + 1];
+                        const double ea = a * std::cos(angle) - b * std::sin(angle);
+                        const double eb = a * std::sin(angle) + b * std::cos(angle);
+                        const double bound = 3 * u * (std::fabs(a) + std::fabs(b));
+                        worst = std::max(worst, std::fabs(r[h * head_size + 2 * i] - ea) / bound);
+                        worst = std::max(worst, std::fabs(r[h * head_size + 2 * i + 1] - eb) / bound);
+                    }
+                CHECK(worst <= 1.0, "rope theta=%g head=%d pos=%d: %.2f x the bound", theta, head_size, pos, worst);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tokenizer: a small vocabulary written to a temporary file.
+
+struct Piece { std::string text; float score; };
+
+static std::string write_tokenizer(const std::vector<Piece>& pieces) {
+    char path[] = "/tmp/test_run_tok_XXXXXX";
+    int fd = mkstemp(path);
+    int32_t max_len = 0;
+    for (const Piece& p : pieces) max_len = std::max<int32_t>(max_len, p.text.size());
+    std::string buf(reinterpret_cast<char*>(&max_len), 4);
+    for (const Piece& p : pieces) {
+        int32_t len = p.text.size();
+        buf.append(reinterpret_cast<const char*>(&p.score), 4);
+        buf.append(reinterpret_cast<char*>(&len), 4);
+        buf += p.text;
+    }
+    if (write(fd, buf.data(), buf.size()) != (ssize_t)buf.size()) std::abort();
+    close(fd);
+    return path;
+}
+
+// <unk>, BOS, EOS, 256 byte pieces, then `normal`
+static std::vector<Piece> vocab_with(const std::vector<Piece>& normal) {
+    std::vector<Piece> v = {{"<unk>", 0}, {"\n<s>\n", 0}, {"\n</s>\n", 0}};
+    for (int b = 0; b < 256; b++) {
+        char s[8];
+        std::snprintf(s, sizeof s, "<0x%02X>", b);
+        v.push_back({s, 0});
+    }
+    v.insert(v.end(), normal.begin(), normal.end());
+    return v;
+}
+
+// The textbook algorithm encode() must equal: rescan every adjacent pair,
+// merge the best (leftmost on ties), repeat. Quadratic, obviously right.
+static std::vector<int> encode_naive(const std::vector<Piece>& vocab, const std::string& text) {
+    auto find = [&](const std::string& s) {
+        for (size_t i = 259; i < vocab.size(); i++)
+            if (vocab[i].text == s) return (int)i;
+        return -1;
+    };
+    std::vector<int> t;
+    if (text.empty()) return {kBos};
+    std::string s = " " + text;
+    for (size_t i = 0; i < s.size();) {
+        size_t len = 1;
+        while (i + len < s.size() && ((unsigned char)s[i + len] & 0xC0) == 0x80) len++;
+        int id = find(s.substr(i, len));
+        if (id >= 0) t.push_back(id);
+        else for (size_t k = 0; k < len; k++) t.push_back((unsigned char)s[i + k] + 3);
+        i += len;
+    }
+    for (;;) {
+        float best = -1e30f;
+        int best_i = -1, best_id = -1;
+        for (size_t i = 0; i + 1 < t.size(); i++) {
+            int id = find(vocab[t[i]].text + vocab[t[i + 1]].text);
+            if (id >= 0 && vocab[id].score > best) best = vocab[id].score, best_i = i, best_id = id;
+        }
+        if (best_i < 0) break;
+        t[best_i] = best_id;
+        t.erase(t.begin() + best_i + 1);
+    }
+    t.insert(t.begin(), kBos);
+    return t;
+}
+
+static void test_tokenizer() {
+    // ids: " " 259, "a" 260, "b" 261, "aa" 262, "ab" 263, " a" 264, "aab" 265, "ba" 266, "é" 267
+    const std::vector<Piece> normal = {{" ", -10}, {"a", -10}, {"b", -10}, {"aa", 1}, {"ab", 2},
+                                       {" a", 0.5}, {"aab", 3}, {"ba", 1}, {"\xC3\xA9", -10}};
+    const std::vector<Piece> vocab = vocab_with(normal);
+    const std::string path = write_tokenizer(vocab);
+    Tokenizer tok = load_tokenizer(path.c_str(), vocab.size());
+    unlink(path.c_str());
+
+    auto enc = [&](const char* s, bool bos = true) { return encode(tok, s, bos); };
+    CHECK(enc("") == std::vector<int>({1}), "empty text is just BOS");
+    CHECK(enc("", false).empty(), "empty text without BOS is empty");
+    // " aaa": pairs " a"(0.5) "aa"(1) "aa"(1): leftmost "aa" wins -> " " aa a -> " " "aa" "a"
+    CHECK(enc("aaa") == std::vector<int>({1, 259, 262, 260}), "leftmost merge on a tie");
+    // " aab": "ab"(2) beats "aa"(1) and " a"(0.5); then "a"+"ab" = "aab"(3)
+    CHECK(enc("aab") == std::vector<int>({1, 259, 265}), "highest score merges first");
+    // "x" is not in the vocabulary: byte fallback at id byte + 3
+    CHECK(enc("x", false) == std::vector<int>({259, 'x' + 3}), "byte fallback");
+    CHECK(enc("\xC3\xA9", false) == std::vector<int>({259, 267}), "a known multi-byte character");
+    CHECK(enc("\xE2\x82\xAC", false) == std::vector<int>({259, 0xE2 + 3, 0x82 + 3, 0xAC + 3}),
+          "an unknown multi-byte character falls back to its bytes");
+    CHECK(enc("\xFF", false) == std::vector<int>({259, 0xFF + 3}), "a malformed byte falls back");
+    // the text "<unk>" must not become the special token
+    std::vector<int> unk = enc("<unk>", false);
+    CHECK(std::find(unk.begin(), unk.end(), 0) == unk.end(), "<unk> in text stays text");
+
+    // random strings over a small alphabet against the naive algorithm
+    const char* alphabet[] = {"a", "b", " ", "x", "\xC3\xA9"};
+    int mismatches = 0;
+    for (int trial = 0; trial < 3000; trial++) {
+        std::string s;
+        for (int n = rng() % 12; n > 0; n--) s += alphabet[rng() % 5];
+        if (encode(tok, s, true) != encode_naive(vocab, s)) mismatches++;
+    }
+    CHECK(mismatches == 0, "%d of 3000 random strings differ from the naive encoder", mismatches);
+
+    char byte;
+    CHECK(decode(tok, kBos, 264, &byte) == "a", "the first piece after BOS loses its leading space");
+    CHECK(decode(tok, 260, 264, &byte) == " a", "later pieces keep it");
+    CHECK(decode(tok, 260, 0xC3 + 3, &byte) == std::string_view("\xC3", 1), "byte pieces are bytes");
+}
+
+// ---------------------------------------------------------------------------
+// TextOut: capture what it writes to stdout.
+
+static std::string text_out(const std::vector<std::string>& pieces) {
+    std::fflush(stdout);
+    char path[] = "/tmp/test_run_out_XXXXXX";
+    int fd = mkstemp(path);
+    int saved = dup(1);
+    dup2(fd, 1);
+    TextOut out;
+    for (const std::string& p : pieces) out.write(p);
+    out.finish();
+    std::fflush(stdout);
+    dup2(saved, 1);
+    close(saved);
+    std::string result;
+    char buf[256];
+    lseek(fd, 0, SEEK_SET);
+    for (ssize_t n; (n = read(fd, buf, sizeof buf)) > 0;) result.append(buf, n);
+    close(fd);
+    unlink(path);
+    return result;
+}
+
+static void test_text_out() {
+    const std::string rep = "\xEF\xBF\xBD";  // U+FFFD
+    CHECK(text_out({"h\xC3", "\xA9llo"}) == "h\xC3\xA9llo", "a character split across pieces is joined");
+    CHECK(text_out({"\xF0\x9F", "\xA4", "\x96!"}) == "\xF0\x9F\xA4\x96!", "a 4-byte character in three pieces");
+    CHECK(text_out({"\xC3", "x"}) == rep + "x", "an interrupted character becomes U+FFFD");
+    CHECK(text_out({"ok\xE2\x82"}) == "ok" + rep, "an unfinished character at the end becomes U+FFFD");
+    CHECK(text_out({"\x1b[31mred"}) == "[31mred", "escape bytes are dropped");
+    CHECK(text_out({"a\tb\nc"}) == "a\tb\nc", "whitespace is kept");
+    CHECK(text_out({"\xE0\x80\x80"}) == rep + rep + rep, "an overlong encoding is malformed");
+    CHECK(text_out({"\xED\xA0\x80"}) == rep + rep + rep, "a surrogate is malformed");
+}
+
+// ---------------------------------------------------------------------------
+// Sampler
+
+// xorshift64* written from its definition with 128-bit arithmetic, as an
+// independent check of random_u32.
+static uint32_t xorshift_reference(unsigned __int128& s) {
+    const unsigned __int128 mask = ((unsigned __int128)1 << 64) - 1;
+    s ^= s >> 12;
+    s = (s ^ (s << 25)) & mask;
+    s ^= s >> 27;
+    return (uint32_t)(((s * 0x2545F4914F6CDD1Dull) & mask) >> 32);
+}
+
+static void test_rng() {
+    for (uint64_t seed : {1ull, 42ull, 0xFFFFFFFFFFFFFFFFull, 1700000000ull}) {
+        uint64_t s = seed;
+        unsigned __int128 r = seed;
+        int mismatches = 0;
+        for (int i = 0; i < 10000; i++) mismatches += random_u32(&s) != xorshift_reference(r);
+        CHECK(mismatches == 0, "seed %llu: %d outputs differ from the reference", (unsigned long long)seed, mismatches);
+    }
+    uint64_t s = 7;
+    double sum = 0, lo = 1, hi = 0;
+    const int n = 100000;
+    for (int i = 0; i < n; i++) {
+        float f = random_f32(&s);
+        sum += f, lo = std::min(lo, (double)f), hi = std::max(hi, (double)f);
+    }
+    CHECK(lo >= 0 && hi < 1, "random_f32 in [0, 1): saw [%g, %g]", lo, hi);
+    // the mean of n uniforms has standard deviation sqrt(1/12/n)
+    CHECK(std::fabs(sum / n - 0.5) < 5 * std::sqrt(1.0 / 12 / n), "random_f32 mean %g", sum / n);
+}
+
+// Top-p as specified, without the cutoff shortcut: sort everything by
+// probability (ids ascending on ties), keep the shortest prefix whose sum
+// exceeds topp (all if none does), pick where coin * prefix-sum falls.
+static int topp_reference(const std::vector<float>& p, float topp, float coin) {
+    std::vector<int> order(p.size());
+    for (size_t i = 0; i < p.size(); i++) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return p[a] > p[b]; });
+    float cum = 0;
+    size_t last = order.size() - 1;
+    for (size_t i = 0; i < order.size(); i++) {
+        cum += p[order[i]];
+        if (cum > topp) { last = i; break; }
+    }
+    float cdf = 0;
+    for (size_t i = 0; i <= last; i++) {
+        cdf += p[order[i]];
+        if (coin * cum < cdf) return order[i];
+    }
+    return order[last];
+}
+
+static void test_sampler() {
+    float tie[] = {0.1f, 3.0f, -1.0f, 3.0f};
+    CHECK(sample_argmax(tie, 4) == 1, "argmax takes the lowest id on ties");
+    float p[] = {0.25f, 0.5f, 0.25f};
+    CHECK(sample_mult(p, 3, 0.0f) == 0 && sample_mult(p, 3, 0.3f) == 1 && sample_mult(p, 3, 0.8f) == 2,
+          "sample_mult walks the cumulative distribution");
+    float short_sum[] = {0.25f, 0.25f, 0.25f};  // sums to 0.75: a coin above falls back
+    CHECK(sample_mult(short_sum, 3, 0.9f) == 2, "sample_mult falls back to the last id");
+
+    std::vector<std::pair<float, int>> cand;
+    int mismatches = 0, trials = 0;
+    for (int n : {2, 3, 10, 100, 1000}) {
+        for (float topp : {0.1f, 0.5f, 0.9f, 0.99f}) {
+            std::vector<float> x = random_floats(n, -4, 4);
+            if (n >= 10) x[3] = x[5];  // force a probability tie
+            softmax(x.data(), n);
+            for (int k = 0; k < 200; k++) {
+                const float coin = k / 200.0f;
+                trials++;
+                mismatches += sample_topp(x.data(), n, topp, cand, coin) != topp_reference(x, topp, coin);
+            }
+        }
+    }
+    CHECK(mismatches == 0, "top-p differs from the reference in %d of %d draws", mismatches, trials);
+
+    // temperature 0 never draws; temperature > 0 draws exactly once per sample
+    std::vector<float> logits = random_floats(50, -2, 2);
+    Sampler greedy{0.0f, 0.9f, 5, {}}, hot{0.8f, 0.9f, 5, {}};
+    std::vector<float> l1 = logits, l2 = logits;
+    sample(greedy, l1.data(), 50);
+    sample(hot, l2.data(), 50);
+    uint64_t once = 5;
+    random_u32(&once);
+    CHECK(greedy.rng_state == 5 && hot.rng_state == once, "random draws per sample: 0 greedy, 1 otherwise");
+}
+
+int main() {
+    test_rmsnorm();
+    test_softmax();
+    test_matmul();
+    test_rope();
+    test_tokenizer();
+    test_text_out();
+    test_rng();
+    test_sampler();
+    std::printf("%d passed, %d failed\n", g_passed, g_failed);
+    return g_failed ? 1 : 0;
+}
