@@ -815,10 +815,12 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
     out.finish();
     std::fputc('\n', stdout);
     std::fflush(stdout);
+    // The prompt's n_prompt forwards yield the first new token; each later
+    // forward yields one more, so generation speed counts generated - 1.
     const double end = now_seconds();
     std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s\n",
                  n_prompt, n_prompt / std::max(prompt_done - start, 1e-9), generated,
-                 generated / std::max(end - prompt_done, 1e-9));
+                 std::max(generated - 1, 0) / std::max(end - prompt_done, 1e-9));
 }
 
 // Reads one line from stdin after printing a label; false at end of input.
@@ -833,7 +835,7 @@ static bool read_line(const char* label, std::string& line) {
 // the context so the next turn sees a finished answer.
 static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
                  const std::string& first_user_prompt, const std::string& cli_system_prompt,
-                 bool have_system_prompt, int steps) {
+                 bool have_system_prompt, int steps, std::FILE* dump) {
     const int vocab = tr.config().vocab_size;
     std::string system = cli_system_prompt, user;
     if (!have_system_prompt && !read_line("Enter system prompt (optional): ", system)) return;
@@ -858,13 +860,19 @@ static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
         }
         std::fputs("Assistant: ", stdout);
         float* logits = nullptr;
-        for (int token : prompt) logits = forward(tr, token, pos++);
+        for (int token : prompt) {
+            logits = forward(tr, token, pos);
+            dump_logits(dump, pos++, token, logits, vocab);
+        }
         TextOut out;
         int token = prompt.back();
         for (;;) {
             const int next = sample(sampler, logits, vocab);
             if (next == kEos || next == kBos) {
-                if (next == kEos && pos < steps) forward(tr, kEos, pos++);  // into the history
+                if (next == kEos && pos < steps) {  // into the history
+                    dump_logits(dump, pos, kEos, forward(tr, kEos, pos), vocab);
+                    pos++;
+                }
                 break;
             }
             char byte;
@@ -875,7 +883,8 @@ static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
                 std::fprintf(stderr, "\nthe context is full (%d positions); ending the chat\n", steps);
                 return;
             }
-            logits = forward(tr, token, pos++);
+            logits = forward(tr, token, pos);
+            dump_logits(dump, pos++, token, logits, vocab);
         }
         out.finish();
         std::fputc('\n', stdout);
@@ -919,6 +928,7 @@ struct Options {
     float temperature = 1.0f, topp = 0.9f;
     uint64_t seed = 0;
     int steps = 256;
+    bool steps_given = false;
     std::string prompt, system_prompt;
     bool have_system_prompt = false;
     std::string mode = "generate";
@@ -969,6 +979,7 @@ static Options parse_args(int argc, char** argv) {
             double n = parse_number(flag, val, true);
             if (n < 0 || n > INT32_MAX) fatal("-n: steps %s is outside 0..%d", val, INT32_MAX);
             o.steps = (int)n;
+            o.steps_given = true;
             break;
         }
         case 'i': o.prompt = val; break;
@@ -1001,7 +1012,8 @@ int main(int argc, char** argv) {
 
     if (o.steps == 0) o.steps = c.seq_len;
     if (o.steps > c.seq_len) {
-        std::fprintf(stderr, "note: -n %d is more than the model's seq_len; using %d\n", o.steps,
+        if (o.steps_given)  // the default 256 is not worth a note on small models
+            std::fprintf(stderr, "note: -n %d is more than the model's seq_len; using %d\n", o.steps,
                      c.seq_len);
         o.steps = c.seq_len;
     }
@@ -1020,7 +1032,7 @@ int main(int argc, char** argv) {
     if (o.mode == "generate")
         generate(tr, tok, sampler, o.prompt, o.steps, dump);
     else
-        chat(tr, tok, sampler, o.prompt, o.system_prompt, o.have_system_prompt, o.steps);
+        chat(tr, tok, sampler, o.prompt, o.system_prompt, o.have_system_prompt, o.steps, dump);
     if (dump && std::fclose(dump) != 0) fatal("RUN_DUMP_LOGITS: write failed");
     return 0;
 }

@@ -1,0 +1,258 @@
+"""The command line: output contract, flags, chat, and every kind of bad input
+(each must be one line on stderr and exit status 1, also under the sanitizers)."""
+
+import struct
+
+import pytest
+
+from conftest import (STORIES, TOK512, random_model, read_dump, run, save_model, write_tokenizer)
+
+STORIES_BYTES = STORIES.read_bytes()
+
+
+def expect_error(binary, *args, mentions, stdin=None):
+    """Exit status 1 and exactly one line on stderr naming `mentions`."""
+    p = run(binary, *args, stdin=stdin, check=False)
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 1, f"exit {p.returncode}, stderr: {err}"
+    assert err.endswith("\n") and err.count("\n") == 1, f"not one line: {err!r}"
+    assert str(mentions) in err, f"{mentions!r} not named in {err!r}"
+
+
+def stories(binary, *args, **kw):
+    return run(binary, STORIES, "-z", TOK512, *args, **kw)
+
+
+# ---------------------------------------------------------------------------
+# Output contract
+
+
+def test_generate_output_contract(binary):
+    p = stories(binary, "-t", "0", "-n", 40, "-i", "Once upon a time")
+    assert p.stdout.startswith(b"Once upon a time") and p.stdout.endswith(b"\n")
+    assert not p.stdout.endswith(b"\n\n")
+    err = p.stderr.decode()
+    assert err.count("\n") == 1 and "prompt: 5 tokens" in err and "generation: 36 tokens" in err
+    assert err.count("tok/s") == 2
+
+
+def test_steps_clamped_to_seq_len(binary):
+    p = stories(binary, "-t", "0", "-n", 100000, "-i", "Hi")
+    assert "note: -n 100000" in p.stderr.decode() and "using 512" in p.stderr.decode()
+    assert p.stdout == stories(binary, "-t", "0", "-n", 0, "-i", "Hi").stdout
+
+
+def test_tokenize_mode(binary):
+    p = stories(binary, "-m", "tokenize", "-i", "Once upon a time")
+    ids = p.stdout.decode()
+    assert ids.endswith("\n") and ids.split()[0] == "1" and len(ids.split()) == 5 and p.stderr == b""
+
+
+def test_help(binary):
+    for flag in ("-h", "--help"):
+        p = run(binary, flag)
+        assert p.returncode == 0 and b"Usage" in p.stdout and b"-t <float>" in p.stdout
+
+
+def test_seed_reproducible_and_matters(binary):
+    a = stories(binary, "-s", 5, "-n", 60).stdout
+    assert a == stories(binary, "-s", 5, "-n", 60).stdout
+    assert a != stories(binary, "-s", 6, "-n", 60).stdout
+
+
+def test_prompt_that_fills_steps_exactly(binary):
+    n = len(stories(binary, "-m", "tokenize", "-i", "Once upon a time").stdout.split())
+    p = stories(binary, "-t", "0", "-n", n, "-i", "Once upon a time")
+    assert p.stdout.startswith(b"Once upon a time") and b"generation: 1 tokens" in p.stderr
+
+
+# ---------------------------------------------------------------------------
+# Chat
+
+
+def chat_model(tmp_path):
+    """A random model over a character vocabulary just big enough for the chat
+    template, so that at high temperature EOS (1 in ~30) comes soon."""
+    chars = sorted(set("[INST]<<SYS>>\n</SYS> [/INST]be brief hi again x"))
+    pieces = ["<unk>", "\n<s>\n", "\n</s>\n"] + chars
+    m = random_model(4, dim=16, hidden_dim=24, n_layers=1, n_heads=2, n_kv_heads=1,
+                     vocab_size=len(pieces), max_seq_len=512, shared_classifier=False)
+    return save_model(m, tmp_path / "chat.bin"), write_tokenizer(tmp_path / "chat_tok.bin", pieces), len(pieces)
+
+
+def test_chat_turns_follow_llama2_template(binary, tmp_path):
+    ckpt, tok, vocab = chat_model(tmp_path)
+    dump = tmp_path / "chat_dump.bin"
+    p = run(binary, ckpt, "-z", tok, "-m", "chat", "-y", "be brief", "-t", "1000", "-s", 3, "-n", 512,
+            stdin=b"hi\nagain\n", env={"RUN_DUMP_LOGITS": str(dump)})
+    _, fed, _ = read_dump(dump, vocab)
+
+    def ids(text):
+        return [int(t) for t in run(binary, ckpt, "-z", tok, "-m", "tokenize", "-i", text).stdout.split()]
+
+    turn1 = ids("[INST] <<SYS>>\nbe brief\n<</SYS>>\n\nhi [/INST]")
+    turn2 = ids("[INST] again [/INST]")
+    assert fed[:len(turn1)] == turn1
+    # the assistant's answer runs until EOS (fed back into the context) or BOS (not fed)
+    rest = fed[len(turn1):]
+    end = next(i for i, t in enumerate(rest) if t in (1, 2))
+    if rest[end] == 2:
+        end += 1
+    assert rest[end:end + len(turn2)] == turn2
+    out = p.stdout.decode()
+    assert out.count("Assistant: ") == 2 and out.count("User: ") == 3  # the third meets EOF
+
+
+def test_chat_ends_cleanly_at_end_of_input(binary):
+    p = stories(binary, "-m", "chat", "-y", "", "-n", 64, stdin=b"")
+    assert p.returncode == 0 and b"User: " in p.stdout
+
+
+def test_chat_full_context_gets_a_message(binary):
+    p = stories(binary, "-m", "chat", "-y", "", "-t", "0", "-n", 40, stdin=b"tell me a story\n" * 5)
+    assert p.returncode == 0 and b"context is full" in p.stderr
+
+
+def test_chat_long_line(binary):
+    """No fixed-size line buffer: a 100 KB line is read whole, then refused as too long."""
+    p = stories(binary, "-m", "chat", "-y", "", "-n", 64, stdin=b"a" * 100000 + b"\n")
+    assert p.returncode == 0 and b"context is full" in p.stderr
+
+
+# ---------------------------------------------------------------------------
+# Bad flags
+
+BAD_FLAGS = [
+    (["-t", "abc"], "-t"), (["-t", "-1"], "-t"), (["-t", "nan"], "-t"), (["-t", "inf"], "-t"),
+    (["-t", "1e999"], "-t"), (["-t", ""], "-t"), (["-t", "0.5x"], "-t"), (["-t", " 1"], "-t"),
+    (["-p", "1.5"], "-p"), (["-p", "-0.1"], "-p"), (["-p", "NaN"], "-p"),
+    (["-s", "-1"], "-s"), (["-s", "12x"], "-s"), (["-s", "99999999999999999999"], "-s"), (["-s", "+5"], "-s"),
+    (["-n", "-5"], "-n"), (["-n", "1e3"], "-n"), (["-n", "99999999999"], "-n"), (["-n", "ten"], "-n"),
+    (["-m", "poem"], "poem"), (["-x", "1"], "-x"), (["-temp", "1"], "-temp"), (["stray"], "stray"),
+    (["-t"], "-t"), (["-n", "3", "-i", "Once upon a time"], "-n"),
+]
+
+
+@pytest.mark.parametrize("args, mentions", BAD_FLAGS, ids=lambda v: repr(v))
+def test_bad_flag(binary, args, mentions):
+    expect_error(binary, STORIES, "-z", TOK512, *args, mentions=mentions)
+
+
+def test_no_checkpoint(binary):
+    p = run(binary, check=False)
+    assert p.returncode == 1 and b"checkpoint" in p.stderr
+
+
+# ---------------------------------------------------------------------------
+# Bad checkpoints: each is written to a file and must be refused by name.
+
+
+def v1_header(dim=64, hidden=172, layers=5, heads=8, kv=4, vocab=512, seq=512, shared=1, version=1):
+    h = struct.pack("<Ii7iB", 0x616B3432, version, dim, hidden, layers, heads, kv, vocab, seq, shared)
+    return h.ljust(256, b"\0")
+
+
+def legacy(*fields):
+    return struct.pack("<7i", *fields) + STORIES_BYTES[28:]
+
+
+BAD_CHECKPOINTS = {
+    "empty": b"",
+    "three-bytes": b"\1\2\3",
+    "garbage": bytes(range(256)) * 40,
+    "truncated": STORIES_BYTES[:-4],
+    "truncated-header": STORIES_BYTES[:20],
+    "padded": STORIES_BYTES + b"\0\0\0",
+    "dim-zero": legacy(0, 172, 5, 8, 4, 512, 512),
+    "dim-negative": legacy(-64, 172, 5, 8, 4, 512, 512),
+    "heads-not-dividing-dim": legacy(64, 172, 5, 7, 7, 512, 512),
+    "odd-head-size": legacy(64, 172, 5, 64, 64, 512, 512),
+    "kv-not-dividing-heads": legacy(64, 172, 5, 8, 3, 512, 512),
+    "kv-more-than-heads": legacy(64, 172, 5, 8, 16, 512, 512),
+    "vocab-int-min": legacy(64, 172, 5, 8, 4, -2**31, 512),
+    "huge-layers": legacy(64, 172, 2**30, 8, 4, 512, 512),
+    "huge-everything": legacy(2**16, 2**18, 1024, 1024, 1024, 2**21, 2**20),
+    "seq-len-zero": legacy(64, 172, 5, 8, 4, 512, 0),
+    "v1-header-only": v1_header(),
+    "v1-short-header": v1_header()[:100],
+    "v1-shared-flag-2": v1_header(shared=2) + b"\0" * 1040128,
+    "v1-negative-vocab": v1_header(vocab=-512),
+    "version-3": v1_header(version=3),
+    "version-2": v1_header(version=2),
+    "v1-nan-theta": v1_header()[:64] + struct.pack("<f", float("nan")) + b"\0" * 188 + b"\0" * 1040128,
+}
+
+
+@pytest.mark.parametrize("name", BAD_CHECKPOINTS)
+def test_bad_checkpoint(binary, tmp_path, name):
+    path = tmp_path / f"{name}.bin"
+    path.write_bytes(BAD_CHECKPOINTS[name])
+    expect_error(binary, path, "-z", TOK512, "-n", 8, mentions=path)
+
+
+def test_missing_checkpoint(binary, tmp_path):
+    expect_error(binary, tmp_path / "nope.bin", "-z", TOK512, mentions="nope.bin")
+
+
+def test_directory_as_checkpoint(binary, tmp_path):
+    expect_error(binary, tmp_path, "-z", TOK512, mentions=tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Bad tokenizers
+
+
+TOK_BYTES = TOK512.read_bytes()
+
+
+def tok_entry_offset(index):
+    off = 4
+    for _ in range(index):
+        off += 8 + struct.unpack_from("<i", TOK_BYTES, off + 4)[0]
+    return off
+
+
+def patch(data, offset, fmt, value):
+    b = bytearray(data)
+    struct.pack_into(fmt, b, offset, value)
+    return bytes(b)
+
+
+BAD_TOKENIZERS = {
+    "empty": b"",
+    "truncated": TOK_BYTES[:-3],
+    "header-only": TOK_BYTES[:4],
+    "padded": TOK_BYTES + b"x",
+    "garbage": bytes(range(255, -1, -1)) * 30,
+    "max-len-zero": patch(TOK_BYTES, 0, "<i", 0),
+    "max-len-negative": patch(TOK_BYTES, 0, "<i", -7),
+    "length-negative": patch(TOK_BYTES, tok_entry_offset(300) + 4, "<i", -1),
+    "length-over-max": patch(TOK_BYTES, tok_entry_offset(300) + 4, "<i", 8),
+    "length-past-end": patch(TOK_BYTES, tok_entry_offset(511) + 4, "<i", 7),
+    "nan-score": patch(TOK_BYTES, tok_entry_offset(300), "<f", float("nan")),
+}
+
+
+@pytest.mark.parametrize("name", BAD_TOKENIZERS)
+def test_bad_tokenizer(binary, tmp_path, name):
+    path = tmp_path / f"{name}.tok"
+    path.write_bytes(BAD_TOKENIZERS[name])
+    expect_error(binary, STORIES, "-z", path, "-n", 8, mentions=path)
+
+
+def test_tokenizer_for_another_model(binary):
+    """The Llama 2 tokenizer has 32000 entries; the model expects 512."""
+    from conftest import LLAMA_BIN
+    expect_error(binary, STORIES, "-z", LLAMA_BIN, mentions=LLAMA_BIN)
+
+
+def test_missing_tokenizer(binary, tmp_path):
+    expect_error(binary, STORIES, "-z", tmp_path / "none.bin", mentions="none.bin")
+
+
+def test_unencodable_prompt_without_byte_fallback(binary, tmp_path):
+    m = random_model(1, dim=8, hidden_dim=8, n_layers=1, n_heads=2, vocab_size=6, max_seq_len=16)
+    ckpt = save_model(m, tmp_path / "small.bin")
+    tok = write_tokenizer(tmp_path / "small.tok", ["<unk>", "\n<s>\n", "\n</s>\n", " ", "a", "b"])
+    assert run(binary, ckpt, "-z", tok, "-m", "tokenize", "-i", "ab").stdout.split()[0] == b"1"
+    expect_error(binary, ckpt, "-z", tok, "-i", "abc", mentions="c")
