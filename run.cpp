@@ -1014,7 +1014,7 @@ int main(int argc, char** argv) {
     if (o.steps > c.seq_len) {
         if (o.steps_given)  // the default 256 is not worth a note on small models
             std::fprintf(stderr, "note: -n %d is more than the model's seq_len; using %d\n", o.steps,
-                     c.seq_len);
+                         c.seq_len);
         o.steps = c.seq_len;
     }
     tr.state = make_run_state(c);

@@ -16,7 +16,8 @@ sys.path.insert(0, str(ROOT))
 import export as E  # noqa: E402
 import model as M  # noqa: E402
 
-MODELS = ROOT.parent / "shared" / "models"
+# the shared data files; MODELS_DIR overrides for a checkout that is not beside them
+MODELS = Path(os.environ.get("MODELS_DIR", ROOT.parent / "shared" / "models"))
 STORIES = MODELS / "stories260K" / "stories260K.bin"
 TOK512 = MODELS / "stories260K" / "tok512.bin"
 LLAMA_MODEL = MODELS / "llama2" / "tokenizer.model"

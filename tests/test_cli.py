@@ -96,9 +96,8 @@ def test_chat_turns_follow_llama2_template(binary, tmp_path):
     # the assistant's answer runs until EOS (fed back into the context) or BOS (not fed)
     rest = fed[len(turn1):]
     end = next(i for i, t in enumerate(rest) if t in (1, 2))
-    if rest[end] == 2:
-        end += 1
-    assert rest[end:end + len(turn2)] == turn2
+    assert rest[end] == 2, "this seed's first answer ends with EOS, which must be fed back"
+    assert rest[end + 1:end + 1 + len(turn2)] == turn2
     out = p.stdout.decode()
     assert out.count("Assistant: ") == 2 and out.count("User: ") == 3  # the third meets EOF
 
@@ -218,26 +217,29 @@ def patch(data, offset, fmt, value):
     return bytes(b)
 
 
+# name: (file contents, a word the message must contain)
 BAD_TOKENIZERS = {
-    "empty": b"",
-    "truncated": TOK_BYTES[:-3],
-    "header-only": TOK_BYTES[:4],
-    "padded": TOK_BYTES + b"x",
-    "garbage": bytes(range(255, -1, -1)) * 30,
-    "max-len-zero": patch(TOK_BYTES, 0, "<i", 0),
-    "max-len-negative": patch(TOK_BYTES, 0, "<i", -7),
-    "length-negative": patch(TOK_BYTES, tok_entry_offset(300) + 4, "<i", -1),
-    "length-over-max": patch(TOK_BYTES, tok_entry_offset(300) + 4, "<i", 8),
-    "length-past-end": patch(TOK_BYTES, tok_entry_offset(511) + 4, "<i", 7),
-    "nan-score": patch(TOK_BYTES, tok_entry_offset(300), "<f", float("nan")),
+    "empty": (b"", "empty"),
+    "truncated": (TOK_BYTES[:-3], "past the end"),
+    "header-only": (TOK_BYTES[:4], "after 0 of"),
+    "padded": (TOK_BYTES + b"x", "1 bytes after"),
+    "garbage": (bytes(range(255, -1, -1)) * 30, "max_token_length"),
+    "max-len-zero": (patch(TOK_BYTES, 0, "<i", 0), "max_token_length = 0"),
+    "max-len-negative": (patch(TOK_BYTES, 0, "<i", -7), "max_token_length = -7"),
+    "length-negative": (patch(TOK_BYTES, tok_entry_offset(300) + 4, "<i", -1), "token 300 has length -1"),
+    "length-over-max": (patch(TOK_BYTES, tok_entry_offset(300) + 4, "<i", 8), "token 300 has length 8"),
+    "length-past-end": (patch(TOK_BYTES, tok_entry_offset(511) + 4, "<i", 7), "token 511 runs past"),
+    "nan-score": (patch(TOK_BYTES, tok_entry_offset(300), "<f", float("nan")), "token 300 has score"),
 }
 
 
 @pytest.mark.parametrize("name", BAD_TOKENIZERS)
 def test_bad_tokenizer(binary, tmp_path, name):
+    data, word = BAD_TOKENIZERS[name]
     path = tmp_path / f"{name}.tok"
-    path.write_bytes(BAD_TOKENIZERS[name])
+    path.write_bytes(data)
     expect_error(binary, STORIES, "-z", path, "-n", 8, mentions=path)
+    expect_error(binary, STORIES, "-z", path, "-n", 8, mentions=word)
 
 
 def test_tokenizer_for_another_model(binary):
