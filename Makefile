@@ -81,7 +81,7 @@ test: build/.deps unit e2e
 # ---------------------------------------------------------------------------
 
 bench: build/.deps runomp tokenizer.bin
-	$(PYTHON) tests/bench.py
+	$(PYTHON) bench.py
 
 clean:
 	rm -rf run build tokenizer.bin
