@@ -113,7 +113,7 @@ static uint64_t add_ck(uint64_t a, uint64_t b) {
 // ----------------------------------------------------------------------------
 // Checkpoint: header, validation, and the weights as pointers into the mapping.
 
-constexpr uint32_t kMagic = 0x616b3432;  // "ak42" as little-endian bytes
+constexpr uint32_t kMagic = 0x616b3432;  // "ak42" in hex; on disk the bytes "24ka"
 constexpr size_t kHeaderBytes = 256;      // versions 1 and 2
 constexpr size_t kLegacyHeaderBytes = 28;  // version 0: seven int32
 constexpr int kBos = 1, kEos = 2;
