@@ -56,14 +56,12 @@ CXX_clang     = $(CLANG) $(WARN) -Werror $(NOOMP) $(OPT) $(NATIVE)
 CXX_clang-omp = $(CLANG) $(WARN) -Werror $(OPT) $(OMP)
 CXX_debug     = $(CXX)   $(WARN) -Werror $(NOOMP) $(SAN)
 
-build/run-%: run.cpp
-	@mkdir -p build
+# (| build/.deps: install clang++ and friends first, even under make -j)
+build/run-%: run.cpp | build/.deps
 	$(CXX_$*) -o $@ run.cpp
-build/test_run-%: tests/test_run.cpp run.cpp
-	@mkdir -p build
+build/test_run-%: tests/test_run.cpp run.cpp | build/.deps
 	$(CXX_$*) -o $@ tests/test_run.cpp
-build/tokenize_many: tests/tokenize_many.cpp run.cpp
-	@mkdir -p build
+build/tokenize_many: tests/tokenize_many.cpp run.cpp | build/.deps
 	$(CXX_gcc) -o $@ tests/tokenize_many.cpp
 
 build/.deps: tests/install-deps.sh
