@@ -80,10 +80,12 @@ def chat_model(tmp_path):
     return save_model(m, tmp_path / "chat.bin"), write_tokenizer(tmp_path / "chat_tok.bin", pieces), len(pieces)
 
 
-def test_chat_turns_follow_llama2_template(binary, tmp_path):
+# Seed 1's first answer ends with EOS, seed 2's with BOS (found by running them).
+@pytest.mark.parametrize("seed, ender", [(1, 2), (2, 1)])
+def test_chat_turns_follow_llama2_template(binary, tmp_path, seed, ender):
     ckpt, tok, vocab = chat_model(tmp_path)
     dump = tmp_path / "chat_dump.bin"
-    p = run(binary, ckpt, "-z", tok, "-m", "chat", "-y", "be brief", "-t", "1000", "-s", 3, "-n", 512,
+    p = run(binary, ckpt, "-z", tok, "-m", "chat", "-y", "be brief", "-t", "1000", "-s", seed, "-n", 512,
             stdin=b"hi\nagain\n", env={"RUN_DUMP_LOGITS": str(dump)})
     _, fed, _ = read_dump(dump, vocab)
 
@@ -93,11 +95,15 @@ def test_chat_turns_follow_llama2_template(binary, tmp_path):
     turn1 = ids("[INST] <<SYS>>\nbe brief\n<</SYS>>\n\nhi [/INST]")
     turn2 = ids("[INST] again [/INST]")
     assert fed[:len(turn1)] == turn1
-    # the assistant's answer runs until EOS (fed back into the context) or BOS (not fed)
+    # The answer runs until EOS, which is fed back into the context, or BOS,
+    # which is not; the dump shows what was fed, so an EOS left out would make
+    # seed 1 look like seed 2.
     rest = fed[len(turn1):]
     end = next(i for i, t in enumerate(rest) if t in (1, 2))
-    assert rest[end] == 2, "this seed's first answer ends with EOS, which must be fed back"
-    assert rest[end + 1:end + 1 + len(turn2)] == turn2
+    assert rest[end] == ender
+    if ender == 2:
+        end += 1
+    assert rest[end:end + len(turn2)] == turn2
     out = p.stdout.decode()
     assert out.count("Assistant: ") == 2 and out.count("User: ") == 3  # the third meets EOF
 
