@@ -88,8 +88,9 @@ private:
     size_t size_ = 0;
 };
 
-// Reads little-endian scalars at a byte offset. memcpy because fields such as
+// Reads a little-endian scalar at a byte offset. memcpy because fields such as
 // version 2's group_size sit at unaligned offsets.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the file formats are little-endian");
 template <typename T>
 static T read_at(const uint8_t* p, size_t offset) {
     T v;
@@ -170,7 +171,8 @@ static void validate_config(const Config& c, const char* path) {
     if (c.n_heads % c.n_kv_heads != 0)
         fatal("%s: bad header: n_heads %d is not divisible by n_kv_heads %d", path, c.n_heads,
               c.n_kv_heads);
-    if (c.vocab_size < 3) fatal("%s: bad header: vocab_size %d < 3 (needs <unk>, BOS, EOS)", path, c.vocab_size);
+    if (c.vocab_size < 3)
+        fatal("%s: bad header: vocab_size %d < 3 (needs <unk>, BOS, EOS)", path, c.vocab_size);
     if (!(c.rope_theta > 0.0f && std::isfinite(c.rope_theta)))
         fatal("%s: bad header: rope_theta %g", path, c.rope_theta);
     if (!(c.norm_eps > 0.0f && std::isfinite(c.norm_eps)))
@@ -183,7 +185,7 @@ struct Checkpoint {
     MappedFile file;  // the weights point into this mapping
 };
 
-// Lays out `count` consecutive arrays over the mapping, in file order.
+// Hands out the mapping's consecutive arrays in file order.
 struct WeightCursor {
     const float* p;
     const float* take(uint64_t n) { const float* r = p; p += n; return r; }
@@ -324,7 +326,7 @@ static RunState make_run_state(const Config& c) {
 
 // ----------------------------------------------------------------------------
 // Kernels. Each fast kernel has its contract and error bound in a banner; the
-// unit tests (tests/test_kernels.cpp) check the bounds against double-precision
+// unit tests (tests/test_run.cpp) check the bounds against double-precision
 // references over odd sizes. u = 2^-24 is the float unit roundoff.
 
 // rmsnorm: o[i] = w[i] * x[i] / sqrt(mean(x^2) + eps). o may alias x.
@@ -880,7 +882,9 @@ static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
             token = next;
             if (pos >= steps) {
                 out.finish();
-                std::fprintf(stderr, "\nthe context is full (%d positions); ending the chat\n", steps);
+                std::fputc('\n', stdout);
+                std::fflush(stdout);
+                std::fprintf(stderr, "the context is full (%d positions); ending the chat\n", steps);
                 return;
             }
             logits = forward(tr, token, pos);
@@ -899,7 +903,7 @@ static void usage(std::FILE* f) {
         "Usage:   run <checkpoint> [options]\n"
         "Example: run model.bin -n 256 -i \"Once upon a time\"\n"
         "Options:\n"
-        "  -t <float>  temperature in [0, inf), default 1.0 (0 = greedy)\n"
+        "  -t <float>  temperature >= 0, default 1.0 (0 = greedy)\n"
         "  -p <float>  top-p (nucleus) sampling in [0, 1], default 0.9 (0 or 1 = off)\n"
         "  -s <int>    random seed, default 0 = the current time\n"
         "  -n <int>    positions to run, prompt included, default 256 (0 = seq_len)\n"

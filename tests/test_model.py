@@ -167,3 +167,25 @@ def test_training_checkpoint_cannot_run_code(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "export.py"), tmp_path / "out.bin", "--checkpoint",
                         tmp_path / "evil.pt"], capture_output=True)
     assert p.returncode == 1 and b"refusing" in p.stderr and not marker.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["out.bin", "--bin", "missing.bin"], "missing.bin: no such file"),
+    (["out.bin", "--checkpoint", "missing.pt"], "missing.pt: no such file"),
+    (["out.bin", "--checkpoint", "model.py"], "cannot load"),
+    (["--tokenizer", "missing.model"], "missing.model"),
+    (["--tokenizer", "export.py"], "not a sentencepiece model"),
+    (["--bin", str(STORIES)], "give the output checkpoint path"),
+])
+def test_export_errors(tmp_path, args, message):
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), *args], capture_output=True, cwd=ROOT)
+    assert p.returncode != 0 and message in p.stderr.decode(), p.stderr.decode()
+    assert not (ROOT / "out.bin").exists()
+
+
+def test_export_refuses_version0_for_nondefault_theta(tmp_path):
+    m = random_model(2, **CONFIGS["theta-eps-v1"])
+    save_model(m, tmp_path / "v1.bin", 1)
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), tmp_path / "v0.bin", "--version", "0", "--bin",
+                        tmp_path / "v1.bin"], capture_output=True)
+    assert p.returncode == 1 and b"use --version 1" in p.stderr and not (tmp_path / "v0.bin").exists()
