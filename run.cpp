@@ -30,6 +30,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+constexpr const char* kProgram = "run";  // for the usage text
+
 // ----------------------------------------------------------------------------
 // Errors: every problem a user can cause ends here, as one line on stderr and
 // exit status 1. Nothing throws past main().
@@ -112,10 +114,11 @@ static uint64_t add_ck(uint64_t a, uint64_t b) {
 }
 
 // ----------------------------------------------------------------------------
-// Checkpoint: header, validation, and the weights as pointers into the mapping.
+// Checkpoint header: the model's shape, read from any version (0, 1, 2) and
+// validated before a single size is computed from it.
 
-constexpr uint32_t kMagic = 0x616b3432;  // "ak42" in hex; on disk the bytes "24ka"
-constexpr size_t kHeaderBytes = 256;      // versions 1 and 2
+constexpr uint32_t kMagic = 0x616b3432;    // "ak42" in hex; on disk the bytes "24ka"
+constexpr size_t kHeaderBytes = 256;       // versions 1 and 2
 constexpr size_t kLegacyHeaderBytes = 28;  // version 0: seven int32
 constexpr int kBos = 1, kEos = 2;
 
@@ -130,29 +133,14 @@ struct Config {
     bool shared_classifier;  // classifier == token embedding
     float rope_theta;  // RoPE base (header offset 64; 0 in the file = 10000)
     float norm_eps;    // RMSNorm epsilon (header offset 68; 0 in the file = 1e-5)
-    int version;       // 0 (legacy) or 1
+    int version;       // 0 (legacy), 1 (fp32) or 2 (int8)
+    int group_size;    // version 2: values per quantization scale (offset 37)
+    size_t header_bytes;
     int head_size() const { return dim / n_heads; }
     int kv_dim() const { return dim / n_heads * n_kv_heads; }
 };
 
-struct TransformerWeights {
-    const float* token_embedding;  // (vocab_size, dim)
-    const float* rms_att;          // (layer, dim)
-    const float* rms_ffn;          // (layer, dim)
-    const float* wq;               // (layer, dim, dim)        rows are outputs
-    const float* wk;               // (layer, kv_dim, dim)
-    const float* wv;               // (layer, kv_dim, dim)
-    const float* wo;               // (layer, dim, dim)
-    const float* w1;               // (layer, hidden_dim, dim)
-    const float* w2;               // (layer, dim, hidden_dim)
-    const float* w3;               // (layer, hidden_dim, dim)
-    const float* rms_final;        // (dim,)
-    const float* wcls;             // (vocab_size, dim)
-};
-
-// Header fields common to all versions, checked before any size is computed
-// from them. The caps are far above any Llama model and keep every product
-// below 2^63.
+// The caps are far above any Llama model and keep every size product below 2^63.
 static void validate_config(const Config& c, const char* path) {
     struct Field { const char* name; int value, cap; };
     const Field fields[] = {
@@ -179,6 +167,82 @@ static void validate_config(const Config& c, const char* path) {
         fatal("%s: bad header: norm_eps %g", path, c.norm_eps);
 }
 
+// Versioned files start with the magic; legacy files start straight with dim.
+static Config read_config(const MappedFile& f, const char* path) {
+    const uint8_t* data = f.data();
+    const size_t size = f.size();
+    Config c{};
+    int32_t h[7];
+    if (size >= 4 && read_at<uint32_t>(data, 0) == kMagic) {
+        if (size < kHeaderBytes) fatal("%s: truncated header (%zu bytes)", path, size);
+        c.version = read_at<int32_t>(data, 4);
+        if (c.version != 1 && c.version != 2)
+            fatal("%s: unsupported checkpoint version %d", path, c.version);
+        for (int i = 0; i < 7; i++) h[i] = read_at<int32_t>(data, 8 + 4 * i);
+        c.vocab_size = h[5];
+        const uint8_t shared = data[36];
+        if (shared > 1) fatal("%s: bad header: shared_classifier = %d (must be 0 or 1)", path, shared);
+        c.shared_classifier = shared == 1;
+        if (c.version == 2) c.group_size = read_at<int32_t>(data, 37);
+        c.rope_theta = read_at<float>(data, 64);
+        c.norm_eps = read_at<float>(data, 68);
+        c.header_bytes = kHeaderBytes;
+    } else {
+        if (size < kLegacyHeaderBytes) fatal("%s: truncated header (%zu bytes)", path, size);
+        for (int i = 0; i < 7; i++) h[i] = read_at<int32_t>(data, 4 * i);
+        // the sign of vocab_size says whether the classifier is shared
+        c.shared_classifier = h[5] > 0;
+        c.vocab_size = h[5] == INT32_MIN ? 0 : std::abs(h[5]);
+        c.version = 0;
+        c.header_bytes = kLegacyHeaderBytes;
+    }
+    c.dim = h[0], c.hidden_dim = h[1], c.n_layers = h[2], c.n_heads = h[3];
+    c.n_kv_heads = h[4], c.seq_len = h[6];
+    if (c.rope_theta == 0.0f) c.rope_theta = 10000.0f;
+    if (c.norm_eps == 0.0f) c.norm_eps = 1e-5f;
+    validate_config(c, path);
+    return c;
+}
+
+// The file must be exactly as long as its header says: no more, no less.
+static void check_file_size(uint64_t expected, size_t size, const char* path) {
+    if (expected != size)
+        fatal("%s: file is %zu bytes but its header describes %llu bytes", path, size,
+              (unsigned long long)expected);
+}
+
+// RoPE angle for position p, pair i: p * theta^(-2i / head_size), as cos and sin
+// tables (seq_len, head_size / 2). Computed once in double, so long contexts do
+// not accumulate float error in p * freq.
+static void fill_rope_tables(float* cos, float* sin, const Config& c) {
+    const int half = c.head_size() / 2;
+    for (int i = 0; i < half; i++) {
+        const double freq = std::pow((double)c.rope_theta, -2.0 * i / c.head_size());
+        for (int p = 0; p < c.seq_len; p++) {
+            cos[(size_t)p * half + i] = (float)std::cos(p * freq);
+            sin[(size_t)p * half + i] = (float)std::sin(p * freq);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Weights: fp32 arrays, used in place in the mapping.
+
+struct TransformerWeights {
+    const float* token_embedding;  // (vocab_size, dim)
+    const float* rms_att;          // (layer, dim)
+    const float* rms_ffn;          // (layer, dim)
+    const float* wq;               // (layer, dim, dim)        rows are outputs
+    const float* wk;               // (layer, kv_dim, dim)
+    const float* wv;               // (layer, kv_dim, dim)
+    const float* wo;               // (layer, dim, dim)
+    const float* w1;               // (layer, hidden_dim, dim)
+    const float* w2;               // (layer, dim, hidden_dim)
+    const float* w3;               // (layer, hidden_dim, dim)
+    const float* rms_final;        // (dim,)
+    const float* wcls;             // (vocab_size, dim)
+};
+
 struct Checkpoint {
     Config config;
     TransformerWeights w;
@@ -194,42 +258,8 @@ struct WeightCursor {
 static Checkpoint load_checkpoint(const char* path) {
     Checkpoint ck;
     ck.file = MappedFile(path);
-    const uint8_t* data = ck.file.data();
-    const size_t size = ck.file.size();
-    Config& c = ck.config;
-
-    size_t header;
-    if (size >= 4 && read_at<uint32_t>(data, 0) == kMagic) {
-        if (size < kHeaderBytes) fatal("%s: truncated header (%zu bytes)", path, size);
-        c.version = read_at<int32_t>(data, 4);
-        if (c.version == 2) fatal("%s: is a version 2 (int8) checkpoint: run it with runq", path);
-        if (c.version != 1) fatal("%s: unsupported checkpoint version %d", path, c.version);
-        int32_t h[7];
-        for (int i = 0; i < 7; i++) h[i] = read_at<int32_t>(data, 8 + 4 * i);
-        c.dim = h[0], c.hidden_dim = h[1], c.n_layers = h[2], c.n_heads = h[3];
-        c.n_kv_heads = h[4], c.vocab_size = h[5], c.seq_len = h[6];
-        uint8_t shared = data[36];
-        if (shared > 1) fatal("%s: bad header: shared_classifier = %d (must be 0 or 1)", path, shared);
-        c.shared_classifier = shared == 1;
-        c.rope_theta = read_at<float>(data, 64);
-        c.norm_eps = read_at<float>(data, 68);
-        header = kHeaderBytes;
-    } else {
-        if (size < kLegacyHeaderBytes) fatal("%s: truncated header (%zu bytes)", path, size);
-        int32_t h[7];
-        for (int i = 0; i < 7; i++) h[i] = read_at<int32_t>(data, 4 * i);
-        c.dim = h[0], c.hidden_dim = h[1], c.n_layers = h[2], c.n_heads = h[3];
-        c.n_kv_heads = h[4], c.seq_len = h[6];
-        // legacy: the sign of vocab_size says whether the classifier is shared
-        c.shared_classifier = h[5] > 0;
-        c.vocab_size = h[5] == INT32_MIN ? 0 : std::abs(h[5]);
-        c.rope_theta = 0.0f, c.norm_eps = 0.0f;
-        c.version = 0;
-        header = kLegacyHeaderBytes;
-    }
-    if (c.rope_theta == 0.0f) c.rope_theta = 10000.0f;
-    if (c.norm_eps == 0.0f) c.norm_eps = 1e-5f;
-    validate_config(c, path);
+    const Config& c = ck.config = read_config(ck.file, path);
+    if (c.version == 2) fatal("%s: is a version 2 (int8) checkpoint: run it with runq", path);
 
     // The exact size the header promises, in floats.
     const uint64_t L = c.n_layers, dim = c.dim, hid = c.hidden_dim, kv = c.kv_dim();
@@ -242,13 +272,10 @@ static Checkpoint load_checkpoint(const char* path) {
     n = add_ck(n, dim);                                       // rms_final
     if (c.version == 0) n = add_ck(n, mul_ck(c.seq_len, c.head_size()));  // unused RoPE tables
     if (!c.shared_classifier) n = add_ck(n, mul_ck(vocab, dim));  // wcls
-    const uint64_t expected = add_ck(header, mul_ck(n, sizeof(float)));
-    if (expected != size)
-        fatal("%s: file is %zu bytes but its header describes %llu bytes", path, size,
-              (unsigned long long)expected);
+    check_file_size(add_ck(c.header_bytes, mul_ck(n, sizeof(float))), ck.file.size(), path);
 
     TransformerWeights& w = ck.w;
-    WeightCursor cur{reinterpret_cast<const float*>(data + header)};
+    WeightCursor cur{reinterpret_cast<const float*>(ck.file.data() + c.header_bytes)};
     if (c.version == 0) {
         w.token_embedding = cur.take(vocab * dim);
         w.rms_att = cur.take(L * dim);
@@ -313,21 +340,14 @@ static RunState make_run_state(const Config& c) {
                alloc_floats(mul_ck(c.n_heads, c.seq_len)), alloc_floats(c.vocab_size),
                alloc_floats(cache), alloc_floats(cache),
                alloc_floats(mul_ck(c.seq_len, half)), alloc_floats(mul_ck(c.seq_len, half))};
-    // RoPE angle for position p, pair i: p * theta^(-2i / head_size). Computed
-    // in double once, so long contexts do not accumulate float error in p*freq.
-    for (int p = 0; p < c.seq_len; p++)
-        for (uint64_t i = 0; i < half; i++) {
-            double freq = std::pow((double)c.rope_theta, -2.0 * (double)i / c.head_size());
-            s.rope_cos[p * half + i] = (float)std::cos(p * freq);
-            s.rope_sin[p * half + i] = (float)std::sin(p * freq);
-        }
+    fill_rope_tables(s.rope_cos.get(), s.rope_sin.get(), c);
     return s;
 }
 
 // ----------------------------------------------------------------------------
-// Kernels. Each fast kernel has its contract and error bound in a banner; the
-// unit tests (tests/test_run.cpp) check the bounds against double-precision
-// references over odd sizes. u = 2^-24 is the float unit roundoff.
+// Kernels shared by both engines. Each has its contract and error bound in a
+// banner; the unit tests (tests/test_run.cpp) check the bounds against
+// double-precision references over odd sizes. u = 2^-24 is the float unit roundoff.
 
 // rmsnorm: o[i] = w[i] * x[i] / sqrt(mean(x^2) + eps). o may alias x.
 // Error: |o - exact| <= (n/2 + 6) u |exact| (the sum of squares has relative
@@ -352,7 +372,70 @@ static void softmax(float* x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-// matmul_reference: out[i] = sum_j w[i, j] * x[j]; w is (d, n) row-major.
+// rope: rotate each consecutive pair (v[2i], v[2i+1]) of each head of v by the
+// angle in (cos, sin)[i]. v holds n_heads heads of head_size floats.
+// Error: |v' - exact| <= 3 u (|v[2i]| + |v[2i+1]|) per element.
+static void rope(float* v, int n_heads, int head_size, const float* cos, const float* sin) {
+    for (int h = 0; h < n_heads; h++) {
+        float* head = v + h * head_size;
+        for (int i = 0; i < head_size / 2; i++) {
+            const float a = head[2 * i], b = head[2 * i + 1];
+            head[2 * i] = a * cos[i] - b * sin[i];
+            head[2 * i + 1] = a * sin[i] + b * cos[i];
+        }
+    }
+}
+
+// attention for layer l at position pos: rotates s.q and this position's key
+// (already in the cache), then for each query head h, over positions t <= pos:
+//   s.xb[h] = softmax(q_h . k_t / sqrt(head_size)) @ v_t
+// Query head h reads kv head h / (n_heads / n_kv_heads): grouped-query attention.
+// Heads run in parallel; each is computed whole by one thread.
+static void attention(RunState& s, const Config& c, int l, int pos) {
+    const int head_size = c.head_size(), kv_dim = c.kv_dim(), kv_mul = c.n_heads / c.n_kv_heads;
+    float* k_layer = s.key_cache.get() + (size_t)l * c.seq_len * kv_dim;
+    const float* v_layer = s.value_cache.get() + (size_t)l * c.seq_len * kv_dim;
+    const float* cos = s.rope_cos.get() + (size_t)pos * (head_size / 2);
+    const float* sin = s.rope_sin.get() + (size_t)pos * (head_size / 2);
+    rope(s.q.get(), c.n_heads, head_size, cos, sin);
+    rope(k_layer + (size_t)pos * kv_dim, c.n_kv_heads, head_size, cos, sin);
+
+    const float inv_sqrt = 1.0f / std::sqrt((float)head_size);
+    #pragma omp parallel for schedule(static)
+    for (int h = 0; h < c.n_heads; h++) {
+        const float* qh = s.q.get() + h * head_size;
+        const int kv_off = (h / kv_mul) * head_size;
+        float* att = s.att.get() + (size_t)h * c.seq_len;
+        for (int t = 0; t <= pos; t++) {
+            const float* kt = k_layer + (size_t)t * kv_dim + kv_off;
+            float dot = 0.0f;
+            for (int i = 0; i < head_size; i++) dot += qh[i] * kt[i];
+            att[t] = dot * inv_sqrt;
+        }
+        softmax(att, pos + 1);
+        float* out = s.xb.get() + h * head_size;
+        std::fill(out, out + head_size, 0.0f);
+        for (int t = 0; t <= pos; t++) {
+            const float* vt = v_layer + (size_t)t * kv_dim + kv_off;
+            for (int i = 0; i < head_size; i++) out[i] += att[t] * vt[i];
+        }
+    }
+}
+
+// SwiGLU's gate: a[i] = silu(a[i]) * b[i], silu(x) = x * sigmoid(x).
+static void swiglu(float* a, const float* b, int n) {
+    for (int i = 0; i < n; i++) a[i] = a[i] / (1.0f + std::exp(-a[i])) * b[i];
+}
+
+// The residual connection: x += y.
+static void accum(float* x, const float* y, int n) {
+    for (int i = 0; i < n; i++) x[i] += y[i];
+}
+
+// ----------------------------------------------------------------------------
+// Matmul: W (d, n) @ x (n,) -> out (d,), the loop that takes nearly all the time.
+
+// matmul_reference: out[i] = sum_j w[i, j] * x[j]; w is row-major.
 // The plain loop, kept as the specification of matmul (the tests use it).
 [[maybe_unused]] static void matmul_reference(float* out, const float* x, const float* w, int n, int d) {
     for (int i = 0; i < d; i++) {
@@ -385,20 +468,6 @@ static void matmul(float* out, const float* x, const float* w, int n, int d) {
     }
 }
 
-// rope: rotate each consecutive pair (v[2i], v[2i+1]) of each head of v by the
-// angle in (cos, sin)[i]. v holds n_heads heads of head_size floats.
-// Error: |v' - exact| <= 3 u (|v[2i]| + |v[2i+1]|) per element.
-static void rope(float* v, int n_heads, int head_size, const float* cos, const float* sin) {
-    for (int h = 0; h < n_heads; h++) {
-        float* head = v + h * head_size;
-        for (int i = 0; i < head_size / 2; i++) {
-            const float a = head[2 * i], b = head[2 * i + 1];
-            head[2 * i] = a * cos[i] - b * sin[i];
-            head[2 * i + 1] = a * sin[i] + b * cos[i];
-        }
-    }
-}
-
 // ----------------------------------------------------------------------------
 // The forward pass: one token at one position in, logits for the next out.
 
@@ -412,70 +481,37 @@ static float* forward(Transformer& t, int token, int pos) {
     const Config& c = t.checkpoint.config;
     const TransformerWeights& w = t.checkpoint.w;
     RunState& s = t.state;
-    const int dim = c.dim, kv_dim = c.kv_dim(), hidden = c.hidden_dim;
-    const int head_size = c.head_size(), kv_mul = c.n_heads / c.n_kv_heads;
-    const float* cos = s.rope_cos.get() + (size_t)pos * (head_size / 2);
-    const float* sin = s.rope_sin.get() + (size_t)pos * (head_size / 2);
+    const size_t dim = c.dim, kv_dim = c.kv_dim(), hidden = c.hidden_dim;
     float* x = s.x.get();
 
     // x = self.tok_embeddings(tokens)
-    std::memcpy(x, w.token_embedding + (size_t)token * dim, dim * sizeof(float));
+    std::memcpy(x, w.token_embedding + token * dim, dim * sizeof(float));
 
-    for (int l = 0; l < c.n_layers; l++) {
-        const size_t L = l;
+    for (size_t l = 0; l < (size_t)c.n_layers; l++) {
         // h = self.attention_norm(x)
-        rmsnorm(s.xb.get(), x, w.rms_att + L * dim, dim, c.norm_eps);
+        rmsnorm(s.xb.get(), x, w.rms_att + l * dim, dim, c.norm_eps);
 
         // q, k, v = wq(h), wk(h), wv(h); k and v go straight into the cache
-        float* k = s.key_cache.get() + (L * c.seq_len + pos) * kv_dim;
-        float* v = s.value_cache.get() + (L * c.seq_len + pos) * kv_dim;
-        matmul(s.q.get(), s.xb.get(), w.wq + L * dim * dim, dim, dim);
-        matmul(k, s.xb.get(), w.wk + L * kv_dim * dim, dim, kv_dim);
-        matmul(v, s.xb.get(), w.wv + L * kv_dim * dim, dim, kv_dim);
+        float* k = s.key_cache.get() + (l * c.seq_len + pos) * kv_dim;
+        float* v = s.value_cache.get() + (l * c.seq_len + pos) * kv_dim;
+        matmul(s.q.get(), s.xb.get(), w.wq + l * dim * dim, dim, dim);
+        matmul(k, s.xb.get(), w.wk + l * kv_dim * dim, dim, kv_dim);
+        matmul(v, s.xb.get(), w.wv + l * kv_dim * dim, dim, kv_dim);
 
-        // q, k = apply_rotary_emb(q, k, freqs_cos, freqs_sin)
-        rope(s.q.get(), c.n_heads, head_size, cos, sin);
-        rope(k, c.n_kv_heads, head_size, cos, sin);
-
-        // scores = softmax(q @ k.T / sqrt(head_size), causal); out = scores @ v
-        // Query head h reads kv head h / kv_mul (grouped-query attention).
-        const float* k_layer = s.key_cache.get() + L * c.seq_len * kv_dim;
-        const float* v_layer = s.value_cache.get() + L * c.seq_len * kv_dim;
-        const float inv_sqrt = 1.0f / std::sqrt((float)head_size);
-        #pragma omp parallel for schedule(static)
-        for (int h = 0; h < c.n_heads; h++) {
-            const float* qh = s.q.get() + h * head_size;
-            const int kv_off = (h / kv_mul) * head_size;
-            float* att = s.att.get() + (size_t)h * c.seq_len;
-            for (int t = 0; t <= pos; t++) {
-                const float* kt = k_layer + (size_t)t * kv_dim + kv_off;
-                float dot = 0.0f;
-                for (int i = 0; i < head_size; i++) dot += qh[i] * kt[i];
-                att[t] = dot * inv_sqrt;
-            }
-            softmax(att, pos + 1);
-            float* out = s.xb.get() + h * head_size;
-            std::fill(out, out + head_size, 0.0f);
-            for (int t = 0; t <= pos; t++) {
-                const float* vt = v_layer + (size_t)t * kv_dim + kv_off;
-                for (int i = 0; i < head_size; i++) out[i] += att[t] * vt[i];
-            }
-        }
+        // q, k = apply_rope(q, k); out = softmax(q @ k.T / sqrt(head_size), causal) @ v
+        attention(s, c, l, pos);
 
         // x = x + self.attention.wo(out)
-        matmul(s.xb2.get(), s.xb.get(), w.wo + L * dim * dim, dim, dim);
-        for (int i = 0; i < dim; i++) x[i] += s.xb2[i];
+        matmul(s.xb2.get(), s.xb.get(), w.wo + l * dim * dim, dim, dim);
+        accum(x, s.xb2.get(), dim);
 
         // h = self.ffn_norm(x); x = x + w2(silu(w1(h)) * w3(h))
-        rmsnorm(s.xb.get(), x, w.rms_ffn + L * dim, dim, c.norm_eps);
-        matmul(s.hb.get(), s.xb.get(), w.w1 + L * hidden * dim, dim, hidden);
-        matmul(s.hb2.get(), s.xb.get(), w.w3 + L * hidden * dim, dim, hidden);
-        for (int i = 0; i < hidden; i++) {
-            const float a = s.hb[i];
-            s.hb[i] = a / (1.0f + std::exp(-a)) * s.hb2[i];  // silu(a) * b
-        }
-        matmul(s.xb.get(), s.hb.get(), w.w2 + L * dim * hidden, hidden, dim);
-        for (int i = 0; i < dim; i++) x[i] += s.xb[i];
+        rmsnorm(s.xb.get(), x, w.rms_ffn + l * dim, dim, c.norm_eps);
+        matmul(s.hb.get(), s.xb.get(), w.w1 + l * hidden * dim, dim, hidden);
+        matmul(s.hb2.get(), s.xb.get(), w.w3 + l * hidden * dim, dim, hidden);
+        swiglu(s.hb.get(), s.hb2.get(), hidden);
+        matmul(s.xb.get(), s.hb.get(), w.w2 + l * dim * hidden, hidden, dim);
+        accum(x, s.xb.get(), dim);
     }
 
     // logits = self.output(self.norm(x))
@@ -899,9 +935,9 @@ static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
 // Command line
 
 static void usage(std::FILE* f) {
-    std::fputs(
-        "Usage:   run <checkpoint> [options]\n"
-        "Example: run model.bin -n 256 -i \"Once upon a time\"\n"
+    std::fprintf(f,
+        "Usage:   %s <checkpoint> [options]\n"
+        "Example: %s model.bin -n 256 -i \"Once upon a time\"\n"
         "Options:\n"
         "  -t <float>  temperature >= 0, default 1.0 (0 = greedy)\n"
         "  -p <float>  top-p (nucleus) sampling in [0, 1], default 0.9 (0 or 1 = off)\n"
@@ -912,7 +948,7 @@ static void usage(std::FILE* f) {
         "  -m <mode>   generate | chat | tokenize, default generate\n"
         "  -y <string> system prompt (chat mode)\n"
         "  -h, --help  this help\n",
-        f);
+        kProgram, kProgram);
 }
 
 // Strict number parsing: the whole string must be a number in range.
