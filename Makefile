@@ -1,8 +1,8 @@
-# Build, test and benchmark run.cpp.
-#   make            ./run with OpenMP, tuned for this CPU (same as `make runomp`)
+# Build, test and benchmark run.cpp (fp32) and runq.cpp (int8).
+#   make            ./run and ./runq with OpenMP, tuned for this CPU (same as `make runomp`)
 #   make test       build every variant and run all tests (installs test packages if missing)
-#   make bench      tok/s of prompt and generation on stories260K and random 15M/110M-shaped models
-# As in llama2.c, run / runfast / runomp / debug all write ./run.
+#   make bench      fp32 against int8: tok/s, GB/s and the machine's memory bandwidth
+# As in llama2.c, run / runfast / runomp / debug all write ./run (and ./runq).
 
 CXX   ?= g++
 CLANG ?= clang++
@@ -32,14 +32,18 @@ TOKENIZER_MODEL ?= $(firstword $(wildcard tokenizer.model ../shared/models/llama
 .PHONY: all run runfast runomp debug test unit e2e bench clean
 all: runomp
 
-run: run.cpp            # portable: any x86-64 or ARM, one thread
+run:                    # portable: any x86-64 or ARM, one thread
 	$(CXX) $(WARN) $(NOOMP) $(OPT) -o run run.cpp
-runfast: run.cpp        # this CPU's full instruction set, one thread
+	$(CXX) $(WARN) $(NOOMP) $(OPT) -o runq runq.cpp
+runfast:                # this CPU's full instruction set, one thread
 	$(CXX) $(WARN) $(NOOMP) $(OPT) $(NATIVE) -o run run.cpp
-runomp: run.cpp         # this CPU, all cores
+	$(CXX) $(WARN) $(NOOMP) $(OPT) $(NATIVE) -o runq runq.cpp
+runomp:                 # this CPU, all cores
 	$(CXX) $(WARN) $(OPT) $(NATIVE) $(OMP) -o run run.cpp
-debug: run.cpp          # address + undefined-behaviour sanitizers
+	$(CXX) $(WARN) $(OPT) $(NATIVE) $(OMP) -o runq runq.cpp
+debug:                  # address + undefined-behaviour sanitizers
 	$(CXX) $(WARN) $(NOOMP) $(SAN) -o run run.cpp
+	$(CXX) $(WARN) $(NOOMP) $(SAN) -o runq runq.cpp
 
 tokenizer.bin: export.py $(TOKENIZER_MODEL)
 	@test -n "$(TOKENIZER_MODEL)" || { echo "no tokenizer.model: download Llama 2's and put it here" >&2; exit 1; }
@@ -59,8 +63,12 @@ CXX_debug     = $(CXX)   $(WARN) -Werror $(NOOMP) $(SAN)
 # (| build/.deps: install clang++ and friends first, even under make -j)
 build/run-%: run.cpp | build/.deps
 	$(CXX_$*) -o $@ run.cpp
+build/runq-%: runq.cpp | build/.deps
+	$(CXX_$*) -o $@ runq.cpp
 build/test_run-%: tests/test_run.cpp run.cpp | build/.deps
 	$(CXX_$*) -o $@ tests/test_run.cpp
+build/test_runq-%: tests/test_runq.cpp runq.cpp | build/.deps
+	$(CXX_$*) -o $@ tests/test_runq.cpp
 build/tokenize_many: tests/tokenize_many.cpp run.cpp | build/.deps
 	$(CXX_gcc) -o $@ tests/tokenize_many.cpp
 
@@ -68,11 +76,13 @@ build/.deps: tests/install-deps.sh
 	@mkdir -p build
 	PYTHON="$(PYTHON)" sh tests/install-deps.sh && touch $@
 
-unit: $(VARIANTS:%=build/test_run-%)
-	@for v in $(VARIANTS); do echo "== unit tests: $$v"; ./build/test_run-$$v || exit 1; done
+unit: $(VARIANTS:%=build/test_run-%) $(VARIANTS:%=build/test_runq-%)
+	@for v in $(VARIANTS); do for t in test_run test_runq; do \
+	    echo "== $$t $$v"; ./build/$$t-$$v || exit 1; done; done
 
-e2e: build/.deps $(VARIANTS:%=build/run-%) build/tokenize_many
-	RUN_BINARIES="$(VARIANTS:%=build/run-%)" $(PYTHON) -m pytest -q tests
+e2e: build/.deps $(VARIANTS:%=build/run-%) $(VARIANTS:%=build/runq-%) build/tokenize_many
+	RUN_BINARIES="$(VARIANTS:%=build/run-%)" RUNQ_BINARIES="$(VARIANTS:%=build/runq-%)" \
+	    $(PYTHON) -m pytest -q tests
 
 test: build/.deps unit e2e
 
@@ -82,4 +92,4 @@ bench: build/.deps runomp tokenizer.bin
 	$(PYTHON) bench.py
 
 clean:
-	rm -rf run build tokenizer.bin
+	rm -rf run runq build tokenizer.bin

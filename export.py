@@ -1,7 +1,7 @@
 """Write our .bin checkpoints and tokenizer.bin.
 
-  python3 export.py OUT.bin [--version 0|1] --checkpoint model.pt   # llama2.c training checkpoint
-  python3 export.py OUT.bin [--version 0|1] --bin IN.bin            # convert between our versions
+  python3 export.py OUT.bin [--version 0|1|2] [--group-size N] --checkpoint model.pt  # llama2.c training checkpoint
+  python3 export.py OUT.bin [--version 0|1|2] [--group-size N] --bin IN.bin           # convert between our versions
   python3 export.py --tokenizer tokenizer.model [-o tokenizer.bin]  # sentencepiece -> tokenizer.bin
 
 The layouts are documented byte by byte in README.md. Files are written to a
@@ -35,29 +35,36 @@ def progress(msg):
 # Checkpoints
 
 
-def header_bytes(args, version):
-    """The header: 28 bytes for version 0, 256 for version 1."""
+def header_bytes(args, version, group_size=0):
+    """The header: 28 bytes for version 0, 256 for versions 1 and 2."""
     fields = (args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads)
     if version == 0:
         if args.rope_theta != M.DEFAULT_ROPE_THETA or args.norm_eps != M.DEFAULT_NORM_EPS:
             fail(f"version 0 cannot store rope_theta={args.rope_theta} / norm_eps={args.norm_eps}; "
-                 "use --version 1")
+                 "use --version 1 or 2")
         vocab = args.vocab_size if args.shared_classifier else -args.vocab_size
         return struct.pack("<7i", *fields, vocab, args.max_seq_len)
     head = struct.pack("<Ii7iB", M.MAGIC, version, *fields, args.vocab_size, args.max_seq_len,
                        int(args.shared_classifier))
+    if version == 2:
+        head += struct.pack("<i", group_size)  # offset 37, unaligned as in llama2.c
     head = head.ljust(64, b"\0") + struct.pack("<2f", args.rope_theta, args.norm_eps)
     return head.ljust(M.HEADER_BYTES, b"\0")
 
 
 def file_order(model, version):
-    """[(label, tensor)] in the order the weights are stored."""
+    """[(label, tensor)] in the order the weights are stored. Version 2 stores
+    the norms first, then every matrix of every layer as its own quantized tensor."""
     args, sd = model.args, model.state_dict()
     L = args.n_layers
     stack = lambda name: torch.stack([sd[f"layers.{i}.{name}"] for i in range(L)])
     norms = [("rms_att", stack("attention_norm.weight")), ("rms_ffn", stack("ffn_norm.weight"))]
-    mats = [(name.split(".")[1], stack(name)) for name, _ in M.layer_tensors(args)]
     emb = ("token_embedding", sd["tok_embeddings.weight"])
+    if version == 2:
+        mats = [(f"{name.split('.')[1]}[{i}]", sd[f"layers.{i}.{name}"])
+                for name, _ in M.layer_tensors(args) for i in range(L)]
+    else:
+        mats = [(name.split(".")[1], stack(name)) for name, _ in M.layer_tensors(args)]
     if version == 0:
         cos, sin = M.rope_tables(args.head_size, args.max_seq_len, args.rope_theta)
         out = [emb, norms[0], *mats[:4], norms[1], *mats[4:], ("rms_final", sd["norm.weight"]),
@@ -67,6 +74,29 @@ def file_order(model, version):
     if not args.shared_classifier:
         out.append(("classifier", sd["output.weight"]))
     return out
+
+
+def quantize_q8(w, group_size):
+    """Symmetric int8 per group of group_size consecutive values ("Q8_0"):
+    scale = max|v| / 127, q = round(v / scale); a zero group gets scale 0.
+    Returns (int8 values, float32 scales, max |dequantized - w|)."""
+    groups = w.detach().to(torch.float32).reshape(-1, group_size)
+    scale = groups.abs().amax(dim=1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(groups / safe[:, None]).clamp(-127, 127).to(torch.int8)
+    err = (q.to(torch.float32) * scale[:, None] - groups).abs().max().item()
+    return q.flatten(), scale, err
+
+
+def choose_group_size(args, wanted):
+    """The largest group size <= wanted dividing dim and hidden_dim (matrix rows)."""
+    if wanted < 1:
+        fail(f"--group-size {wanted}: must be positive")
+    gs = next(g for g in range(wanted, 0, -1) if args.dim % g == 0 and args.hidden_dim % g == 0)
+    if gs != wanted:
+        progress(f"group size {wanted} does not divide dim {args.dim} and hidden_dim {args.hidden_dim}; "
+                 f"using {gs}")
+    return gs
 
 
 def write_atomically(path, chunks):
@@ -83,18 +113,29 @@ def write_atomically(path, chunks):
         raise
 
 
-def write_checkpoint(model, path, version):
-    if version not in (0, 1):
-        fail(f"--version {version}: this exporter writes versions 0 and 1")
+def write_checkpoint(model, path, version, group_size=64):
+    if version not in (0, 1, 2):
+        fail(f"--version {version}: must be 0, 1 or 2")
+    gs = choose_group_size(model.args, group_size) if version == 2 else 0
+    worst = 0.0
 
     def chunks():
-        yield header_bytes(model.args, version)
+        nonlocal worst
+        yield header_bytes(model.args, version, gs)
         for label, t in file_order(model, version):
-            progress(f"  {label:16s} {tuple(t.shape)}")
-            yield t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+            if version == 2 and not label.startswith("rms_"):
+                q, scale, err = quantize_q8(t, gs)
+                worst = max(worst, err)
+                progress(f"  {label:16s} {tuple(t.shape)}  max quantization error {err:.3g}")
+                yield q.numpy().tobytes() + scale.numpy().astype("<f4").tobytes()
+            else:
+                progress(f"  {label:16s} {tuple(t.shape)}")
+                yield t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
 
-    progress(f"writing {path} (version {version})")
+    progress(f"writing {path} (version {version}{f', group size {gs}' if gs else ''})")
     write_atomically(path, chunks())
+    if version == 2:
+        progress(f"max quantization error over all tensors: {worst:.3g}")
     progress(f"wrote {path}: {os.path.getsize(path)} bytes")
 
 
@@ -267,7 +308,10 @@ def export_tokenizer(model_path, out_path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", nargs="?", help="output checkpoint (.bin)")
-    ap.add_argument("--version", type=int, default=0, help="checkpoint version: 0 (llama2.c legacy, default) or 1")
+    ap.add_argument("--version", type=int, default=0,
+                    help="0 (llama2.c legacy fp32, default), 1 (fp32) or 2 (int8 groups, for runq)")
+    ap.add_argument("--group-size", type=int, default=64,
+                    help="version 2: values per scale; backs off to a divisor of dim and hidden_dim (default 64)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="llama2.c training checkpoint (.pt)")
     src.add_argument("--bin", help="one of our .bin checkpoints, any version")
@@ -289,7 +333,7 @@ def main():
             model = M.load_checkpoint(a.bin)
         except (ValueError, RuntimeError, struct.error) as e:
             fail(f"{a.bin}: not a valid checkpoint ({e})")
-    write_checkpoint(model, a.out, a.version)
+    write_checkpoint(model, a.out, a.version, a.group_size)
 
 
 if __name__ == "__main__":

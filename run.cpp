@@ -813,12 +813,17 @@ static double now_seconds() {
     return duration<double>(steady_clock::now().time_since_epoch()).count();
 }
 
-// Writes (pos, token, logits) records for the tests; see tests/README.md.
+// Test hook (RUN_DUMP_LOGITS=file): a record per position: int32 pos, int32
+// input token, float logits[vocab], then int32 the token chosen next (forced
+// or sampled; -1 if none). tests/conftest.py reads it.
 static void dump_logits(std::FILE* f, int pos, int token, const float* logits, int n) {
     if (!f) return;
     const int32_t head[2] = {pos, token};
     std::fwrite(head, sizeof head, 1, f);
     std::fwrite(logits, sizeof(float), n, f);
+}
+static void dump_next(std::FILE* f, int32_t next) {
+    if (f) std::fwrite(&next, sizeof next, 1, f);
 }
 
 // Echoes the prompt, then samples until `steps` positions, BOS or EOS.
@@ -845,6 +850,7 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
             next = sample(sampler, logits, vocab);
             generated++;
         }
+        dump_next(dump, next);
         if (next == kBos || next == kEos) break;
         char byte;
         out.write(decode(tok, token, next, &byte));
@@ -898,17 +904,20 @@ static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
         }
         std::fputs("Assistant: ", stdout);
         float* logits = nullptr;
-        for (int token : prompt) {
-            logits = forward(tr, token, pos);
-            dump_logits(dump, pos++, token, logits, vocab);
+        for (size_t i = 0; i < prompt.size(); i++) {
+            logits = forward(tr, prompt[i], pos);
+            dump_logits(dump, pos++, prompt[i], logits, vocab);
+            if (i + 1 < prompt.size()) dump_next(dump, prompt[i + 1]);
         }
         TextOut out;
         int token = prompt.back();
         for (;;) {
             const int next = sample(sampler, logits, vocab);
+            dump_next(dump, next);
             if (next == kEos || next == kBos) {
                 if (next == kEos && pos < steps) {  // into the history
                     dump_logits(dump, pos, kEos, forward(tr, kEos, pos), vocab);
+                    dump_next(dump, -1);
                     pos++;
                 }
                 break;

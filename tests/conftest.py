@@ -23,20 +23,81 @@ TOK512 = MODELS / "stories260K" / "tok512.bin"
 LLAMA_MODEL = MODELS / "llama2" / "tokenizer.model"
 LLAMA_BIN = MODELS / "llama2" / "tokenizer.bin"
 
-# `make test` passes every build variant; run by hand, pytest uses ./run
+# `make test` passes every build variant; run by hand, pytest uses ./run and ./runq
 BINARIES = os.environ.get("RUN_BINARIES", "run").split()
+QBINARIES = os.environ.get("RUNQ_BINARIES", "runq").split()
 
 
 def binary_id(b):
     return Path(b).name
 
 
-@pytest.fixture(params=BINARIES, ids=binary_id)
-def binary(request):
-    path = ROOT / request.param
+def existing(b):
+    path = ROOT / b
     if not path.exists():
         pytest.fail(f"{path} is missing: build it first (make test builds everything)")
     return str(path)
+
+
+@pytest.fixture(params=BINARIES, ids=binary_id)
+def binary(request):
+    """Each build of run."""
+    return existing(request.param)
+
+
+@pytest.fixture(params=QBINARIES, ids=binary_id)
+def qbinary(request):
+    """Each build of runq."""
+    return existing(request.param)
+
+
+@pytest.fixture(params=list(zip(BINARIES, QBINARIES)), ids=lambda p: binary_id(p[1]))
+def pair(request):
+    """run and runq built the same way."""
+    return existing(request.param[0]), existing(request.param[1])
+
+
+_REPORTS = []
+
+
+@pytest.fixture
+def report():
+    """Lines for the test run's closing summary (measurements, not pass/fail)."""
+    return _REPORTS.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORTS:
+        terminalreporter.section("measurements")
+        for line in _REPORTS:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def stories_q8(tmp_path_factory):
+    """stories260K exported to version 2 (group size 64 backs off to 4)."""
+    path = tmp_path_factory.mktemp("q8") / "stories260K-q8.bin"
+    E.write_checkpoint(M.load_checkpoint(str(STORIES)), str(path), 2, 64)
+    return path
+
+
+class Engine:
+    """One build of run or runq, with the checkpoint version it reads."""
+
+    def __init__(self, binary, quantized, stories):
+        self.binary, self.quantized, self.stories = binary, quantized, stories
+
+    def save(self, m, path, group_size=64):
+        E.write_checkpoint(m, str(path), 2 if self.quantized else 0, group_size)
+        return path
+
+
+@pytest.fixture(params=[(b, False) for b in BINARIES] + [(b, True) for b in QBINARIES],
+                ids=lambda p: binary_id(p[0]))
+def engine(request, stories_q8):
+    """Each build of both engines: the command line must behave the same in all."""
+    b, quantized = request.param
+    return Engine(existing(b), quantized, stories_q8 if quantized else STORIES)
 
 
 def run(binary, *args, stdin=None, env=None, check=True, timeout=300):
@@ -50,18 +111,20 @@ def run(binary, *args, stdin=None, env=None, check=True, timeout=300):
 
 
 def read_dump(path, vocab):
-    """RUN_DUMP_LOGITS records: (positions, input tokens, logits (T, vocab))."""
+    """RUN_DUMP_LOGITS records: (positions, input tokens, logits (T, vocab) in
+    float64, the token chosen after each position or -1)."""
     raw = Path(path).read_bytes()
-    rec = 8 + 4 * vocab
+    rec = 12 + 4 * vocab
     assert len(raw) % rec == 0
     n = len(raw) // rec
-    pos, tok, logits = [], [], torch.empty(n, vocab, dtype=torch.float64)
+    pos, tok, nxt, logits = [], [], [], torch.empty(n, vocab, dtype=torch.float64)
     for i in range(n):
         p, t = struct.unpack_from("<2i", raw, i * rec)
         pos.append(p)
         tok.append(t)
-        logits[i] = torch.frombuffer(bytearray(raw[i * rec + 8:(i + 1) * rec]), dtype=torch.float32).double()
-    return pos, tok, logits
+        logits[i] = torch.frombuffer(bytearray(raw[i * rec + 8:(i + 1) * rec - 4]), dtype=torch.float32).double()
+        nxt.append(struct.unpack_from("<i", raw, (i + 1) * rec - 4)[0])
+    return pos, tok, logits, nxt
 
 
 def random_model(seed, **kw):

@@ -5,30 +5,31 @@ import struct
 
 import pytest
 
-from conftest import (STORIES, TOK512, random_model, read_dump, run, save_model, write_tokenizer)
+from conftest import STORIES, TOK512, random_model, read_dump, run, write_tokenizer
 
 STORIES_BYTES = STORIES.read_bytes()
 
 
-def expect_error(binary, *args, mentions, stdin=None):
+def expect_error(engine, *args, mentions, stdin=None):
     """Exit status 1 and exactly one line on stderr naming `mentions`."""
-    p = run(binary, *args, stdin=stdin, check=False)
+    p = run(engine.binary, *args, stdin=stdin, check=False)
     err = p.stderr.decode(errors="replace")
     assert p.returncode == 1, f"exit {p.returncode}, stderr: {err}"
     assert err.endswith("\n") and err.count("\n") == 1, f"not one line: {err!r}"
     assert str(mentions) in err, f"{mentions!r} not named in {err!r}"
 
 
-def stories(binary, *args, **kw):
-    return run(binary, STORIES, "-z", TOK512, *args, **kw)
+def stories(engine, *args, **kw):
+    """Run stories260K (fp32 for run, int8 for runq)."""
+    return run(engine.binary, engine.stories, "-z", TOK512, *args, **kw)
 
 
 # ---------------------------------------------------------------------------
 # Output contract
 
 
-def test_generate_output_contract(binary):
-    p = stories(binary, "-t", "0", "-n", 40, "-i", "Once upon a time")
+def test_generate_output_contract(engine):
+    p = stories(engine, "-t", "0", "-n", 40, "-i", "Once upon a time")
     assert p.stdout.startswith(b"Once upon a time") and p.stdout.endswith(b"\n")
     assert not p.stdout.endswith(b"\n\n")
     err = p.stderr.decode()
@@ -36,33 +37,33 @@ def test_generate_output_contract(binary):
     assert err.count("tok/s") == 2
 
 
-def test_steps_clamped_to_seq_len(binary):
-    p = stories(binary, "-t", "0", "-n", 100000, "-i", "Hi")
+def test_steps_clamped_to_seq_len(engine):
+    p = stories(engine, "-t", "0", "-n", 100000, "-i", "Hi")
     assert "note: -n 100000" in p.stderr.decode() and "using 512" in p.stderr.decode()
-    assert p.stdout == stories(binary, "-t", "0", "-n", 0, "-i", "Hi").stdout
+    assert p.stdout == stories(engine, "-t", "0", "-n", 0, "-i", "Hi").stdout
 
 
-def test_tokenize_mode(binary):
-    p = stories(binary, "-m", "tokenize", "-i", "Once upon a time")
+def test_tokenize_mode(engine):
+    p = stories(engine, "-m", "tokenize", "-i", "Once upon a time")
     ids = p.stdout.decode()
     assert ids.endswith("\n") and ids.split()[0] == "1" and len(ids.split()) == 5 and p.stderr == b""
 
 
-def test_help(binary):
+def test_help(engine):
     for flag in ("-h", "--help"):
-        p = run(binary, flag)
+        p = run(engine.binary, flag)
         assert p.returncode == 0 and b"Usage" in p.stdout and b"-t <float>" in p.stdout
 
 
-def test_seed_reproducible_and_matters(binary):
-    a = stories(binary, "-s", 5, "-n", 60).stdout
-    assert a == stories(binary, "-s", 5, "-n", 60).stdout
-    assert a != stories(binary, "-s", 6, "-n", 60).stdout
+def test_seed_reproducible_and_matters(engine):
+    a = stories(engine, "-s", 5, "-n", 60).stdout
+    assert a == stories(engine, "-s", 5, "-n", 60).stdout
+    assert a != stories(engine, "-s", 6, "-n", 60).stdout
 
 
-def test_prompt_that_fills_steps_exactly(binary):
-    n = len(stories(binary, "-m", "tokenize", "-i", "Once upon a time").stdout.split())
-    p = stories(binary, "-t", "0", "-n", n, "-i", "Once upon a time")
+def test_prompt_that_fills_steps_exactly(engine):
+    n = len(stories(engine, "-m", "tokenize", "-i", "Once upon a time").stdout.split())
+    p = stories(engine, "-t", "0", "-n", n, "-i", "Once upon a time")
     assert p.stdout.startswith(b"Once upon a time") and b"generation: 1 tokens" in p.stderr
 
 
@@ -70,57 +71,55 @@ def test_prompt_that_fills_steps_exactly(binary):
 # Chat
 
 
-def chat_model(tmp_path):
+def chat_model(engine, tmp_path):
     """A random model over a character vocabulary just big enough for the chat
     template, so that at high temperature EOS (1 in ~30) comes soon."""
     chars = sorted(set("[INST]<<SYS>>\n</SYS> [/INST]be brief hi again x"))
     pieces = ["<unk>", "\n<s>\n", "\n</s>\n"] + chars
     m = random_model(4, dim=16, hidden_dim=24, n_layers=1, n_heads=2, n_kv_heads=1,
                      vocab_size=len(pieces), max_seq_len=512, shared_classifier=False)
-    return save_model(m, tmp_path / "chat.bin"), write_tokenizer(tmp_path / "chat_tok.bin", pieces), len(pieces)
+    return engine.save(m, tmp_path / "chat.bin", 8), write_tokenizer(tmp_path / "chat_tok.bin", pieces), len(pieces)
 
 
-# Seed 1's first answer ends with EOS, seed 2's with BOS (found by running them).
-@pytest.mark.parametrize("seed, ender", [(1, 2), (2, 1)])
-def test_chat_turns_follow_llama2_template(binary, tmp_path, seed, ender):
-    ckpt, tok, vocab = chat_model(tmp_path)
+@pytest.mark.parametrize("seed", range(1, 6))
+def test_chat_turns_follow_llama2_template(engine, tmp_path, seed):
+    ckpt, tok, vocab = chat_model(engine, tmp_path)
     dump = tmp_path / "chat_dump.bin"
-    p = run(binary, ckpt, "-z", tok, "-m", "chat", "-y", "be brief", "-t", "1000", "-s", seed, "-n", 512,
+    p = run(engine.binary, ckpt, "-z", tok, "-m", "chat", "-y", "be brief", "-t", "1000", "-s", seed, "-n", 512,
             stdin=b"hi\nagain\n", env={"RUN_DUMP_LOGITS": str(dump)})
-    _, fed, _ = read_dump(dump, vocab)
+    _, fed, _, chosen = read_dump(dump, vocab)
 
     def ids(text):
-        return [int(t) for t in run(binary, ckpt, "-z", tok, "-m", "tokenize", "-i", text).stdout.split()]
+        return [int(t) for t in run(engine.binary, ckpt, "-z", tok, "-m", "tokenize", "-i", text).stdout.split()]
 
     turn1 = ids("[INST] <<SYS>>\nbe brief\n<</SYS>>\n\nhi [/INST]")
     turn2 = ids("[INST] again [/INST]")
     assert fed[:len(turn1)] == turn1
-    # The answer runs until EOS, which is fed back into the context, or BOS,
-    # which is not; the dump shows what was fed, so an EOS left out would make
-    # seed 1 look like seed 2.
-    rest = fed[len(turn1):]
-    end = next(i for i, t in enumerate(rest) if t in (1, 2))
-    assert rest[end] == ender
-    if ender == 2:
-        end += 1
-    assert rest[end:end + len(turn2)] == turn2
+    # The first answer runs until the model samples EOS or BOS. EOS goes into
+    # the context (and nothing is sampled after it); BOS does not.
+    end = next(i for i in range(len(turn1) - 1, len(fed)) if chosen[i] in (1, 2))
+    rest = fed[end + 1:]
+    if chosen[end] == 2:
+        assert rest[0] == 2 and chosen[end + 1] == -1, "EOS must be fed back into the context"
+        rest = rest[1:]
+    assert rest[:len(turn2)] == turn2
     out = p.stdout.decode()
     assert out.count("Assistant: ") == 2 and out.count("User: ") == 3  # the third meets EOF
 
 
-def test_chat_ends_cleanly_at_end_of_input(binary):
-    p = stories(binary, "-m", "chat", "-y", "", "-n", 64, stdin=b"")
+def test_chat_ends_cleanly_at_end_of_input(engine):
+    p = stories(engine, "-m", "chat", "-y", "", "-n", 64, stdin=b"")
     assert p.returncode == 0 and b"User: " in p.stdout
 
 
-def test_chat_full_context_gets_a_message(binary):
-    p = stories(binary, "-m", "chat", "-y", "", "-t", "0", "-n", 40, stdin=b"tell me a story\n" * 5)
+def test_chat_full_context_gets_a_message(engine):
+    p = stories(engine, "-m", "chat", "-y", "", "-t", "0", "-n", 40, stdin=b"tell me a story\n" * 5)
     assert p.returncode == 0 and b"context is full" in p.stderr
 
 
-def test_chat_long_line(binary):
+def test_chat_long_line(engine):
     """No fixed-size line buffer: a 100 KB line is read whole, then refused as too long."""
-    p = stories(binary, "-m", "chat", "-y", "", "-n", 64, stdin=b"a" * 100000 + b"\n")
+    p = stories(engine, "-m", "chat", "-y", "", "-n", 64, stdin=b"a" * 100000 + b"\n")
     assert p.returncode == 0 and b"context is full" in p.stderr
 
 
@@ -139,12 +138,12 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("args, mentions", BAD_FLAGS, ids=lambda v: repr(v))
-def test_bad_flag(binary, args, mentions):
-    expect_error(binary, STORIES, "-z", TOK512, *args, mentions=mentions)
+def test_bad_flag(engine, args, mentions):
+    expect_error(engine, engine.stories, "-z", TOK512, *args, mentions=mentions)
 
 
-def test_no_checkpoint(binary):
-    p = run(binary, check=False)
+def test_no_checkpoint(engine):
+    p = run(engine.binary, check=False)
     assert p.returncode == 1 and b"checkpoint" in p.stderr
 
 
@@ -189,18 +188,18 @@ BAD_CHECKPOINTS = {
 
 
 @pytest.mark.parametrize("name", BAD_CHECKPOINTS)
-def test_bad_checkpoint(binary, tmp_path, name):
+def test_bad_checkpoint(engine, tmp_path, name):
     path = tmp_path / f"{name}.bin"
     path.write_bytes(BAD_CHECKPOINTS[name])
-    expect_error(binary, path, "-z", TOK512, "-n", 8, mentions=path)
+    expect_error(engine, path, "-z", TOK512, "-n", 8, mentions=path)
 
 
-def test_missing_checkpoint(binary, tmp_path):
-    expect_error(binary, tmp_path / "nope.bin", "-z", TOK512, mentions="nope.bin")
+def test_missing_checkpoint(engine, tmp_path):
+    expect_error(engine, tmp_path / "nope.bin", "-z", TOK512, mentions="nope.bin")
 
 
-def test_directory_as_checkpoint(binary, tmp_path):
-    expect_error(binary, tmp_path, "-z", TOK512, mentions=tmp_path)
+def test_directory_as_checkpoint(engine, tmp_path):
+    expect_error(engine, tmp_path, "-z", TOK512, mentions=tmp_path)
 
 
 # ---------------------------------------------------------------------------
@@ -240,27 +239,27 @@ BAD_TOKENIZERS = {
 
 
 @pytest.mark.parametrize("name", BAD_TOKENIZERS)
-def test_bad_tokenizer(binary, tmp_path, name):
+def test_bad_tokenizer(engine, tmp_path, name):
     data, word = BAD_TOKENIZERS[name]
     path = tmp_path / f"{name}.tok"
     path.write_bytes(data)
-    expect_error(binary, STORIES, "-z", path, "-n", 8, mentions=path)
-    expect_error(binary, STORIES, "-z", path, "-n", 8, mentions=word)
+    expect_error(engine, engine.stories, "-z", path, "-n", 8, mentions=path)
+    expect_error(engine, engine.stories, "-z", path, "-n", 8, mentions=word)
 
 
-def test_tokenizer_for_another_model(binary):
+def test_tokenizer_for_another_model(engine):
     """The Llama 2 tokenizer has 32000 entries; the model expects 512."""
     from conftest import LLAMA_BIN
-    expect_error(binary, STORIES, "-z", LLAMA_BIN, mentions=LLAMA_BIN)
+    expect_error(engine, engine.stories, "-z", LLAMA_BIN, mentions=LLAMA_BIN)
 
 
-def test_missing_tokenizer(binary, tmp_path):
-    expect_error(binary, STORIES, "-z", tmp_path / "none.bin", mentions="none.bin")
+def test_missing_tokenizer(engine, tmp_path):
+    expect_error(engine, engine.stories, "-z", tmp_path / "none.bin", mentions="none.bin")
 
 
-def test_unencodable_prompt_without_byte_fallback(binary, tmp_path):
+def test_unencodable_prompt_without_byte_fallback(engine, tmp_path):
     m = random_model(1, dim=8, hidden_dim=8, n_layers=1, n_heads=2, vocab_size=6, max_seq_len=16)
-    ckpt = save_model(m, tmp_path / "small.bin")
+    ckpt = engine.save(m, tmp_path / "small.bin", 8)
     tok = write_tokenizer(tmp_path / "small.tok", ["<unk>", "\n<s>\n", "\n</s>\n", " ", "a", "b"])
-    assert run(binary, ckpt, "-z", tok, "-m", "tokenize", "-i", "ab").stdout.split()[0] == b"1"
-    expect_error(binary, ckpt, "-z", tok, "-i", "abc", mentions="c")
+    assert run(engine.binary, ckpt, "-z", tok, "-m", "tokenize", "-i", "ab").stdout.split()[0] == b"1"
+    expect_error(engine, ckpt, "-z", tok, "-i", "abc", mentions="c")

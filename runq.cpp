@@ -1,0 +1,1232 @@
+// runq.cpp: the same engine as run.cpp over int8 checkpoints (version 2), whose
+// weights are quantized in groups: every group_size consecutive values share
+// one float scale ("Q8_0"). A token still flows top to bottom:
+//
+//   checkpoint -> forward pass -> tokenizer -> sampler -> generate / chat -> CLI
+//
+// `diff run.cpp runq.cpp` is the quantization lesson: only the weights, the
+// run state's int8 activation buffers, the matmul and the forward pass differ;
+// every other section is the same line for line (tests/test_shared_code.py).
+//
+// Build: `make runq` (see Makefile). Run: ./runq model-q8.bin -z tokenizer.bin -i "Once"
+// C++17, the standard library, POSIX mmap, optional OpenMP pragmas and SIMD intrinsics.
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <iostream>
+#include <memory>
+#include <queue>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#if defined(__AVX2__) || defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
+constexpr const char* kProgram = "runq";  // for the usage text
+
+// ----------------------------------------------------------------------------
+// Errors: every problem a user can cause ends here, as one line on stderr and
+// exit status 1. Nothing throws past main().
+
+[[noreturn]] __attribute__((format(printf, 1, 2))) static void fatal(const char* fmt, ...) {
+    std::fflush(stdout);
+    std::va_list args;
+    va_start(args, fmt);
+    std::fputs("error: ", stderr);
+    std::vfprintf(stderr, fmt, args);
+    std::fputc('\n', stderr);
+    va_end(args);
+    std::exit(1);
+}
+
+// ----------------------------------------------------------------------------
+// A read-only memory-mapped file. Move-only; unmaps itself.
+
+class MappedFile {
+public:
+    MappedFile() = default;
+    explicit MappedFile(const char* path) {
+        int fd = open(path, O_RDONLY);
+        if (fd < 0) fatal("cannot open %s: %s", path, std::strerror(errno));
+        struct stat st;
+        if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+            close(fd);
+            fatal("%s is not a regular file", path);
+        }
+        if (st.st_size == 0) {
+            close(fd);
+            fatal("%s is empty", path);
+        }
+        size_ = (size_t)st.st_size;
+        void* p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+        close(fd);  // the mapping keeps the file alive
+        if (p == MAP_FAILED) fatal("cannot map %s: %s", path, std::strerror(errno));
+        data_ = static_cast<const uint8_t*>(p);
+    }
+    MappedFile(MappedFile&& o) noexcept { *this = std::move(o); }
+    MappedFile& operator=(MappedFile&& o) noexcept {
+        std::swap(data_, o.data_);
+        std::swap(size_, o.size_);
+        return *this;
+    }
+    MappedFile(const MappedFile&) = delete;
+    MappedFile& operator=(const MappedFile&) = delete;
+    ~MappedFile() {
+        if (data_) munmap(const_cast<uint8_t*>(data_), size_);
+    }
+    const uint8_t* data() const { return data_; }
+    size_t size() const { return size_; }
+
+private:
+    const uint8_t* data_ = nullptr;
+    size_t size_ = 0;
+};
+
+// Reads a little-endian scalar at a byte offset. memcpy because fields such as
+// version 2's group_size sit at unaligned offsets.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the file formats are little-endian");
+template <typename T>
+static T read_at(const uint8_t* p, size_t offset) {
+    T v;
+    std::memcpy(&v, p + offset, sizeof v);
+    return v;
+}
+
+// 64-bit size arithmetic that refuses to wrap: a hostile header must not make a
+// huge model look small.
+static uint64_t mul_ck(uint64_t a, uint64_t b) {
+    uint64_t r;
+    if (__builtin_mul_overflow(a, b, &r)) fatal("checkpoint sizes overflow 64 bits");
+    return r;
+}
+static uint64_t add_ck(uint64_t a, uint64_t b) {
+    uint64_t r;
+    if (__builtin_add_overflow(a, b, &r)) fatal("checkpoint sizes overflow 64 bits");
+    return r;
+}
+
+// ----------------------------------------------------------------------------
+// Checkpoint header: the model's shape, read from any version (0, 1, 2) and
+// validated before a single size is computed from it.
+
+constexpr uint32_t kMagic = 0x616b3432;    // "ak42" in hex; on disk the bytes "24ka"
+constexpr size_t kHeaderBytes = 256;       // versions 1 and 2
+constexpr size_t kLegacyHeaderBytes = 28;  // version 0: seven int32
+constexpr int kBos = 1, kEos = 2;
+
+struct Config {
+    int dim;           // transformer width
+    int hidden_dim;    // feed-forward width
+    int n_layers;
+    int n_heads;       // query heads
+    int n_kv_heads;    // key/value heads (< n_heads: grouped-query attention)
+    int vocab_size;
+    int seq_len;       // maximum context
+    bool shared_classifier;  // classifier == token embedding
+    float rope_theta;  // RoPE base (header offset 64; 0 in the file = 10000)
+    float norm_eps;    // RMSNorm epsilon (header offset 68; 0 in the file = 1e-5)
+    int version;       // 0 (legacy), 1 (fp32) or 2 (int8)
+    int group_size;    // version 2: values per quantization scale (offset 37)
+    size_t header_bytes;
+    int head_size() const { return dim / n_heads; }
+    int kv_dim() const { return dim / n_heads * n_kv_heads; }
+};
+
+// The caps are far above any Llama model and keep every size product below 2^63.
+static void validate_config(const Config& c, const char* path) {
+    struct Field { const char* name; int value, cap; };
+    const Field fields[] = {
+        {"dim", c.dim, 1 << 16},          {"hidden_dim", c.hidden_dim, 1 << 18},
+        {"n_layers", c.n_layers, 1 << 10}, {"n_heads", c.n_heads, 1 << 10},
+        {"n_kv_heads", c.n_kv_heads, 1 << 10}, {"vocab_size", c.vocab_size, 1 << 21},
+        {"seq_len", c.seq_len, 1 << 20},
+    };
+    for (const Field& f : fields)
+        if (f.value <= 0 || f.value > f.cap)
+            fatal("%s: bad header: %s = %d (must be in 1..%d)", path, f.name, f.value, f.cap);
+    if (c.dim % c.n_heads != 0)
+        fatal("%s: bad header: dim %d is not divisible by n_heads %d", path, c.dim, c.n_heads);
+    if (c.head_size() % 2 != 0)
+        fatal("%s: bad header: head size %d is odd (RoPE rotates pairs)", path, c.head_size());
+    if (c.n_heads % c.n_kv_heads != 0)
+        fatal("%s: bad header: n_heads %d is not divisible by n_kv_heads %d", path, c.n_heads,
+              c.n_kv_heads);
+    if (c.vocab_size < 3)
+        fatal("%s: bad header: vocab_size %d < 3 (needs <unk>, BOS, EOS)", path, c.vocab_size);
+    if (!(c.rope_theta > 0.0f && std::isfinite(c.rope_theta)))
+        fatal("%s: bad header: rope_theta %g", path, c.rope_theta);
+    if (!(c.norm_eps > 0.0f && std::isfinite(c.norm_eps)))
+        fatal("%s: bad header: norm_eps %g", path, c.norm_eps);
+}
+
+// Versioned files start with the magic; legacy files start straight with dim.
+static Config read_config(const MappedFile& f, const char* path) {
+    const uint8_t* data = f.data();
+    const size_t size = f.size();
+    Config c{};
+    int32_t h[7];
+    if (size >= 4 && read_at<uint32_t>(data, 0) == kMagic) {
+        if (size < kHeaderBytes) fatal("%s: truncated header (%zu bytes)", path, size);
+        c.version = read_at<int32_t>(data, 4);
+        if (c.version != 1 && c.version != 2)
+            fatal("%s: unsupported checkpoint version %d", path, c.version);
+        for (int i = 0; i < 7; i++) h[i] = read_at<int32_t>(data, 8 + 4 * i);
+        c.vocab_size = h[5];
+        const uint8_t shared = data[36];
+        if (shared > 1) fatal("%s: bad header: shared_classifier = %d (must be 0 or 1)", path, shared);
+        c.shared_classifier = shared == 1;
+        if (c.version == 2) c.group_size = read_at<int32_t>(data, 37);
+        c.rope_theta = read_at<float>(data, 64);
+        c.norm_eps = read_at<float>(data, 68);
+        c.header_bytes = kHeaderBytes;
+    } else {
+        if (size < kLegacyHeaderBytes) fatal("%s: truncated header (%zu bytes)", path, size);
+        for (int i = 0; i < 7; i++) h[i] = read_at<int32_t>(data, 4 * i);
+        // the sign of vocab_size says whether the classifier is shared
+        c.shared_classifier = h[5] > 0;
+        c.vocab_size = h[5] == INT32_MIN ? 0 : std::abs(h[5]);
+        c.version = 0;
+        c.header_bytes = kLegacyHeaderBytes;
+    }
+    c.dim = h[0], c.hidden_dim = h[1], c.n_layers = h[2], c.n_heads = h[3];
+    c.n_kv_heads = h[4], c.seq_len = h[6];
+    if (c.rope_theta == 0.0f) c.rope_theta = 10000.0f;
+    if (c.norm_eps == 0.0f) c.norm_eps = 1e-5f;
+    validate_config(c, path);
+    return c;
+}
+
+// The file must be exactly as long as its header says: no more, no less.
+static void check_file_size(uint64_t expected, size_t size, const char* path) {
+    if (expected != size)
+        fatal("%s: file is %zu bytes but its header describes %llu bytes", path, size,
+              (unsigned long long)expected);
+}
+
+// RoPE angle for position p, pair i: p * theta^(-2i / head_size), as cos and sin
+// tables (seq_len, head_size / 2). Computed once in double, so long contexts do
+// not accumulate float error in p * freq.
+static void fill_rope_tables(float* cos, float* sin, const Config& c) {
+    const int half = c.head_size() / 2;
+    for (int i = 0; i < half; i++) {
+        const double freq = std::pow((double)c.rope_theta, -2.0 * i / c.head_size());
+        for (int p = 0; p < c.seq_len; p++) {
+            cos[(size_t)p * half + i] = (float)std::cos(p * freq);
+            sin[(size_t)p * half + i] = (float)std::sin(p * freq);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Weights: int8 tensors quantized in groups, used in place in the mapping.
+
+// QuantizedTensor: int8 values in groups of group_size consecutive values, each
+// group with one float scale, value ~ q * s. Symmetric ("Q8_0"): over a group,
+// s = max|v| / 127 and q = round(v / s), in [-127, 127]. Weights point into the
+// (read-only) mapping; activations into buffers of the run state.
+struct QuantizedTensor {
+    int8_t* q;       // (numel,) values
+    float* s;        // (numel / group_size,) scales
+    int group_size;  // a property of the tensor, not of the program
+};
+
+struct TransformerWeights {
+    QuantizedTensor token_embedding;  // (vocab_size, dim)
+    const float* rms_att;             // (layer, dim)
+    const float* rms_ffn;             // (layer, dim)
+    const float* rms_final;           // (dim,)
+    std::vector<QuantizedTensor> wq;  // layer x (dim, dim)        rows are outputs
+    std::vector<QuantizedTensor> wk;  // layer x (kv_dim, dim)
+    std::vector<QuantizedTensor> wv;  // layer x (kv_dim, dim)
+    std::vector<QuantizedTensor> wo;  // layer x (dim, dim)
+    std::vector<QuantizedTensor> w1;  // layer x (hidden_dim, dim)
+    std::vector<QuantizedTensor> w2;  // layer x (dim, hidden_dim)
+    std::vector<QuantizedTensor> w3;  // layer x (hidden_dim, dim)
+    QuantizedTensor wcls;             // (vocab_size, dim)
+};
+
+struct Checkpoint {
+    Config config;
+    TransformerWeights w;
+    MappedFile file;  // the weights point into this mapping
+    std::vector<std::vector<float>> moved_scales;  // scales that sat at unaligned offsets
+};
+
+// Hands out the mapping's consecutive arrays in file order: fp32 vectors, then
+// quantized tensors, each numel int8 values followed by numel / group_size
+// float scales. Scales land at unaligned offsets when a tensor's numel is not a
+// multiple of 4 (dim not a multiple of 4); those few are copied out.
+struct WeightCursor {
+    const uint8_t* p;
+    int group_size;
+    std::vector<std::vector<float>>& moved_scales;
+
+    const float* floats(uint64_t n) {
+        const float* r = reinterpret_cast<const float*>(p);
+        p += n * sizeof(float);
+        return r;
+    }
+    QuantizedTensor quantized(uint64_t numel) {
+        QuantizedTensor t{const_cast<int8_t*>(reinterpret_cast<const int8_t*>(p)), nullptr, group_size};
+        p += numel;
+        const uint64_t groups = numel / group_size;
+        if (reinterpret_cast<uintptr_t>(p) % alignof(float) == 0) {
+            t.s = const_cast<float*>(reinterpret_cast<const float*>(p));
+        } else {
+            moved_scales.emplace_back(groups);
+            std::memcpy(moved_scales.back().data(), p, groups * sizeof(float));
+            t.s = moved_scales.back().data();
+        }
+        p += groups * sizeof(float);
+        return t;
+    }
+    std::vector<QuantizedTensor> layers(int n_layers, uint64_t numel) {
+        std::vector<QuantizedTensor> v;
+        for (int l = 0; l < n_layers; l++) v.push_back(quantized(numel));
+        return v;
+    }
+};
+
+static Checkpoint load_checkpoint(const char* path) {
+    Checkpoint ck;
+    ck.file = MappedFile(path);
+    const Config& c = ck.config = read_config(ck.file, path);
+    if (c.version != 2)
+        fatal("%s: is a version %d (fp32) checkpoint: run it with run, or convert it with "
+              "export.py --version 2", path, c.version);
+    // Every matrix's rows are dim or hidden_dim long; groups must not straddle rows.
+    const int gs = c.group_size;
+    if (gs <= 0 || c.dim % gs != 0 || c.hidden_dim % gs != 0)
+        fatal("%s: group_size %d does not divide both dim %d and hidden_dim %d; re-export it: "
+              "python3 export.py OUT.bin --version 2 --bin <fp32 checkpoint>",
+              path, gs, c.dim, c.hidden_dim);
+
+    // The exact size the header promises, in bytes.
+    const uint64_t L = c.n_layers, dim = c.dim, hid = c.hidden_dim, kv = c.kv_dim();
+    const uint64_t vocab = c.vocab_size;
+    auto quantized = [&](uint64_t numel) { return add_ck(numel, mul_ck(numel / gs, sizeof(float))); };
+    uint64_t n = add_ck(c.header_bytes, mul_ck(add_ck(mul_ck(L, 2 * dim), dim), sizeof(float)));  // norms
+    n = add_ck(n, quantized(mul_ck(vocab, dim)));                                       // token_embedding
+    n = add_ck(n, mul_ck(L, add_ck(mul_ck(2, quantized(dim * dim)), mul_ck(2, quantized(kv * dim)))));  // wq wk wv wo
+    n = add_ck(n, mul_ck(L, mul_ck(3, quantized(mul_ck(hid, dim)))));                  // w1 w2 w3
+    if (!c.shared_classifier) n = add_ck(n, quantized(mul_ck(vocab, dim)));            // wcls
+    check_file_size(n, ck.file.size(), path);
+
+    TransformerWeights& w = ck.w;
+    WeightCursor cur{ck.file.data() + c.header_bytes, gs, ck.moved_scales};
+    w.rms_att = cur.floats(L * dim);
+    w.rms_ffn = cur.floats(L * dim);
+    w.rms_final = cur.floats(dim);
+    w.token_embedding = cur.quantized(vocab * dim);
+    w.wq = cur.layers(L, dim * dim);
+    w.wk = cur.layers(L, kv * dim);
+    w.wv = cur.layers(L, kv * dim);
+    w.wo = cur.layers(L, dim * dim);
+    w.w1 = cur.layers(L, hid * dim);
+    w.w2 = cur.layers(L, dim * hid);
+    w.w3 = cur.layers(L, hid * dim);
+    w.wcls = c.shared_classifier ? w.token_embedding : cur.quantized(vocab * dim);
+    return ck;
+}
+
+// ----------------------------------------------------------------------------
+// Run state: the activations of one position and the KV cache. Allocated once;
+// forward() allocates nothing.
+
+// calloc'd so a large KV cache costs nothing until it is written
+struct FreeDeleter { void operator()(float* p) const { std::free(p); } };
+using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
+static FloatBuffer alloc_floats(uint64_t n) {
+    float* p = static_cast<float*>(std::calloc(n, sizeof(float)));
+    if (!p) fatal("out of memory allocating %llu floats", (unsigned long long)n);
+    return FloatBuffer(p);
+}
+
+// Storage for an activation vector in int8: a matmul's input is quantized here.
+struct QuantizedBuffer {
+    std::vector<int8_t> q;
+    std::vector<float> s;
+    QuantizedTensor t{};  // points into q and s (which keep their storage when moved)
+    QuantizedBuffer() = default;
+    QuantizedBuffer(int n, int group_size)
+        : q(n), s(n / group_size), t{q.data(), s.data(), group_size} {}
+    QuantizedBuffer(QuantizedBuffer&&) = default;
+    QuantizedBuffer& operator=(QuantizedBuffer&&) = default;
+    QuantizedBuffer(const QuantizedBuffer&) = delete;  // a copy's t would point into the original
+    QuantizedBuffer& operator=(const QuantizedBuffer&) = delete;
+};
+
+struct RunState {
+    FloatBuffer x;            // (dim,) the residual stream
+    FloatBuffer xb, xb2;      // (dim,) scratch
+    FloatBuffer hb, hb2;      // (hidden_dim,) feed-forward scratch
+    QuantizedBuffer xq;       // (dim,) int8 input of the dim-wide matmuls
+    QuantizedBuffer hq;       // (hidden_dim,) int8 input of w2
+    FloatBuffer q;            // (dim,) queries
+    FloatBuffer att;          // (n_heads, seq_len) attention scores
+    FloatBuffer logits;       // (vocab_size,)
+    FloatBuffer key_cache;    // (layer, seq_len, kv_dim)
+    FloatBuffer value_cache;  // (layer, seq_len, kv_dim)
+    FloatBuffer rope_cos;     // (seq_len, head_size / 2)
+    FloatBuffer rope_sin;     // (seq_len, head_size / 2)
+};
+
+static RunState make_run_state(const Config& c) {
+    const uint64_t cache = mul_ck(mul_ck(c.n_layers, c.seq_len), c.kv_dim());
+    const uint64_t half = c.head_size() / 2;
+    RunState s{alloc_floats(c.dim), alloc_floats(c.dim), alloc_floats(c.dim),
+               alloc_floats(c.hidden_dim), alloc_floats(c.hidden_dim),
+               QuantizedBuffer(c.dim, c.group_size), QuantizedBuffer(c.hidden_dim, c.group_size),
+               alloc_floats(c.dim),
+               alloc_floats(mul_ck(c.n_heads, c.seq_len)), alloc_floats(c.vocab_size),
+               alloc_floats(cache), alloc_floats(cache),
+               alloc_floats(mul_ck(c.seq_len, half)), alloc_floats(mul_ck(c.seq_len, half))};
+    fill_rope_tables(s.rope_cos.get(), s.rope_sin.get(), c);
+    return s;
+}
+
+// ----------------------------------------------------------------------------
+// Kernels shared by both engines. Each has its contract and error bound in a
+// banner; the unit tests (tests/test_run.cpp) check the bounds against
+// double-precision references over odd sizes. u = 2^-24 is the float unit roundoff.
+
+// rmsnorm: o[i] = w[i] * x[i] / sqrt(mean(x^2) + eps). o may alias x.
+// Error: |o - exact| <= (n/2 + 6) u |exact| (the sum of squares has relative
+// error <= n u, and the inverse square root halves it).
+static void rmsnorm(float* o, const float* x, const float* w, int n, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float scale = 1.0f / std::sqrt(ss / n + eps);
+    for (int i = 0; i < n; i++) o[i] = w[i] * (scale * x[i]);
+}
+
+// softmax in place, shifted by the max so exp never overflows.
+// Error per element: relative (|x[i] - max| + n + 4) u.
+static void softmax(float* x, int n) {
+    float max_val = x[0];
+    for (int i = 1; i < n; i++) max_val = std::max(max_val, x[i]);
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        x[i] = std::exp(x[i] - max_val);
+        sum += x[i];
+    }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+// rope: rotate each consecutive pair (v[2i], v[2i+1]) of each head of v by the
+// angle in (cos, sin)[i]. v holds n_heads heads of head_size floats.
+// Error: |v' - exact| <= 3 u (|v[2i]| + |v[2i+1]|) per element.
+static void rope(float* v, int n_heads, int head_size, const float* cos, const float* sin) {
+    for (int h = 0; h < n_heads; h++) {
+        float* head = v + h * head_size;
+        for (int i = 0; i < head_size / 2; i++) {
+            const float a = head[2 * i], b = head[2 * i + 1];
+            head[2 * i] = a * cos[i] - b * sin[i];
+            head[2 * i + 1] = a * sin[i] + b * cos[i];
+        }
+    }
+}
+
+// attention for layer l at position pos: rotates s.q and this position's key
+// (already in the cache), then for each query head h, over positions t <= pos:
+//   s.xb[h] = softmax(q_h . k_t / sqrt(head_size)) @ v_t
+// Query head h reads kv head h / (n_heads / n_kv_heads): grouped-query attention.
+// Heads run in parallel; each is computed whole by one thread.
+static void attention(RunState& s, const Config& c, int l, int pos) {
+    const int head_size = c.head_size(), kv_dim = c.kv_dim(), kv_mul = c.n_heads / c.n_kv_heads;
+    float* k_layer = s.key_cache.get() + (size_t)l * c.seq_len * kv_dim;
+    const float* v_layer = s.value_cache.get() + (size_t)l * c.seq_len * kv_dim;
+    const float* cos = s.rope_cos.get() + (size_t)pos * (head_size / 2);
+    const float* sin = s.rope_sin.get() + (size_t)pos * (head_size / 2);
+    rope(s.q.get(), c.n_heads, head_size, cos, sin);
+    rope(k_layer + (size_t)pos * kv_dim, c.n_kv_heads, head_size, cos, sin);
+
+    const float inv_sqrt = 1.0f / std::sqrt((float)head_size);
+    #pragma omp parallel for schedule(static)
+    for (int h = 0; h < c.n_heads; h++) {
+        const float* qh = s.q.get() + h * head_size;
+        const int kv_off = (h / kv_mul) * head_size;
+        float* att = s.att.get() + (size_t)h * c.seq_len;
+        for (int t = 0; t <= pos; t++) {
+            const float* kt = k_layer + (size_t)t * kv_dim + kv_off;
+            float dot = 0.0f;
+            for (int i = 0; i < head_size; i++) dot += qh[i] * kt[i];
+            att[t] = dot * inv_sqrt;
+        }
+        softmax(att, pos + 1);
+        float* out = s.xb.get() + h * head_size;
+        std::fill(out, out + head_size, 0.0f);
+        for (int t = 0; t <= pos; t++) {
+            const float* vt = v_layer + (size_t)t * kv_dim + kv_off;
+            for (int i = 0; i < head_size; i++) out[i] += att[t] * vt[i];
+        }
+    }
+}
+
+// SwiGLU's gate: a[i] = silu(a[i]) * b[i], silu(x) = x * sigmoid(x).
+static void swiglu(float* a, const float* b, int n) {
+    for (int i = 0; i < n; i++) a[i] = a[i] / (1.0f + std::exp(-a[i])) * b[i];
+}
+
+// The residual connection: x += y.
+static void accum(float* x, const float* y, int n) {
+    for (int i = 0; i < n; i++) x[i] += y[i];
+}
+
+// ----------------------------------------------------------------------------
+// Matmul: W (d, n) @ x (n,) -> out (d,), the loop that takes nearly all the
+// time, on int8. The activations are quantized first, so each group's dot
+// product is exact integer arithmetic, scaled once by the two groups' scales.
+
+// quantize: n floats (n a multiple of qx.group_size) -> qx.
+// Error: |q * s - x| <= s / 2 + |x| u per element, s = max|group| / 127.
+static void quantize(QuantizedTensor& qx, const float* x, int n) {
+    const int gs = qx.group_size;
+    for (int g = 0; g < n / gs; g++) {
+        const float* v = x + (size_t)g * gs;
+        float vmax = 0.0f;
+        for (int i = 0; i < gs; i++) vmax = std::max(vmax, std::fabs(v[i]));
+        const float scale = vmax / 127.0f;
+        qx.s[g] = scale;
+        for (int i = 0; i < gs; i++)  // a group of zeros gets scale 0 and zeros, not NaN
+            qx.q[(size_t)g * gs + i] = scale == 0.0f ? 0 : (int8_t)std::round(v[i] / scale);
+    }
+}
+
+// dequantize: qx -> n floats, x[i] = q[i] * s[i / group_size].
+static void dequantize(const QuantizedTensor& qx, float* x, int n) {
+    for (int i = 0; i < n; i++) x[i] = qx.q[i] * qx.s[i / qx.group_size];
+}
+
+// dot_i8: sum of a[i] * b[i] over n int8 pairs, exact in int32 (|sum| < 2^31
+// for n <= 2^17). The SIMD paths widen int8 to int16 and multiply-add adjacent
+// pairs into int32 lanes; the portable loop finishes what they leave.
+static inline int32_t dot_i8(const int8_t* a, const int8_t* b, int n) {
+    int32_t sum = 0;
+    int i = 0;
+#if defined(__AVX512BW__) || defined(__AVX2__)
+    __m256i acc = _mm256_setzero_si256();  // 8 int32 lanes
+#if defined(__AVX512BW__)
+    __m512i acc512 = _mm512_setzero_si512();
+    for (; i + 32 <= n; i += 32) {
+        const __m512i va = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(a + i)));
+        const __m512i vb = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(b + i)));
+        acc512 = _mm512_add_epi32(acc512, _mm512_madd_epi16(va, vb));
+    }
+    // fold 16 lanes into 8 (maskz extracts: GCC 12 warns about the plain ones' undefined source)
+    acc = _mm256_add_epi32(_mm512_maskz_extracti64x4_epi64(0xF, acc512, 0),
+                           _mm512_maskz_extracti64x4_epi64(0xF, acc512, 1));
+#endif
+    for (; i + 16 <= n; i += 16) {
+        const __m256i va = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(a + i)));
+        const __m256i vb = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(b + i)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(va, vb));
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));  // + the other 64-bit half
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));  // + the neighbouring lane
+    sum = _mm_cvtsi128_si32(s4);
+#endif
+    for (; i < n; i++) sum += (int32_t)a[i] * b[i];
+    return sum;
+}
+
+// The float side of one group, shared by both matmuls so that they round alike:
+// an explicit fused multiply-add where the CPU has one (left to itself, the
+// compiler may fuse in one caller and not in the other), else multiply and add.
+static inline float add_group(float acc, int32_t dot, float sx, float sw) {
+#ifdef FP_FAST_FMAF
+    return std::fma((float)dot * sx, sw, acc);
+#else
+    return acc + (float)dot * sx * sw;
+#endif
+}
+
+// matmul_reference: out[i] = sum over groups g of dot(x_g, w_ig) * sx_g * sw_ig,
+// the plain loops, kept as the specification of matmul (the tests use it).
+[[maybe_unused]] static void matmul_reference(float* out, const QuantizedTensor& x,
+                                              const QuantizedTensor& w, int n, int d) {
+    const int gs = w.group_size;
+    for (int i = 0; i < d; i++) {
+        float acc = 0.0f;
+        for (int g = 0; g < n / gs; g++) {
+            int32_t dot = 0;
+            for (int j = g * gs; j < (g + 1) * gs; j++) dot += (int32_t)x.q[j] * w.q[(size_t)i * n + j];
+            acc = add_group(acc, dot, x.s[g], w.s[(size_t)i * (n / gs) + g]);
+        }
+        out[i] = acc;
+    }
+}
+
+// matmul_groups: matmul_reference's result exactly, faster. GS is the group
+// size fixed at compile time (so the group's loop unrolls completely), or 0 to
+// read it from w. Rows are split across threads and never split themselves, so
+// the result does not depend on the thread count.
+template <int GS>
+static void matmul_groups(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d) {
+    const int gs = GS ? GS : w.group_size, groups = n / gs;
+    #pragma omp parallel for schedule(static)
+    for (int i = 0; i < d; i++) {
+        const int8_t* row = w.q + (size_t)i * n;
+        const float* row_s = w.s + (size_t)i * groups;
+        float acc = 0.0f;
+        for (int g = 0; g < groups; g++)
+            acc = add_group(acc, dot_i8(x.q + g * gs, row + g * gs, gs), x.s[g], row_s[g]);
+        out[i] = acc;
+    }
+}
+
+// matmul: x and w quantized with the same group size, which divides n.
+// Error against the exact product of the dequantized values: the dot products
+// are exact; the float side adds (n / group_size + 2) u sum_g |dot_g sx_g sw_g|.
+static void matmul(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d) {
+    switch (w.group_size) {
+    case 32: matmul_groups<32>(out, x, w, n, d); break;
+    case 64: matmul_groups<64>(out, x, w, n, d); break;
+    case 128: matmul_groups<128>(out, x, w, n, d); break;
+    default: matmul_groups<0>(out, x, w, n, d); break;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// The forward pass: one token at one position in, logits for the next out.
+
+struct Transformer {
+    Checkpoint checkpoint;
+    RunState state;
+    const Config& config() const { return checkpoint.config; }
+};
+
+static float* forward(Transformer& t, int token, int pos) {
+    const Config& c = t.checkpoint.config;
+    const TransformerWeights& w = t.checkpoint.w;
+    RunState& s = t.state;
+    const size_t dim = c.dim, kv_dim = c.kv_dim(), hidden = c.hidden_dim;
+    float* x = s.x.get();
+    QuantizedTensor& xq = s.xq.t;
+
+    // x = self.tok_embeddings(tokens): dequantize just this row of the table
+    const QuantizedTensor& e = w.token_embedding;
+    dequantize({e.q + token * dim, e.s + token * dim / e.group_size, e.group_size}, x, dim);
+
+    for (size_t l = 0; l < (size_t)c.n_layers; l++) {
+        // h = self.attention_norm(x)
+        rmsnorm(s.xb.get(), x, w.rms_att + l * dim, dim, c.norm_eps);
+
+        // q, k, v = wq(h), wk(h), wv(h); k and v go straight into the cache
+        float* k = s.key_cache.get() + (l * c.seq_len + pos) * kv_dim;
+        float* v = s.value_cache.get() + (l * c.seq_len + pos) * kv_dim;
+        quantize(xq, s.xb.get(), dim);
+        matmul(s.q.get(), xq, w.wq[l], dim, dim);
+        matmul(k, xq, w.wk[l], dim, kv_dim);
+        matmul(v, xq, w.wv[l], dim, kv_dim);
+
+        // q, k = apply_rope(q, k); out = softmax(q @ k.T / sqrt(head_size), causal) @ v
+        attention(s, c, l, pos);
+
+        // x = x + self.attention.wo(out)
+        quantize(xq, s.xb.get(), dim);
+        matmul(s.xb2.get(), xq, w.wo[l], dim, dim);
+        accum(x, s.xb2.get(), dim);
+
+        // h = self.ffn_norm(x); x = x + w2(silu(w1(h)) * w3(h))
+        rmsnorm(s.xb.get(), x, w.rms_ffn + l * dim, dim, c.norm_eps);
+        quantize(xq, s.xb.get(), dim);
+        matmul(s.hb.get(), xq, w.w1[l], dim, hidden);
+        matmul(s.hb2.get(), xq, w.w3[l], dim, hidden);
+        swiglu(s.hb.get(), s.hb2.get(), hidden);
+        quantize(s.hq.t, s.hb.get(), hidden);
+        matmul(s.xb.get(), s.hq.t, w.w2[l], hidden, dim);
+        accum(x, s.xb.get(), dim);
+    }
+
+    // logits = self.output(self.norm(x))
+    rmsnorm(x, x, w.rms_final, dim, c.norm_eps);
+    quantize(xq, x, dim);
+    matmul(s.logits.get(), xq, w.wcls, dim, c.vocab_size);
+    return s.logits.get();
+}
+
+// ----------------------------------------------------------------------------
+// Tokenizer: llama2.c's tokenizer.bin, a SentencePiece BPE vocabulary with
+// U+2581 already turned into ' '. Ids 0, 1, 2 are <unk>, BOS, EOS; when the
+// vocabulary has byte-fallback pieces they are "<0x00>".."<0xFF>" at ids 3..258.
+
+struct Tokenizer {
+    std::vector<std::string> vocab;    // id -> piece
+    std::vector<float> scores;         // id -> merge priority (higher first)
+    std::unordered_map<std::string_view, int> ids;  // piece -> id, normal pieces only
+    bool byte_fallback = false;        // ids 3..258 are the 256 byte pieces
+};
+
+static Tokenizer load_tokenizer(const char* path, int vocab_size) {
+    MappedFile f(path);
+    const uint8_t* p = f.data();
+    const size_t size = f.size();
+    if (size < 4) fatal("%s: truncated tokenizer header", path);
+    const int32_t max_len = read_at<int32_t>(p, 0);
+    if (max_len <= 0 || max_len > (1 << 20))
+        fatal("%s: bad tokenizer header: max_token_length = %d", path, max_len);
+
+    Tokenizer t;
+    t.vocab.reserve(vocab_size);
+    t.scores.reserve(vocab_size);
+    size_t off = 4;
+    for (int i = 0; i < vocab_size; i++) {
+        if (size - off < 8)
+            fatal("%s: ends after %d of the model's %d tokens", path, i, vocab_size);
+        const float score = read_at<float>(p, off);
+        const int32_t len = read_at<int32_t>(p, off + 4);
+        off += 8;
+        if (!std::isfinite(score)) fatal("%s: token %d has score %g", path, i, score);
+        if (len <= 0 || len > max_len)
+            fatal("%s: token %d has length %d (max_token_length %d)", path, i, len, max_len);
+        if (size - off < (size_t)len)
+            fatal("%s: token %d runs past the end of the file", path, i);
+        t.vocab.emplace_back(reinterpret_cast<const char*>(p + off), len);
+        t.scores.push_back(score);
+        off += len;
+    }
+    if (off != size)
+        fatal("%s: %zu bytes after the model's %d tokens (tokenizer for another model?)", path,
+              size - off, vocab_size);
+
+    t.byte_fallback = vocab_size >= 259;
+    for (int b = 0; b < 256 && t.byte_fallback; b++) {
+        char want[8];
+        std::snprintf(want, sizeof want, "<0x%02X>", b);
+        t.byte_fallback = t.vocab[b + 3] == want;
+    }
+    // Only normal pieces take part in lookups and merges, as in SentencePiece:
+    // the text "<unk>" or "<0x41>" must not become a special or byte token.
+    const int first_normal = t.byte_fallback ? 259 : 3;
+    for (int i = first_normal; i < vocab_size; i++) t.ids.emplace(t.vocab[i], i);  // first id wins
+    return t;
+}
+
+// Length of the UTF-8 character at s[0..n), or 0 if it is not well formed.
+static int utf8_char_len(const unsigned char* s, size_t n) {
+    const unsigned char c = s[0];
+    int len;
+    unsigned char lo = 0x80, hi = 0xBF;  // allowed range of the second byte
+    if (c < 0x80) return 1;
+    else if (c >= 0xC2 && c <= 0xDF) len = 2;
+    else if (c >= 0xE0 && c <= 0xEF) { len = 3; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
+    else if (c >= 0xF0 && c <= 0xF4) { len = 4; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
+    else return 0;
+    if ((size_t)len > n || s[1] < lo || s[1] > hi) return 0;
+    for (int i = 2; i < len; i++)
+        if ((s[i] & 0xC0) != 0x80) return 0;
+    return len;
+}
+
+// encode: text -> token ids, exactly as SentencePiece BPE with a dummy prefix.
+// 1. BOS if asked; " " before non-empty text (SentencePiece's dummy prefix).
+// 2. Each UTF-8 character becomes its piece, or its bytes' byte pieces.
+// 3. Repeatedly merge the adjacent pair whose concatenation is the
+//    highest-scoring piece, leftmost first on ties.
+// Step 3 keeps the candidate pairs in a priority queue over a linked list of
+// symbols, so it costs O(n log n) rather than a rescan of all pairs per merge.
+static std::vector<int> encode(const Tokenizer& t, std::string_view text, bool bos) {
+    std::vector<int> tokens;
+    if (bos) tokens.push_back(kBos);
+    if (text.empty()) return tokens;
+
+    std::vector<int> sym;  // symbol ids before merging
+    auto push_piece = [&](std::string_view piece) {
+        auto it = t.ids.find(piece);
+        if (it != t.ids.end()) { sym.push_back(it->second); return; }
+        if (!t.byte_fallback)
+            fatal("the prompt contains \"%.*s\", which this vocabulary cannot encode",
+                  (int)piece.size(), piece.data());
+        for (unsigned char b : piece) sym.push_back(b + 3);
+    };
+    push_piece(" ");
+    const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+    for (size_t i = 0; i < text.size();) {
+        int len = utf8_char_len(s + i, text.size() - i);
+        if (len == 0) len = 1;  // a stray byte: goes to byte fallback
+        push_piece(text.substr(i, len));
+        i += len;
+    }
+
+    // Symbols form a doubly linked list; a merge folds right into left.
+    const int n = (int)sym.size();
+    std::vector<int> prev(n), next(n), version(n, 0);
+    for (int i = 0; i < n; i++) prev[i] = i - 1, next[i] = i + 1 < n ? i + 1 : -1;
+    struct Pair { float score; int left, right, left_version, right_version, id; };
+    // highest score first; on ties the leftmost (positions keep list order)
+    auto worse = [](const Pair& a, const Pair& b) {
+        return a.score != b.score ? a.score < b.score : a.left > b.left;
+    };
+    std::priority_queue<Pair, std::vector<Pair>, decltype(worse)> queue(worse);
+    std::string buf;
+    auto consider = [&](int left, int right) {
+        if (left < 0 || right < 0) return;
+        buf = t.vocab[sym[left]];
+        buf += t.vocab[sym[right]];
+        auto it = t.ids.find(buf);
+        if (it != t.ids.end())
+            queue.push({t.scores[it->second], left, right, version[left], version[right], it->second});
+    };
+    for (int i = 0; i + 1 < n; i++) consider(i, i + 1);
+    while (!queue.empty()) {
+        const Pair p = queue.top();
+        queue.pop();
+        // stale if either side was merged since this pair was queued
+        if (version[p.left] != p.left_version || version[p.right] != p.right_version ||
+            next[p.left] != p.right)
+            continue;
+        sym[p.left] = p.id;
+        version[p.left]++;
+        version[p.right]++;  // the right symbol is gone
+        next[p.left] = next[p.right];
+        if (next[p.left] >= 0) prev[next[p.left]] = p.left;
+        consider(prev[p.left], p.left);
+        consider(p.left, next[p.left]);
+    }
+    for (int i = 0; i >= 0; i = next[i]) tokens.push_back(sym[i]);
+    return tokens;
+}
+
+// decode: the bytes `token` contributes when it follows `prev`.
+static std::string_view decode(const Tokenizer& t, int prev, int token, char* byte) {
+    std::string_view piece = t.vocab[token];
+    if (t.byte_fallback && token >= 3 && token < 259) {  // "<0xAB>" is the byte 0xAB
+        *byte = (char)(token - 3);
+        return std::string_view(byte, 1);
+    }
+    if (prev == kBos && !piece.empty() && piece[0] == ' ') piece.remove_prefix(1);
+    return piece;
+}
+
+// TextOut writes decoded pieces to stdout so that a terminal never sees a
+// broken character: bytes of a multi-byte UTF-8 character are held until the
+// character is complete (tokens often split them), malformed sequences become
+// U+FFFD, and control bytes other than whitespace are dropped (as llama2.c's
+// safe_printf does) so a model cannot emit terminal escape sequences.
+class TextOut {
+public:
+    void write(std::string_view piece) {
+        for (char ch : piece) put((unsigned char)ch);
+        std::fflush(stdout);
+    }
+    void finish() {  // an unfinished character at the end is malformed
+        if (!pending_.empty()) replace();
+        std::fflush(stdout);
+    }
+
+private:
+    std::string pending_;  // the start of an incomplete character
+    void replace() { std::fputs("\xEF\xBF\xBD", stdout); pending_.clear(); }
+    void put(unsigned char b) {
+        if (!pending_.empty()) {
+            pending_ += (char)b;
+            const auto* s = reinterpret_cast<const unsigned char*>(pending_.data());
+            int need = s[0] >= 0xF0 ? 4 : s[0] >= 0xE0 ? 3 : 2;
+            // A prefix is still good if completing it could give a valid character.
+            bool ok = (b & 0xC0) == 0x80;
+            if (ok && pending_.size() == 2) {
+                std::string probe = pending_ + std::string(need - 2, '\x80');
+                ok = utf8_char_len(reinterpret_cast<const unsigned char*>(probe.data()), need) == need;
+            }
+            if (!ok) {
+                pending_.pop_back();
+                replace();
+                put(b);  // b starts afresh
+                return;
+            }
+            if ((int)pending_.size() == need) {
+                std::fwrite(pending_.data(), 1, need, stdout);
+                pending_.clear();
+            }
+        } else if (b < 0x80) {
+            if (b >= 0x20 ? b != 0x7F : (b == '\n' || b == '\t' || b == '\r' || b == '\v' || b == '\f'))
+                std::fputc(b, stdout);
+        } else if (b >= 0xC2 && b <= 0xF4) {
+            pending_ += (char)b;
+        } else {
+            std::fputs("\xEF\xBF\xBD", stdout);  // a byte no character starts with
+        }
+    }
+};
+
+// ----------------------------------------------------------------------------
+// Sampler: the same rules and random numbers as llama2.c's run.c, so the same
+// seed gives the same text in both.
+
+struct Sampler {
+    float temperature;  // 0 = greedy
+    float topp;         // nucleus threshold; 0 or 1 = off
+    uint64_t rng_state;
+    std::vector<std::pair<float, int>> candidates;  // (vocab_size,) top-p scratch
+};
+
+// xorshift64*: https://en.wikipedia.org/wiki/Xorshift#xorshift*
+static uint32_t random_u32(uint64_t* state) {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+static float random_f32(uint64_t* state) {  // [0, 1) with 24 random bits
+    return (float)(random_u32(state) >> 8) / 16777216.0f;
+}
+
+// lowest id on ties
+static int sample_argmax(const float* p, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (p[i] > p[best]) best = i;
+    return best;
+}
+
+// walk the cumulative distribution; the last id catches rounding
+static int sample_mult(const float* p, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += p[i];
+        if (coin < cdf) return i;
+    }
+    return n - 1;
+}
+
+// Nucleus sampling: sample from the smallest set of most likely tokens whose
+// probabilities sum past topp. Tokens below (1 - topp) / (n - 1) can never be
+// in that set, so they are dropped before the sort.
+static int sample_topp(const float* p, int n, float topp, std::vector<std::pair<float, int>>& cand,
+                       float coin) {
+    const float cutoff = (1.0f - topp) / (n - 1);
+    cand.clear();
+    for (int i = 0; i < n; i++)
+        if (p[i] >= cutoff) cand.push_back({p[i], i});
+    // With topp < 1/n the cutoff can drop everything; then the most likely
+    // token alone passes topp, and it is the answer.
+    if (cand.empty()) return sample_argmax(p, n);
+    // most likely first; equal probabilities in id order
+    std::sort(cand.begin(), cand.end(), [](const auto& a, const auto& b) {
+        return a.first != b.first ? a.first > b.first : a.second < b.second;
+    });
+    int last = (int)cand.size() - 1;  // rounding may never pass topp: keep all
+    float cum = 0.0f;
+    for (int i = 0; i < (int)cand.size(); i++) {
+        cum += cand[i].first;
+        if (cum > topp) { last = i; break; }
+    }
+    const float r = coin * cum;
+    float cdf = 0.0f;
+    for (int i = 0; i <= last; i++) {
+        cdf += cand[i].first;
+        if (r < cdf) return cand[i].second;
+    }
+    return cand[last].second;
+}
+
+// sample: logits (overwritten) -> token id. Draws one random number unless greedy.
+static int sample(Sampler& s, float* logits, int n) {
+    if (s.temperature == 0.0f) return sample_argmax(logits, n);
+    for (int i = 0; i < n; i++) logits[i] /= s.temperature;
+    softmax(logits, n);
+    const float coin = random_f32(&s.rng_state);
+    if (s.topp <= 0.0f || s.topp >= 1.0f) return sample_mult(logits, n, coin);
+    return sample_topp(logits, n, s.topp, s.candidates, coin);
+}
+
+// ----------------------------------------------------------------------------
+// Generate and chat
+
+static double now_seconds() {
+    using namespace std::chrono;
+    return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+// Test hook (RUN_DUMP_LOGITS=file): a record per position: int32 pos, int32
+// input token, float logits[vocab], then int32 the token chosen next (forced
+// or sampled; -1 if none). tests/conftest.py reads it.
+static void dump_logits(std::FILE* f, int pos, int token, const float* logits, int n) {
+    if (!f) return;
+    const int32_t head[2] = {pos, token};
+    std::fwrite(head, sizeof head, 1, f);
+    std::fwrite(logits, sizeof(float), n, f);
+}
+static void dump_next(std::FILE* f, int32_t next) {
+    if (f) std::fwrite(&next, sizeof next, 1, f);
+}
+
+// Echoes the prompt, then samples until `steps` positions, BOS or EOS.
+static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
+                     const std::string& prompt, int steps, std::FILE* dump) {
+    const int vocab = tr.config().vocab_size;
+    const std::vector<int> prompt_tokens = encode(tok, prompt, true);
+    const int n_prompt = (int)prompt_tokens.size();
+    if (n_prompt > steps)
+        fatal("the prompt is %d tokens (with BOS) but -n allows %d positions", n_prompt, steps);
+
+    TextOut out;
+    const double start = now_seconds();
+    double prompt_done = start;
+    int token = prompt_tokens[0], generated = 0;
+    for (int pos = 0; pos < steps; pos++) {
+        float* logits = forward(tr, token, pos);
+        dump_logits(dump, pos, token, logits, vocab);
+        int next;
+        if (pos + 1 < n_prompt) {
+            next = prompt_tokens[pos + 1];  // still reading the prompt
+        } else {
+            if (pos + 1 == n_prompt) prompt_done = now_seconds();
+            next = sample(sampler, logits, vocab);
+            generated++;
+        }
+        dump_next(dump, next);
+        if (next == kBos || next == kEos) break;
+        char byte;
+        out.write(decode(tok, token, next, &byte));
+        token = next;
+    }
+    out.finish();
+    std::fputc('\n', stdout);
+    std::fflush(stdout);
+    // The prompt's n_prompt forwards yield the first new token; each later
+    // forward yields one more, so generation speed counts generated - 1.
+    const double end = now_seconds();
+    std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s\n",
+                 n_prompt, n_prompt / std::max(prompt_done - start, 1e-9), generated,
+                 std::max(generated - 1, 0) / std::max(end - prompt_done, 1e-9));
+}
+
+// Reads one line from stdin after printing a label; false at end of input.
+static bool read_line(const char* label, std::string& line) {
+    std::fputs(label, stdout);
+    std::fflush(stdout);
+    return static_cast<bool>(std::getline(std::cin, line));
+}
+
+// Llama 2 chat: each user turn is "[INST] ... [/INST]" with BOS, the first one
+// carrying the system prompt; the assistant answers until EOS, which stays in
+// the context so the next turn sees a finished answer.
+static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
+                 const std::string& first_user_prompt, const std::string& cli_system_prompt,
+                 bool have_system_prompt, int steps, std::FILE* dump) {
+    const int vocab = tr.config().vocab_size;
+    std::string system = cli_system_prompt, user;
+    if (!have_system_prompt && !read_line("Enter system prompt (optional): ", system)) return;
+    int pos = 0;
+    for (int turn = 0;; turn++) {
+        if (turn == 0 && !first_user_prompt.empty()) {
+            user = first_user_prompt;
+        } else if (!read_line("User: ", user)) {
+            std::fputc('\n', stdout);
+            return;
+        }
+        std::string rendered;
+        if (turn == 0 && !system.empty())
+            rendered = "[INST] <<SYS>>\n" + system + "\n<</SYS>>\n\n" + user + " [/INST]";
+        else
+            rendered = "[INST] " + user + " [/INST]";
+        const std::vector<int> prompt = encode(tok, rendered, true);
+        if (pos + (int)prompt.size() > steps) {
+            std::fprintf(stderr, "the context is full (%d of %d positions used); ending the chat\n",
+                         pos, steps);
+            return;
+        }
+        std::fputs("Assistant: ", stdout);
+        float* logits = nullptr;
+        for (size_t i = 0; i < prompt.size(); i++) {
+            logits = forward(tr, prompt[i], pos);
+            dump_logits(dump, pos++, prompt[i], logits, vocab);
+            if (i + 1 < prompt.size()) dump_next(dump, prompt[i + 1]);
+        }
+        TextOut out;
+        int token = prompt.back();
+        for (;;) {
+            const int next = sample(sampler, logits, vocab);
+            dump_next(dump, next);
+            if (next == kEos || next == kBos) {
+                if (next == kEos && pos < steps) {  // into the history
+                    dump_logits(dump, pos, kEos, forward(tr, kEos, pos), vocab);
+                    dump_next(dump, -1);
+                    pos++;
+                }
+                break;
+            }
+            char byte;
+            out.write(decode(tok, token, next, &byte));
+            token = next;
+            if (pos >= steps) {
+                out.finish();
+                std::fputc('\n', stdout);
+                std::fflush(stdout);
+                std::fprintf(stderr, "the context is full (%d positions); ending the chat\n", steps);
+                return;
+            }
+            logits = forward(tr, token, pos);
+            dump_logits(dump, pos++, token, logits, vocab);
+        }
+        out.finish();
+        std::fputc('\n', stdout);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Command line
+
+static void usage(std::FILE* f) {
+    std::fprintf(f,
+        "Usage:   %s <checkpoint> [options]\n"
+        "Example: %s model.bin -n 256 -i \"Once upon a time\"\n"
+        "Options:\n"
+        "  -t <float>  temperature >= 0, default 1.0 (0 = greedy)\n"
+        "  -p <float>  top-p (nucleus) sampling in [0, 1], default 0.9 (0 or 1 = off)\n"
+        "  -s <int>    random seed, default 0 = the current time\n"
+        "  -n <int>    positions to run, prompt included, default 256 (0 = seq_len)\n"
+        "  -i <string> prompt\n"
+        "  -z <path>   tokenizer, default tokenizer.bin\n"
+        "  -m <mode>   generate | chat | tokenize, default generate\n"
+        "  -y <string> system prompt (chat mode)\n"
+        "  -h, --help  this help\n",
+        kProgram, kProgram);
+}
+
+// Strict number parsing: the whole string must be a number in range.
+static double parse_number(const char* flag, const char* s, bool integer) {
+    errno = 0;
+    char* end = nullptr;
+    double v = integer ? (double)std::strtoll(s, &end, 10) : std::strtod(s, &end);
+    if (*s == '\0' || std::isspace((unsigned char)*s) || *end != '\0' || errno == ERANGE ||
+        !std::isfinite(v))
+        fatal("%s: '%s' is not a %s", flag, s, integer ? "whole number" : "finite number");
+    return v;
+}
+
+struct Options {
+    const char* checkpoint = nullptr;
+    const char* tokenizer = "tokenizer.bin";
+    float temperature = 1.0f, topp = 0.9f;
+    uint64_t seed = 0;
+    int steps = 256;
+    bool steps_given = false;
+    std::string prompt, system_prompt;
+    bool have_system_prompt = false;
+    std::string mode = "generate";
+};
+
+static Options parse_args(int argc, char** argv) {
+    Options o;
+    for (int i = 1; i < argc; i++)
+        if (!std::strcmp(argv[i], "-h") || !std::strcmp(argv[i], "--help")) {
+            usage(stdout);
+            std::exit(0);
+        }
+    if (argc < 2 || argv[1][0] == '-') {
+        usage(stderr);
+        fatal("the first argument must be a checkpoint path");
+    }
+    o.checkpoint = argv[1];
+    for (int i = 2; i < argc; i += 2) {
+        const char* flag = argv[i];
+        if (flag[0] != '-' || std::strlen(flag) != 2) fatal("unknown argument '%s' (see --help)", flag);
+        if (!std::strchr("tpsnizmy", flag[1])) fatal("unknown flag %s (see --help)", flag);
+        if (i + 1 >= argc) fatal("%s needs a value", flag);
+        const char* val = argv[i + 1];
+        switch (flag[1]) {
+        case 't': {
+            double t = parse_number(flag, val, false);
+            if (t < 0 || t > 1e6) fatal("-t: temperature %s is outside [0, 1e6]", val);
+            o.temperature = (float)t;
+            break;
+        }
+        case 'p': {
+            double p = parse_number(flag, val, false);
+            if (p < 0 || p > 1) fatal("-p: top-p %s is outside [0, 1]", val);
+            o.topp = (float)p;
+            break;
+        }
+        case 's': {
+            // seeds are 64-bit unsigned; strtoull alone would accept "-1"
+            errno = 0;
+            char* end = nullptr;
+            unsigned long long s = std::strtoull(val, &end, 10);
+            if (!std::isdigit((unsigned char)val[0]) || *end != '\0' || errno == ERANGE)
+                fatal("-s: seed '%s' is not a whole number in 0..2^64-1", val);
+            o.seed = s;
+            break;
+        }
+        case 'n': {
+            double n = parse_number(flag, val, true);
+            if (n < 0 || n > INT32_MAX) fatal("-n: steps %s is outside 0..%d", val, INT32_MAX);
+            o.steps = (int)n;
+            o.steps_given = true;
+            break;
+        }
+        case 'i': o.prompt = val; break;
+        case 'z': o.tokenizer = val; break;
+        case 'm':
+            o.mode = val;
+            if (o.mode != "generate" && o.mode != "chat" && o.mode != "tokenize")
+                fatal("-m: mode '%s' is not generate, chat or tokenize", val);
+            break;
+        case 'y': o.system_prompt = val; o.have_system_prompt = true; break;
+        }
+    }
+    return o;
+}
+
+#ifndef RUN_NO_MAIN
+int main(int argc, char** argv) {
+    Options o = parse_args(argc, argv);
+
+    Transformer tr{load_checkpoint(o.checkpoint), {}};
+    const Config& c = tr.config();
+    Tokenizer tok = load_tokenizer(o.tokenizer, c.vocab_size);
+
+    if (o.mode == "tokenize") {
+        const std::vector<int> ids = encode(tok, o.prompt, true);
+        for (size_t i = 0; i < ids.size(); i++) std::printf(i ? " %d" : "%d", ids[i]);
+        std::printf("\n");
+        return 0;
+    }
+
+    if (o.steps == 0) o.steps = c.seq_len;
+    if (o.steps > c.seq_len) {
+        if (o.steps_given)  // the default 256 is not worth a note on small models
+            std::fprintf(stderr, "note: -n %d is more than the model's seq_len; using %d\n", o.steps,
+                         c.seq_len);
+        o.steps = c.seq_len;
+    }
+    tr.state = make_run_state(c);
+    const uint64_t seed = o.seed ? o.seed : (uint64_t)std::time(nullptr);
+    Sampler sampler{o.temperature, o.topp, seed, {}};
+    sampler.candidates.reserve(c.vocab_size);
+
+    // Test hook: RUN_DUMP_LOGITS=file records every position's logits.
+    std::FILE* dump = nullptr;
+    if (const char* path = std::getenv("RUN_DUMP_LOGITS")) {
+        dump = std::fopen(path, "wb");
+        if (!dump) fatal("RUN_DUMP_LOGITS: cannot write %s: %s", path, std::strerror(errno));
+    }
+
+    if (o.mode == "generate")
+        generate(tr, tok, sampler, o.prompt, o.steps, dump);
+    else
+        chat(tr, tok, sampler, o.prompt, o.system_prompt, o.have_system_prompt, o.steps, dump);
+    if (dump && std::fclose(dump) != 0) fatal("RUN_DUMP_LOGITS: write failed");
+    return 0;
+}
+#endif

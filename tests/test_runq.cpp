@@ -1,0 +1,141 @@
+// Unit tests for runq.cpp's int8 kernels: quantize / dequantize against their
+// error bound, and the fast matmul against the scalar reference, which must
+// agree exactly (the dot products are integer arithmetic, and the float side
+// is the same code in the same order). The kernels run.cpp shares are tested
+// in test_run.cpp. Prints "N passed, N failed" and exits 1 on any failure.
+
+#define RUN_NO_MAIN
+// the CLI half of runq.cpp is tested end to end, not here
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include "../runq.cpp"
+
+#include <random>
+
+static int g_passed = 0, g_failed = 0;
+
+#define CHECK(cond, ...)                                                  \
+    do {                                                                  \
+        if (cond) {                                                       \
+            g_passed++;                                                   \
+        } else {                                                          \
+            g_failed++;                                                   \
+            std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);   \
+            std::printf(__VA_ARGS__);                                     \
+            std::printf("\n");                                            \
+        }                                                                 \
+    } while (0)
+
+constexpr double u = 1.0 / (1 << 24);
+static std::mt19937 rng(99);
+
+static std::vector<float> random_floats(size_t n, float lo, float hi) {
+    std::uniform_real_distribution<float> d(lo, hi);
+    std::vector<float> v(n);
+    for (float& f : v) f = d(rng);
+    return v;
+}
+
+// The compiled-in group sizes, and others that take the generic path.
+static const int kGroupSizes[] = {32, 64, 128, 1, 4, 12, 48, 96, 100, 256};
+
+static void test_quantize() {
+    for (int gs : kGroupSizes) {
+        const int n = gs * 5;
+        std::vector<float> x = random_floats(n, -3, 3);
+        for (int i = gs; i < 2 * gs; i++) x[i] = 0.0f;  // group 1: all zeros
+        x[3 * gs] = 1e-30f;                             // group 3: tiny values
+        std::vector<int8_t> q(n);
+        std::vector<float> s(n / gs), back(n);
+        QuantizedTensor t{q.data(), s.data(), gs};
+        quantize(t, x.data(), n);
+        dequantize(t, back.data(), n);
+        double worst = 0;
+        int out_of_range = 0, nans = 0;
+        for (int i = 0; i < n; i++) {
+            const double step = s[i / gs];
+            const double bound = step / 2 * (1 + 2 * u) + 2 * u * std::fabs(x[i]);
+            worst = std::max(worst, std::fabs(back[i] - x[i]) / (bound > 0 ? bound : 1e-300));
+            out_of_range += q[i] == -128;  // the only int8 outside [-127, 127]
+            nans += std::isnan(back[i]);
+        }
+        CHECK(worst <= 1.0, "gs=%d: dequantize(quantize(x)) is %.2f x half a step away", gs, worst);
+        CHECK(out_of_range == 0 && nans == 0, "gs=%d: %d values outside [-127, 127], %d NaN", gs, out_of_range, nans);
+        bool zero_group = s[1] == 0.0f;
+        for (int i = gs; i < 2 * gs; i++) zero_group = zero_group && q[i] == 0 && back[i] == 0.0f;
+        CHECK(zero_group, "gs=%d: a group of zeros stays zero with scale 0", gs);
+        // the largest magnitude of each group maps to +-127
+        for (int g = 0; g < n / gs; g++) {
+            if (g == 1) continue;
+            int qmax = 0;
+            for (int i = g * gs; i < (g + 1) * gs; i++) qmax = std::max(qmax, std::abs((int)q[i]));
+            CHECK(qmax == 127, "gs=%d group %d: max |q| is %d", gs, g, qmax);
+        }
+    }
+}
+
+// Random int8 values including the extremes -128 (possible in a file, never
+// made by quantize) and 127, with positive scales.
+static void fill_random(std::vector<int8_t>& q, std::vector<float>& s) {
+    std::uniform_int_distribution<int> d(-128, 127);
+    for (int8_t& v : q) v = (int8_t)d(rng);
+    q[0] = -128;
+    if (q.size() > 1) q[1] = 127;
+    for (float& v : s) v = std::uniform_real_distribution<float>(1e-3f, 0.1f)(rng);
+}
+
+static void test_matmul() {
+    for (int gs : kGroupSizes) {
+        for (int groups : {1, 2, 3, 7}) {
+            const int n = gs * groups;
+            for (int d : {1, 3, 17, 33}) {
+                for (int shift : {0, 1, 3}) {  // misaligned int8 starts
+                    std::vector<int8_t> xq(n + shift), wq((size_t)d * n + shift);
+                    std::vector<float> xs(groups), ws((size_t)d * groups);
+                    fill_random(xq, xs);
+                    fill_random(wq, ws);
+                    QuantizedTensor x{xq.data() + shift, xs.data(), gs};
+                    QuantizedTensor w{wq.data() + shift, ws.data(), gs};
+                    std::vector<float> fast(d), ref(d);
+                    matmul(fast.data(), x, w, n, d);
+                    matmul_reference(ref.data(), x, w, n, d);
+                    CHECK(std::memcmp(fast.data(), ref.data(), d * sizeof(float)) == 0,
+                          "gs=%d n=%d d=%d shift=%d: fast matmul differs from the reference", gs, n, d, shift);
+
+                    // and the reference against exact arithmetic on the dequantized values
+                    double worst = 0;
+                    for (int i = 0; i < d; i++) {
+                        double exact = 0, mag = 0;
+                        for (int g = 0; g < groups; g++) {
+                            double dot = 0;
+                            for (int j = g * gs; j < (g + 1) * gs; j++)
+                                dot += (double)x.q[j] * w.q[(size_t)i * n + j];
+                            const double term = dot * xs[g] * ws[(size_t)i * groups + g];
+                            exact += term, mag += std::fabs(term);
+                        }
+                        const double bound = (groups + 2) * u * mag + 1e-300;
+                        worst = std::max(worst, std::fabs(ref[i] - exact) / bound);
+                    }
+                    CHECK(worst <= 1.0, "gs=%d n=%d d=%d: %.2f x the bound", gs, n, d, worst);
+                }
+            }
+        }
+    }
+}
+
+static void test_dot_extremes() {
+    // the largest products: -128 * -128 over a whole group stays exact in int32
+    for (int n : {1, 15, 16, 17, 31, 32, 33, 64, 100, 4096}) {
+        std::vector<int8_t> a(n, -128), b(n, -128);
+        CHECK(dot_i8(a.data(), b.data(), n) == 16384 * n, "n=%d: dot of -128s", n);
+        std::fill(b.begin(), b.end(), 127);
+        CHECK(dot_i8(a.data(), b.data(), n) == -16256 * n, "n=%d: dot of -128 and 127", n);
+    }
+}
+
+int main() {
+    test_quantize();
+    test_dot_extremes();
+    test_matmul();
+    std::printf("%d passed, %d failed\n", g_passed, g_failed);
+    return g_failed ? 1 : 0;
+}

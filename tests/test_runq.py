@@ -1,0 +1,193 @@
+"""runq (int8) against run (fp32) on the same weights, the version 2 export,
+and runq's own file checks."""
+
+import re
+import struct
+
+import pytest
+import torch
+
+from conftest import (MODELS, STORIES, TOK512, E, M, random_model, read_dump, read_tokenizer, decode_text,
+                      run, save_model, vocab_of_size, write_tokenizer)
+
+# Random models: grouped-query attention, a separate classifier, compiled-in
+# and generic group sizes, and dim 30 (not a multiple of 4: the scales of most
+# tensors sit at unaligned offsets and are copied out).
+CONFIGS = {
+    "gqa-separate-gs32": (dict(dim=64, hidden_dim=160, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=320,
+                               max_seq_len=256, shared_classifier=False), 32),
+    "mha-shared-gs64": (dict(dim=128, hidden_dim=192, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=300,
+                             max_seq_len=256), 64),
+    "mqa-gs16": (dict(dim=48, hidden_dim=112, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=290,
+                      max_seq_len=256), 16),
+    "dim30-gs10": (dict(dim=30, hidden_dim=70, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=280,
+                        max_seq_len=256, shared_classifier=False), 10),
+}
+
+
+def setup_pair(tmp_path, name):
+    cfg, gs = CONFIGS[name]
+    m = random_model(sum(map(ord, name)), **cfg)
+    fp32 = save_model(m, tmp_path / "fp32.bin", 0)
+    E.write_checkpoint(m, str(tmp_path / "q8.bin"), 2, gs)
+    tok = write_tokenizer(tmp_path / "tok.bin", vocab_of_size(cfg["vocab_size"]))
+    return m, gs, fp32, tmp_path / "q8.bin", tok
+
+
+def long_prompt(binary, ckpt, tok, T):
+    """Random words, as many as fit in T positions: both engines then read the
+    same tokens (teacher forcing) and their logits compare position by position."""
+    g = torch.Generator().manual_seed(1)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(letters[int(i)] for i in torch.randint(0, 26, (int(n),), generator=g))
+             for n in torch.randint(1, 6, (4 * T,), generator=g)]
+    count = lambda k: len(run(binary, ckpt, "-z", tok, "-m", "tokenize", "-i", " ".join(words[:k])).stdout.split())
+    lo, hi = 1, len(words)  # the most words whose tokens fit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if count(mid) <= T else (lo, mid - 1)
+    return " ".join(words[:lo])
+
+
+def group_error(t, gs):
+    """Half a quantization step for every element of t (..., n): max|group| / 254."""
+    groups = t.reshape(*t.shape[:-1], -1, gs)
+    return (groups.abs().amax(-1, keepdim=True) / 254).expand_as(groups).reshape(t.shape)
+
+
+def quantization_bound(m, gs, tokens):
+    """Per-logit bound on |runq - run|, from the quantization error.
+
+    The classifier's own error is exact to bound: with its input h (the final
+    normalized state) and weights W each off by at most half a step of their
+    group (e_h, e_W), |dz_v| <= sum_k e_W[v,k] |h_k| + |W[v,k]| e_h[k] + e_W e_h.
+    Every earlier quantized matmul (4 per layer: qkv, wo, w1/w3, w2) injects an
+    error of the same relative size into the residual stream, at most the
+    classifier's worst ratio r = max_v bound_v / sum_k |W[v,k] h_k|; to first
+    order (no amplification through the layers, as in the fp32 test) those
+    reach the logits as 4 * n_layers * r * sum_k |W[v,k] h_k|."""
+    m = m.double()
+    with torch.no_grad():
+        x = m.tok_embeddings(torch.tensor([tokens]))
+        cos, sin = M.rope_tables(m.args.head_size, len(tokens), m.args.rope_theta)
+        for layer in m.layers:
+            x = layer(x, cos, sin)
+        h = m.norm(x)[0]  # (T, dim)
+        W = m.output.weight  # (vocab, dim)
+        e_h, e_W = group_error(h, gs), group_error(W, gs)
+        own = h.abs() @ e_W.T + e_h @ W.abs().T + e_h @ e_W.T
+        magnitude = h.abs() @ W.abs().T
+        r = (own / magnitude).max()
+        return own + 4 * m.args.n_layers * r * magnitude
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_close_to_fp32(pair, tmp_path, name):
+    binary, qbinary = pair
+    m, gs, fp32, q8, tok = setup_pair(tmp_path, name)
+    T = m.args.max_seq_len
+    prompt = long_prompt(binary, fp32, tok, T)
+    dumps = []
+    for b, ckpt in [(binary, fp32), (qbinary, q8)]:
+        dump = tmp_path / f"{ckpt.stem}.logits"
+        run(b, ckpt, "-z", tok, "-t", "0", "-n", T, "-i", prompt, env={"RUN_DUMP_LOGITS": str(dump)})
+        dumps.append(read_dump(dump, m.args.vocab_size))
+    (_, tok32, z32, next32), (_, tokq, zq, _) = dumps
+    n = next(i for i, t in enumerate(next32) if i + 1 >= len(tok32) or tok32[i + 1] != t) + 1  # prompt positions
+    n = min(n, T)
+    tok32, z32, zq = tok32[:n], z32[:n], zq[:n]
+    assert tok32 == tokq[:n] and n >= T - 6, "both must read the same prompt at (nearly) every position"
+    bound = quantization_bound(m, gs, tok32)
+    worst = ((zq - z32).abs() / bound).max().item()
+    assert worst <= 1.0, f"int8 logits are {worst:.2f} x the bound away from fp32"
+    agree = (zq.argmax(-1) == z32.argmax(-1)).double().mean().item()
+    assert agree >= 0.98, f"top-1 agreement {agree:.1%}"
+
+
+def test_stories260k_int8_greedy(pair, stories_q8, report):
+    """The real model in int8: coherent text (words of the TinyStories sample),
+    and how many leading tokens agree with fp32, reported."""
+    binary, qbinary = pair
+    steps = 200
+    dumps = []
+    for b, ckpt in [(binary, STORIES), (qbinary, stories_q8)]:
+        dump = f"{stories_q8}.{b.replace('/', '_')}.logits"
+        run(b, ckpt, "-z", TOK512, "-t", "0", "-n", steps, env={"RUN_DUMP_LOGITS": dump})
+        _, fed, _, chosen = read_dump(dump, 512)
+        dumps.append(fed + [chosen[-1]])
+    agree = next((i for i, (a, b) in enumerate(zip(*dumps)) if a != b), min(map(len, dumps)))
+    report(f"stories260K int8 ({qbinary.split('/')[-1]}): first {agree - 1} generated tokens "
+           f"agree with fp32 greedy (of {len(dumps[0]) - 1})")
+    text = decode_text(read_tokenizer(TOK512, 512), dumps[1]).decode()
+    known = set(re.findall(r"[a-z]+", (MODELS / "tinystories" / "tinystories_sample_2MiB.txt")
+                           .read_text(encoding="utf-8", errors="ignore").lower()))
+    words = re.findall(r"[a-z]+", text.lower())
+    assert len(words) > 100 and sum(w in known for w in words) / len(words) > 0.95, text
+    assert agree > 20, "int8 should track fp32 for a while on the real model"
+
+
+def test_same_bytes_for_any_thread_count(qbinary, stories_q8):
+    outs = {run(qbinary, stories_q8, "-z", TOK512, "-s", 11, "-n", 256, env={"OMP_NUM_THREADS": str(n)}).stdout
+            for n in (1, 2, 3)}
+    assert len(outs) == 1
+
+
+def test_model_py_reads_version2(stories_q8):
+    """model.py dequantizes version 2: its weights are within half a step of the originals."""
+    q = M.load_checkpoint(str(stories_q8)).state_dict()
+    for k, v in M.load_checkpoint(str(STORIES)).state_dict().items():
+        if k.endswith("norm.weight"):
+            assert torch.equal(q[k], v)
+        else:
+            assert ((q[k] - v).abs() <= group_error(v, 4) * (1 + 1e-6)).all(), k
+
+
+def q8_header(gs, dim=64, hidden=172, version=2):
+    h = struct.pack("<Ii7iBi", 0x616B3432, version, dim, hidden, 5, 8, 4, 512, 512, 1, gs)
+    return h.ljust(256, b"\0")
+
+
+def test_group_size_not_dividing_hidden_dim_is_refused(qbinary, tmp_path):
+    """What llama2.c's exporter writes for stories260K: group size 64, hidden_dim 172."""
+    path = tmp_path / "llama2c-q80.bin"
+    path.write_bytes(q8_header(64) + b"\0" * 600000)
+    p = run(qbinary, path, "-z", TOK512, check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1
+    assert "group_size 64 does not divide" in err and "hidden_dim 172" in err and "re-export" in err
+
+
+@pytest.mark.parametrize("gs", [0, -64, 3])
+def test_bad_group_size(qbinary, tmp_path, gs):
+    path = tmp_path / "bad.bin"
+    path.write_bytes(q8_header(gs) + b"\0" * 1000)
+    p = run(qbinary, path, "-z", TOK512, check=False)
+    assert p.returncode == 1 and f"group_size {gs}".encode() in p.stderr and p.stderr.count(b"\n") == 1
+
+
+@pytest.mark.parametrize("cut", [-1, 1])
+def test_truncated_or_padded_version2(qbinary, stories_q8, tmp_path, cut):
+    data = stories_q8.read_bytes()
+    path = tmp_path / "cut.bin"
+    path.write_bytes(data[:cut] if cut < 0 else data + b"\0" * cut)
+    p = run(qbinary, path, "-z", TOK512, check=False)
+    assert p.returncode == 1 and b"header describes" in p.stderr
+
+
+def test_each_engine_refuses_the_other_format(pair, stories_q8):
+    binary, qbinary = pair
+    p = run(qbinary, STORIES, "-z", TOK512, check=False)
+    assert p.returncode == 1 and b"export.py --version 2" in p.stderr
+    p = run(binary, stories_q8, "-z", TOK512, check=False)
+    assert p.returncode == 1 and b"runq" in p.stderr
+
+
+def test_export_backs_off_group_size(tmp_path):
+    import subprocess, sys
+    from conftest import ROOT
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), tmp_path / "q.bin", "--version", "2",
+                        "--bin", STORIES], capture_output=True, check=True)
+    err = p.stderr.decode()
+    assert "group size 64 does not divide dim 64 and hidden_dim 172; using 4" in err
+    # one line per quantized tensor (embedding, 7 matrices x 5 layers), then the overall maximum
+    assert "max quantization error over all tensors" in err and err.count("max quantization error") == 1 + 35 + 1
