@@ -65,9 +65,9 @@ build/run-%: run.cpp | build/.deps
 	$(CXX_$*) -o $@ run.cpp
 build/runq-%: runq.cpp | build/.deps
 	$(CXX_$*) -o $@ runq.cpp
-build/test_run-%: tests/test_run.cpp run.cpp | build/.deps
+build/test_run-%: tests/test_run.cpp tests/check.h run.cpp | build/.deps
 	$(CXX_$*) -o $@ tests/test_run.cpp
-build/test_runq-%: tests/test_runq.cpp runq.cpp | build/.deps
+build/test_runq-%: tests/test_runq.cpp tests/check.h runq.cpp | build/.deps
 	$(CXX_$*) -o $@ tests/test_runq.cpp
 build/tokenize_many: tests/tokenize_many.cpp run.cpp | build/.deps
 	$(CXX_gcc) -o $@ tests/tokenize_many.cpp
@@ -88,8 +88,12 @@ test: build/.deps unit e2e
 
 # ---------------------------------------------------------------------------
 
-bench: build/.deps runomp tokenizer.bin
-	$(PYTHON) bench.py
+build/bandwidth: bench/bandwidth.cpp
+	@mkdir -p build
+	$(CXX) $(WARN) $(OPT) $(NATIVE) $(OMP) -o $@ bench/bandwidth.cpp
+
+bench: build/.deps runomp tokenizer.bin build/bandwidth
+	$(PYTHON) bench/bench.py
 
 clean:
 	rm -rf run runq build tokenizer.bin

@@ -8,31 +8,7 @@
 #pragma GCC diagnostic ignored "-Wunused-function"
 #include "../run.cpp"
 
-#include <random>
-
-static int g_passed = 0, g_failed = 0;
-
-#define CHECK(cond, ...)                                                  \
-    do {                                                                  \
-        if (cond) {                                                       \
-            g_passed++;                                                   \
-        } else {                                                          \
-            g_failed++;                                                   \
-            std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);   \
-            std::printf(__VA_ARGS__);                                     \
-            std::printf("\n");                                            \
-        }                                                                 \
-    } while (0)
-
-constexpr double u = 1.0 / (1 << 24);
-static std::mt19937 rng(1234);
-
-static std::vector<float> random_floats(size_t n, float lo, float hi) {
-    std::uniform_real_distribution<float> d(lo, hi);
-    std::vector<float> v(n);
-    for (float& f : v) f = d(rng);
-    return v;
-}
+#include "check.h"
 
 // Odd sizes around the 16-lane block of matmul, plus a few large ones.
 static const int kSizes[] = {1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 255, 257, 768};
@@ -385,6 +361,5 @@ int main() {
     test_text_out();
     test_rng();
     test_sampler();
-    std::printf("%d passed, %d failed\n", g_passed, g_failed);
-    return g_failed ? 1 : 0;
+    return finish();
 }

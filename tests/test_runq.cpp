@@ -9,31 +9,7 @@
 #pragma GCC diagnostic ignored "-Wunused-function"
 #include "../runq.cpp"
 
-#include <random>
-
-static int g_passed = 0, g_failed = 0;
-
-#define CHECK(cond, ...)                                                  \
-    do {                                                                  \
-        if (cond) {                                                       \
-            g_passed++;                                                   \
-        } else {                                                          \
-            g_failed++;                                                   \
-            std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);   \
-            std::printf(__VA_ARGS__);                                     \
-            std::printf("\n");                                            \
-        }                                                                 \
-    } while (0)
-
-constexpr double u = 1.0 / (1 << 24);
-static std::mt19937 rng(99);
-
-static std::vector<float> random_floats(size_t n, float lo, float hi) {
-    std::uniform_real_distribution<float> d(lo, hi);
-    std::vector<float> v(n);
-    for (float& f : v) f = d(rng);
-    return v;
-}
+#include "check.h"
 
 // The compiled-in group sizes, and others that take the generic path.
 static const int kGroupSizes[] = {32, 64, 128, 1, 4, 12, 48, 96, 100, 256};
@@ -136,6 +112,5 @@ int main() {
     test_quantize();
     test_dot_extremes();
     test_matmul();
-    std::printf("%d passed, %d failed\n", g_passed, g_failed);
-    return g_failed ? 1 : 0;
+    return finish();
 }

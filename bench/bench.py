@@ -1,0 +1,184 @@
+"""make bench: how much faster is int8 (runq) than fp32 (run) on this machine,
+and at what cost in accuracy. A benchmark, not a test.
+
+Models: random-weight checkpoints with the shapes of stories15M, stories110M and
+a two-layer slice of Llama 2 7B (speed depends on shapes, not on values), each
+in fp32 (version 0) and int8 (version 2, group size 64 or the largest divisor
+below it), made once into build/bench/ and reused. Every configuration gets a
+warm-up run; then all configurations run in turn, --repeats rounds, so the drift
+of a shared machine hits them alike; the table shows medians. GB/s is the
+weight bytes one generated token streams (every matrix once, the embedding only
+one row) times tokens per second, next to the memory read bandwidth that
+bench/bandwidth.cpp measures in the same run.
+
+Accuracy: the real stories260K model and each random model read one prompt that
+fills every position (teacher forcing) in both engines; the table shows how
+often int8's most likely next token is fp32's, and the largest logit difference
+relative to the spread (standard deviation) of the fp32 logits.
+
+  python3 bench/bench.py [--repeats N] [--threads 1,2] [--only 15M,110M,7B]
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import export as E  # noqa: E402
+import model as M  # noqa: E402
+
+MODELS = Path(os.environ.get("MODELS_DIR", ROOT.parent / "shared" / "models"))
+CACHE = ROOT / "build" / "bench"
+SHAPES = {  # name: (model args, positions to run)
+    "15M": (dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, hidden_dim=768, vocab_size=32000,
+                 max_seq_len=256), 256),
+    "110M": (dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048, vocab_size=32000,
+                  max_seq_len=1024), 128),
+    "7B-2layer": (dict(dim=4096, n_layers=2, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000,
+                       max_seq_len=4096, shared_classifier=False), 48),
+}
+PROMPT = "Once upon a time, there was a little girl named Lily who loved to play in the park with her friends."
+
+
+def quiet(*_):
+    pass
+
+
+def checkpoints(name):
+    """(fp32 path, int8 path), made on first use."""
+    args, _ = SHAPES[name]
+    fp32, q8 = CACHE / f"{name}-fp32.bin", CACHE / f"{name}-q8.bin"
+    if not (fp32.exists() and q8.exists()):
+        CACHE.mkdir(parents=True, exist_ok=True)
+        print(f"making {fp32.name} and {q8.name} (random weights, once)", file=sys.stderr, flush=True)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            m = M.Transformer(M.ModelArgs(**args))
+        E.progress = quiet
+        E.write_checkpoint(m, str(fp32), 0)
+        E.write_checkpoint(m, str(q8), 2, 64)
+    return fp32, q8
+
+
+def weight_bytes(path):
+    """Bytes of weights one generated token reads: all matrices and norms, one
+    embedding row (the classifier reads the whole table when it is shared)."""
+    args, version, gs, _ = M.read_header(open(path, "rb").read(256))
+    kv = args.n_kv_heads * args.head_size
+    matrices = args.n_layers * (2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.hidden_dim)
+    matrices += args.vocab_size * args.dim  # classifier
+    per_value = 1 + 4 / gs if version == 2 else 4
+    return matrices * per_value + 4 * (2 * args.n_layers + 1) * args.dim + per_value * args.dim
+
+
+def run_once(binary, model, tokenizer, steps, threads, prompt=PROMPT, dump=None):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if dump:
+        env["RUN_DUMP_LOGITS"] = dump
+    p = subprocess.run([binary, str(model), "-z", str(tokenizer), "-t", "0", "-n", str(steps), "-i", prompt],
+                       capture_output=True, env=env, check=True)
+    m = re.search(rb"prompt: (\d+) tokens, ([\d.]+) tok/s; generation: (\d+) tokens, ([\d.]+) tok/s", p.stderr)
+    return float(m[2]), float(m[4])
+
+
+def bandwidth():
+    exe = ROOT / "build" / "bandwidth"
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    return {int(t): float(g) for t, g in re.findall(r"threads (\d+) GB/s ([\d.]+)", out)}
+
+
+def agreement(pairs, tokenizer, prompt, steps, vocab):
+    """Teacher-forced top-1 agreement and max |logit difference| / std of fp32 logits."""
+    from conftest import read_dump
+    dumps = []
+    with tempfile.TemporaryDirectory() as d:
+        for i, (binary, model) in enumerate(pairs):
+            path = f"{d}/{i}.logits"
+            run_once(binary, model, tokenizer, steps, 1, prompt, dump=path)
+            dumps.append(read_dump(path, vocab))
+    (_, t32, z32, _), (_, tq, zq, _) = dumps
+    ids = subprocess.run([pairs[0][0], str(pairs[0][1]), "-z", str(tokenizer), "-m", "tokenize", "-i", prompt],
+                         capture_output=True, check=True).stdout.split()
+    n = min(len(ids), len(t32))  # the positions that read the prompt
+    assert t32[:n] == tq[:n]
+    top1 = (z32[:n].argmax(-1) == zq[:n].argmax(-1)).double().mean().item()
+    rel = ((zq[:n] - z32[:n]).abs().amax(-1) / z32[:n].std(-1)).max().item()
+    return n, top1, rel
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", default=f"1,{os.cpu_count()}")
+    ap.add_argument("--only", default=",".join(SHAPES))
+    a = ap.parse_args()
+
+    run_bin, runq_bin, tok = str(ROOT / "run"), str(ROOT / "runq"), ROOT / "tokenizer.bin"
+    names = a.only.split(",")
+    threads = sorted({int(t) for t in a.threads.split(",")})
+    configs = []
+    for name in names:
+        fp32, q8 = checkpoints(name)
+        steps = SHAPES[name][1]
+        for t in threads:
+            configs += [(name, "run (fp32)", run_bin, fp32, steps, t), (name, "runq (int8)", runq_bin, q8, steps, t)]
+
+    print("warming up", file=sys.stderr, flush=True)
+    for _, _, b, model, steps, t in configs:
+        run_once(b, model, tok, steps, t)
+    results = [[] for _ in configs]
+    bws = []  # bandwidth is measured every round too: a shared machine drifts
+    for r in range(a.repeats):
+        print(f"round {r + 1} of {a.repeats}", file=sys.stderr, flush=True)
+        bws.append(bandwidth())
+        for i, (_, _, b, model, steps, t) in enumerate(configs):
+            results[i].append(run_once(b, model, tok, steps, t))
+    bw = {t: statistics.median(m[t] for m in bws) for t in bws[0]}
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"\n## Speed: {cpu}, {os.cpu_count()} cores; greedy; median of {a.repeats} interleaved rounds\n")
+    print("memory read bandwidth (bench/bandwidth.cpp, median of one measurement per round): " +
+          ", ".join(f"{t} thread{'s' * (t > 1)} {bw[t]:.1f} GB/s (range {min(m[t] for m in bws):.1f}-"
+                    f"{max(m[t] for m in bws):.1f})" for t in sorted(bw)) + "\n")
+    print("| model | engine | threads | prompt tok/s | decode tok/s | weight MB/token | GB/s | % of bandwidth | int8 speed-up |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    decode = {}
+    for i, (name, engine, b, model, steps, t) in enumerate(configs):
+        prompt_tps = statistics.median(r[0] for r in results[i])
+        dec = statistics.median(r[1] for r in results[i])
+        decode[name, engine, t] = dec
+        mb = weight_bytes(model) / 1e6
+        gbs = mb * dec / 1e3
+        speedup = f"{dec / decode[name, 'run (fp32)', t]:.2f}x" if engine.startswith("runq") else ""
+        ref_bw = bw.get(t, max(bw.values()))
+        print(f"| {name} | {engine} | {t} | {prompt_tps:.1f} | {dec:.1f} | {mb:.0f} | {gbs:.1f} | "
+              f"{100 * gbs / ref_bw:.0f}% | {speedup} |")
+
+    print("\n## Accuracy of int8: one prompt read by both engines (teacher forcing)\n")
+    print("| model | positions | top-1 agreement | max logit difference / logit std |")
+    print("|---|---:|---:|---:|")
+    story = (MODELS / "tinystories" / "tinystories_sample_2MiB.txt").read_text(errors="ignore")[:900]
+    with tempfile.TemporaryDirectory() as d:
+        q260 = Path(d) / "stories260K-q8.bin"
+        E.progress = quiet
+        E.write_checkpoint(M.load_checkpoint(str(MODELS / "stories260K" / "stories260K.bin")), str(q260), 2, 64)
+        n, top1, rel = agreement([(run_bin, MODELS / "stories260K" / "stories260K.bin"), (runq_bin, q260)],
+                                 MODELS / "stories260K" / "tok512.bin", story, 512, 512)
+        print(f"| stories260K (real, group size 4) | {n} | {top1:.1%} | {rel:.3f} |")
+    for name in names:
+        fp32, q8 = checkpoints(name)
+        n, top1, rel = agreement([(run_bin, fp32), (runq_bin, q8)], tok, story[:400], 256, 32000)
+        print(f"| {name} (random weights) | {n} | {top1:.1%} | {rel:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
