@@ -307,8 +307,13 @@ static Checkpoint load_checkpoint(const char* path) {
 }
 
 // ----------------------------------------------------------------------------
-// Run state: the activations of one position and the KV cache. Allocated once;
-// forward() allocates nothing.
+// Run state: the activations of a block of up to kBlock positions, and the KV
+// cache. Allocated once; forward() allocates nothing.
+
+// Prompt tokens per pass over the weights: each weight row, once in cache,
+// serves the whole block, so reading a prompt costs far less memory traffic
+// per token than generating does.
+constexpr int kBlock = 32;
 
 // calloc'd so a large KV cache costs nothing until it is written
 struct FreeDeleter { void operator()(float* p) const { std::free(p); } };
@@ -320,12 +325,12 @@ static FloatBuffer alloc_floats(uint64_t n) {
 }
 
 struct RunState {
-    FloatBuffer x;            // (dim,) the residual stream
-    FloatBuffer xb, xb2;      // (dim,) scratch
-    FloatBuffer hb, hb2;      // (hidden_dim,) feed-forward scratch
-    FloatBuffer q;            // (dim,) queries
-    FloatBuffer att;          // (n_heads, seq_len) attention scores
-    FloatBuffer logits;       // (vocab_size,)
+    FloatBuffer x;            // (block, dim) the residual stream
+    FloatBuffer xb, xb2;      // (block, dim) scratch
+    FloatBuffer hb, hb2;      // (block, hidden_dim) feed-forward scratch
+    FloatBuffer q;            // (block, dim) queries
+    FloatBuffer att;          // (block, n_heads, seq_len) attention scores
+    FloatBuffer logits;       // (block, vocab_size)
     FloatBuffer key_cache;    // (layer, seq_len, kv_dim)
     FloatBuffer value_cache;  // (layer, seq_len, kv_dim)
     FloatBuffer rope_cos;     // (seq_len, head_size / 2)
@@ -335,9 +340,10 @@ struct RunState {
 static RunState make_run_state(const Config& c) {
     const uint64_t cache = mul_ck(mul_ck(c.n_layers, c.seq_len), c.kv_dim());
     const uint64_t half = c.head_size() / 2;
-    RunState s{alloc_floats(c.dim), alloc_floats(c.dim), alloc_floats(c.dim),
-               alloc_floats(c.hidden_dim), alloc_floats(c.hidden_dim), alloc_floats(c.dim),
-               alloc_floats(mul_ck(c.n_heads, c.seq_len)), alloc_floats(c.vocab_size),
+    const uint64_t dim = kBlock * c.dim, hidden = kBlock * c.hidden_dim;
+    RunState s{alloc_floats(dim), alloc_floats(dim), alloc_floats(dim),
+               alloc_floats(hidden), alloc_floats(hidden), alloc_floats(dim),
+               alloc_floats(mul_ck(kBlock * c.n_heads, c.seq_len)), alloc_floats(kBlock * c.vocab_size),
                alloc_floats(cache), alloc_floats(cache),
                alloc_floats(mul_ck(c.seq_len, half)), alloc_floats(mul_ck(c.seq_len, half))};
     fill_rope_tables(s.rope_cos.get(), s.rope_sin.get(), c);
@@ -386,36 +392,42 @@ static void rope(float* v, int n_heads, int head_size, const float* cos, const f
     }
 }
 
-// attention for layer l at position pos: rotates s.q and this position's key
-// (already in the cache), then for each query head h, over positions t <= pos:
-//   s.xb[h] = softmax(q_h . k_t / sqrt(head_size)) @ v_t
+// attention for layer l, for the n tokens at positions pos .. pos + n - 1 whose
+// queries are in s.q and whose keys and values are already in the cache.
+// Rotates the queries and those keys, then for token b, query head h, over
+// positions t <= pos + b (causal):
+//   s.xb[b, h] = softmax(q_bh . k_t / sqrt(head_size)) @ v_t
 // Query head h reads kv head h / (n_heads / n_kv_heads): grouped-query attention.
-// Heads run in parallel; each is computed whole by one thread.
-static void attention(RunState& s, const Config& c, int l, int pos) {
-    const int head_size = c.head_size(), kv_dim = c.kv_dim(), kv_mul = c.n_heads / c.n_kv_heads;
+// (token, head) pairs run in parallel; each is computed whole by one thread.
+static void attention(RunState& s, const Config& c, int l, int pos, int n) {
+    const int head_size = c.head_size(), half = head_size / 2, kv_dim = c.kv_dim();
+    const int kv_mul = c.n_heads / c.n_kv_heads;
     float* k_layer = s.key_cache.get() + (size_t)l * c.seq_len * kv_dim;
     const float* v_layer = s.value_cache.get() + (size_t)l * c.seq_len * kv_dim;
-    const float* cos = s.rope_cos.get() + (size_t)pos * (head_size / 2);
-    const float* sin = s.rope_sin.get() + (size_t)pos * (head_size / 2);
-    rope(s.q.get(), c.n_heads, head_size, cos, sin);
-    rope(k_layer + (size_t)pos * kv_dim, c.n_kv_heads, head_size, cos, sin);
+    for (int b = 0; b < n; b++) {
+        const float* cos = s.rope_cos.get() + (size_t)(pos + b) * half;
+        const float* sin = s.rope_sin.get() + (size_t)(pos + b) * half;
+        rope(s.q.get() + (size_t)b * c.dim, c.n_heads, head_size, cos, sin);
+        rope(k_layer + (size_t)(pos + b) * kv_dim, c.n_kv_heads, head_size, cos, sin);
+    }
 
     const float inv_sqrt = 1.0f / std::sqrt((float)head_size);
     #pragma omp parallel for schedule(static)
-    for (int h = 0; h < c.n_heads; h++) {
-        const float* qh = s.q.get() + h * head_size;
+    for (int bh = 0; bh < n * c.n_heads; bh++) {
+        const int b = bh / c.n_heads, h = bh % c.n_heads, last = pos + b;
+        const float* qh = s.q.get() + (size_t)b * c.dim + h * head_size;
         const int kv_off = (h / kv_mul) * head_size;
-        float* att = s.att.get() + (size_t)h * c.seq_len;
-        for (int t = 0; t <= pos; t++) {
+        float* att = s.att.get() + (size_t)bh * c.seq_len;
+        for (int t = 0; t <= last; t++) {
             const float* kt = k_layer + (size_t)t * kv_dim + kv_off;
             float dot = 0.0f;
             for (int i = 0; i < head_size; i++) dot += qh[i] * kt[i];
             att[t] = dot * inv_sqrt;
         }
-        softmax(att, pos + 1);
-        float* out = s.xb.get() + h * head_size;
+        softmax(att, last + 1);
+        float* out = s.xb.get() + (size_t)b * c.dim + h * head_size;
         std::fill(out, out + head_size, 0.0f);
-        for (int t = 0; t <= pos; t++) {
+        for (int t = 0; t <= last; t++) {
             const float* vt = v_layer + (size_t)t * kv_dim + kv_off;
             for (int i = 0; i < head_size; i++) out[i] += att[t] * vt[i];
         }
@@ -435,36 +447,46 @@ static void accum(float* x, const float* y, int n) {
 // ----------------------------------------------------------------------------
 // Matmul: W (d, n) @ x (n,) -> out (d,), the loop that takes nearly all the time.
 
-// matmul_reference: out[i] = sum_j w[i, j] * x[j]; w is row-major.
-// The plain loop, kept as the specification of matmul (the tests use it).
-[[maybe_unused]] static void matmul_reference(float* out, const float* x, const float* w, int n, int d) {
-    for (int i = 0; i < d; i++) {
-        float acc = 0.0f;
-        for (int j = 0; j < n; j++) acc += w[(size_t)i * n + j] * x[j];
-        out[i] = acc;
-    }
+// matmul_reference: out[b, i] = sum_j w[i, j] * x[b, j] for each of the nb
+// tokens b; w is row-major. The plain loops, kept as the specification of
+// matmul (the tests use it).
+[[maybe_unused]] static void matmul_reference(float* out, const float* x, const float* w, int n, int d,
+                                              int nb) {
+    for (int b = 0; b < nb; b++)
+        for (int i = 0; i < d; i++) {
+            float acc = 0.0f;
+            for (int j = 0; j < n; j++) acc += w[(size_t)i * n + j] * x[(size_t)b * n + j];
+            out[(size_t)b * d + i] = acc;
+        }
 }
 
-// matmul: same contract as matmul_reference, any n and d; out must not alias x.
-// Each row is one dot product summed in kLanes independent partial sums, which
+// dot: a . b over n floats, summed in kLanes independent partial sums, which
 // the compiler maps onto SIMD registers (a single running sum would serialize
 // on the add latency and cannot be vectorized without reassociation).
-// Rows are split across threads; a row is never split, so the result does not
-// depend on the thread count.
-// Error: |out - exact| <= n u sum_j |w[i, j] x[j]|.
-static void matmul(float* out, const float* x, const float* w, int n, int d) {
+// Error: |dot - exact| <= n u sum_j |a[j] b[j]|.
+static inline float dot(const float* a, const float* b, int n) {
     constexpr int kLanes = 16;
+    float lane[kLanes] = {};
+    int j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+        for (int k = 0; k < kLanes; k++) lane[k] += a[j + k] * b[j + k];
+    float acc = 0.0f;
+    for (; j < n; j++) acc += a[j] * b[j];  // the tail that fills no full lane set
+    for (int k = 0; k < kLanes; k++) acc += lane[k];
+    return acc;
+}
+
+// matmul: W (d, n) @ x (nb, n) -> out (nb, d), any sizes; out must not alias x.
+// Each weight row is read from memory once and, while it sits in cache, dotted
+// with all nb tokens: nb = 1 when generating, up to kBlock when reading a
+// prompt. A token's result does not depend on nb, and rows are split across
+// threads but never split themselves, so neither does it depend on the thread
+// count. Error: as dot, per output.
+static void matmul(float* out, const float* x, const float* w, int n, int d, int nb) {
     #pragma omp parallel for schedule(static)
     for (int i = 0; i < d; i++) {
         const float* row = w + (size_t)i * n;
-        float lane[kLanes] = {};
-        int j = 0;
-        for (; j + kLanes <= n; j += kLanes)
-            for (int k = 0; k < kLanes; k++) lane[k] += row[j + k] * x[j + k];
-        float acc = 0.0f;
-        for (; j < n; j++) acc += row[j] * x[j];  // the tail that fills no full lane set
-        for (int k = 0; k < kLanes; k++) acc += lane[k];
-        out[i] = acc;
+        for (int b = 0; b < nb; b++) out[(size_t)b * d + i] = dot(row, x + (size_t)b * n, n);
     }
 }
 
@@ -477,7 +499,9 @@ struct Transformer {
     const Config& config() const { return checkpoint.config; }
 };
 
-static float* forward(Transformer& t, int token, int pos) {
+// forward: the n <= kBlock tokens at positions pos .. pos + n - 1 in; logits
+// out, for the last token, or for all n (rows of vocab_size) if all_logits.
+static float* forward(Transformer& t, const int* tokens, int n, int pos, bool all_logits) {
     const Config& c = t.checkpoint.config;
     const TransformerWeights& w = t.checkpoint.w;
     RunState& s = t.state;
@@ -485,38 +509,40 @@ static float* forward(Transformer& t, int token, int pos) {
     float* x = s.x.get();
 
     // x = self.tok_embeddings(tokens)
-    std::memcpy(x, w.token_embedding + token * dim, dim * sizeof(float));
+    for (int b = 0; b < n; b++)
+        std::memcpy(x + b * dim, w.token_embedding + tokens[b] * dim, dim * sizeof(float));
 
     for (size_t l = 0; l < (size_t)c.n_layers; l++) {
         // h = self.attention_norm(x)
-        rmsnorm(s.xb.get(), x, w.rms_att + l * dim, dim, c.norm_eps);
+        for (int b = 0; b < n; b++) rmsnorm(s.xb.get() + b * dim, x + b * dim, w.rms_att + l * dim, dim, c.norm_eps);
 
         // q, k, v = wq(h), wk(h), wv(h); k and v go straight into the cache
         float* k = s.key_cache.get() + (l * c.seq_len + pos) * kv_dim;
         float* v = s.value_cache.get() + (l * c.seq_len + pos) * kv_dim;
-        matmul(s.q.get(), s.xb.get(), w.wq + l * dim * dim, dim, dim);
-        matmul(k, s.xb.get(), w.wk + l * kv_dim * dim, dim, kv_dim);
-        matmul(v, s.xb.get(), w.wv + l * kv_dim * dim, dim, kv_dim);
+        matmul(s.q.get(), s.xb.get(), w.wq + l * dim * dim, dim, dim, n);
+        matmul(k, s.xb.get(), w.wk + l * kv_dim * dim, dim, kv_dim, n);
+        matmul(v, s.xb.get(), w.wv + l * kv_dim * dim, dim, kv_dim, n);
 
         // q, k = apply_rope(q, k); out = softmax(q @ k.T / sqrt(head_size), causal) @ v
-        attention(s, c, l, pos);
+        attention(s, c, l, pos, n);
 
         // x = x + self.attention.wo(out)
-        matmul(s.xb2.get(), s.xb.get(), w.wo + l * dim * dim, dim, dim);
-        accum(x, s.xb2.get(), dim);
+        matmul(s.xb2.get(), s.xb.get(), w.wo + l * dim * dim, dim, dim, n);
+        accum(x, s.xb2.get(), n * dim);
 
         // h = self.ffn_norm(x); x = x + w2(silu(w1(h)) * w3(h))
-        rmsnorm(s.xb.get(), x, w.rms_ffn + l * dim, dim, c.norm_eps);
-        matmul(s.hb.get(), s.xb.get(), w.w1 + l * hidden * dim, dim, hidden);
-        matmul(s.hb2.get(), s.xb.get(), w.w3 + l * hidden * dim, dim, hidden);
-        swiglu(s.hb.get(), s.hb2.get(), hidden);
-        matmul(s.xb.get(), s.hb.get(), w.w2 + l * dim * hidden, hidden, dim);
-        accum(x, s.xb.get(), dim);
+        for (int b = 0; b < n; b++) rmsnorm(s.xb.get() + b * dim, x + b * dim, w.rms_ffn + l * dim, dim, c.norm_eps);
+        matmul(s.hb.get(), s.xb.get(), w.w1 + l * hidden * dim, dim, hidden, n);
+        matmul(s.hb2.get(), s.xb.get(), w.w3 + l * hidden * dim, dim, hidden, n);
+        swiglu(s.hb.get(), s.hb2.get(), n * hidden);
+        matmul(s.xb.get(), s.hb.get(), w.w2 + l * dim * hidden, hidden, dim, n);
+        accum(x, s.xb.get(), n * dim);
     }
 
-    // logits = self.output(self.norm(x))
-    rmsnorm(x, x, w.rms_final, dim, c.norm_eps);
-    matmul(s.logits.get(), x, w.wcls, dim, c.vocab_size);
+    // logits = self.output(self.norm(x)), for the tokens whose logits are wanted
+    const int first = all_logits ? 0 : n - 1;
+    for (int b = first; b < n; b++) rmsnorm(x + b * dim, x + b * dim, w.rms_final, dim, c.norm_eps);
+    matmul(s.logits.get(), x + first * dim, w.wcls, dim, c.vocab_size, n - first);
     return s.logits.get();
 }
 
@@ -826,9 +852,35 @@ static void dump_next(std::FILE* f, int32_t next) {
     if (f) std::fwrite(&next, sizeof next, 1, f);
 }
 
+// Knobs for the tests, from the environment: RUN_DUMP_LOGITS (above), and
+// RUN_BLOCK, the prompt block size (1..kBlock), to show blocking changes nothing.
+struct TestHooks {
+    std::FILE* dump = nullptr;
+    int block = kBlock;
+};
+
+// prefill: reads tokens into the context at positions pos, pos + 1, ... in
+// blocks, many tokens per pass over the weights, and returns the logits after
+// the last one. The test hook makes it compute and dump every position's logits.
+static float* prefill(Transformer& tr, const std::vector<int>& tokens, int pos, const TestHooks& hooks) {
+    const int vocab = tr.config().vocab_size;
+    const bool all = hooks.dump != nullptr;
+    float* logits = nullptr;
+    for (size_t i = 0; i < tokens.size(); i += hooks.block) {
+        const int n = (int)std::min(tokens.size() - i, (size_t)hooks.block);
+        logits = forward(tr, &tokens[i], n, pos + (int)i, all);
+        for (int b = 0; all && b < n; b++) {
+            dump_logits(hooks.dump, pos + (int)i + b, tokens[i + b], logits + (size_t)b * vocab, vocab);
+            if (i + b + 1 < tokens.size()) dump_next(hooks.dump, tokens[i + b + 1]);
+        }
+        if (all) logits += (size_t)(n - 1) * vocab;  // the last token's row
+    }
+    return logits;
+}
+
 // Echoes the prompt, then samples until `steps` positions, BOS or EOS.
 static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
-                     const std::string& prompt, int steps, std::FILE* dump) {
+                     const std::string& prompt, int steps, const TestHooks& hooks) {
     const int vocab = tr.config().vocab_size;
     const std::vector<int> prompt_tokens = encode(tok, prompt, true);
     const int n_prompt = (int)prompt_tokens.size();
@@ -836,30 +888,29 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
         fatal("the prompt is %d tokens (with BOS) but -n allows %d positions", n_prompt, steps);
 
     TextOut out;
+    char byte;
+    for (int i = 1; i < n_prompt; i++) out.write(decode(tok, prompt_tokens[i - 1], prompt_tokens[i], &byte));
     const double start = now_seconds();
-    double prompt_done = start;
-    int token = prompt_tokens[0], generated = 0;
-    for (int pos = 0; pos < steps; pos++) {
-        float* logits = forward(tr, token, pos);
-        dump_logits(dump, pos, token, logits, vocab);
-        int next;
-        if (pos + 1 < n_prompt) {
-            next = prompt_tokens[pos + 1];  // still reading the prompt
-        } else {
-            if (pos + 1 == n_prompt) prompt_done = now_seconds();
-            next = sample(sampler, logits, vocab);
-            generated++;
-        }
-        dump_next(dump, next);
+    float* logits = prefill(tr, prompt_tokens, 0, hooks);
+    const double prompt_done = now_seconds();
+
+    // Each step samples from the last logits, then runs the new token at `pos`.
+    int token = prompt_tokens.back(), generated = 0;
+    for (int pos = n_prompt;; pos++) {
+        const int next = sample(sampler, logits, vocab);
+        generated++;
+        dump_next(hooks.dump, next);
         if (next == kBos || next == kEos) break;
-        char byte;
         out.write(decode(tok, token, next, &byte));
         token = next;
+        if (pos >= steps) break;
+        logits = forward(tr, &token, 1, pos, false);
+        dump_logits(hooks.dump, pos, token, logits, vocab);
     }
     out.finish();
     std::fputc('\n', stdout);
     std::fflush(stdout);
-    // The prompt's n_prompt forwards yield the first new token; each later
+    // The prompt's forward passes yield the first new token; each later
     // forward yields one more, so generation speed counts generated - 1.
     const double end = now_seconds();
     std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s\n",
@@ -879,7 +930,7 @@ static bool read_line(const char* label, std::string& line) {
 // the context so the next turn sees a finished answer.
 static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
                  const std::string& first_user_prompt, const std::string& cli_system_prompt,
-                 bool have_system_prompt, int steps, std::FILE* dump) {
+                 bool have_system_prompt, int steps, const TestHooks& hooks) {
     const int vocab = tr.config().vocab_size;
     std::string system = cli_system_prompt, user;
     if (!have_system_prompt && !read_line("Enter system prompt (optional): ", system)) return;
@@ -903,21 +954,17 @@ static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
             return;
         }
         std::fputs("Assistant: ", stdout);
-        float* logits = nullptr;
-        for (size_t i = 0; i < prompt.size(); i++) {
-            logits = forward(tr, prompt[i], pos);
-            dump_logits(dump, pos++, prompt[i], logits, vocab);
-            if (i + 1 < prompt.size()) dump_next(dump, prompt[i + 1]);
-        }
+        float* logits = prefill(tr, prompt, pos, hooks);
+        pos += (int)prompt.size();
         TextOut out;
         int token = prompt.back();
         for (;;) {
             const int next = sample(sampler, logits, vocab);
-            dump_next(dump, next);
+            dump_next(hooks.dump, next);
             if (next == kEos || next == kBos) {
                 if (next == kEos && pos < steps) {  // into the history
-                    dump_logits(dump, pos, kEos, forward(tr, kEos, pos), vocab);
-                    dump_next(dump, -1);
+                    dump_logits(hooks.dump, pos, kEos, forward(tr, &next, 1, pos, false), vocab);
+                    dump_next(hooks.dump, -1);
                     pos++;
                 }
                 break;
@@ -932,8 +979,8 @@ static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
                 std::fprintf(stderr, "the context is full (%d positions); ending the chat\n", steps);
                 return;
             }
-            logits = forward(tr, token, pos);
-            dump_logits(dump, pos++, token, logits, vocab);
+            logits = forward(tr, &token, 1, pos, false);
+            dump_logits(hooks.dump, pos++, token, logits, vocab);
         }
         out.finish();
         std::fputc('\n', stdout);
@@ -1071,18 +1118,22 @@ int main(int argc, char** argv) {
     Sampler sampler{o.temperature, o.topp, seed, {}};
     sampler.candidates.reserve(c.vocab_size);
 
-    // Test hook: RUN_DUMP_LOGITS=file records every position's logits.
-    std::FILE* dump = nullptr;
+    TestHooks hooks;
     if (const char* path = std::getenv("RUN_DUMP_LOGITS")) {
-        dump = std::fopen(path, "wb");
-        if (!dump) fatal("RUN_DUMP_LOGITS: cannot write %s: %s", path, std::strerror(errno));
+        hooks.dump = std::fopen(path, "wb");
+        if (!hooks.dump) fatal("RUN_DUMP_LOGITS: cannot write %s: %s", path, std::strerror(errno));
+    }
+    if (const char* block = std::getenv("RUN_BLOCK")) {
+        const double b = parse_number("RUN_BLOCK", block, true);
+        if (b < 1 || b > kBlock) fatal("RUN_BLOCK: %s is outside 1..%d", block, kBlock);
+        hooks.block = (int)b;
     }
 
     if (o.mode == "generate")
-        generate(tr, tok, sampler, o.prompt, o.steps, dump);
+        generate(tr, tok, sampler, o.prompt, o.steps, hooks);
     else
-        chat(tr, tok, sampler, o.prompt, o.system_prompt, o.have_system_prompt, o.steps, dump);
-    if (dump && std::fclose(dump) != 0) fatal("RUN_DUMP_LOGITS: write failed");
+        chat(tr, tok, sampler, o.prompt, o.system_prompt, o.have_system_prompt, o.steps, hooks);
+    if (hooks.dump && std::fclose(hooks.dump) != 0) fatal("RUN_DUMP_LOGITS: write failed");
     return 0;
 }
 #endif

@@ -263,3 +263,33 @@ def test_unencodable_prompt_without_byte_fallback(engine, tmp_path):
     tok = write_tokenizer(tmp_path / "small.tok", ["<unk>", "\n<s>\n", "\n</s>\n", " ", "a", "b"])
     assert run(engine.binary, ckpt, "-z", tok, "-m", "tokenize", "-i", "ab").stdout.split()[0] == b"1"
     expect_error(engine, ckpt, "-z", tok, "-i", "abc", mentions="c")
+
+
+# ---------------------------------------------------------------------------
+# Prompt blocks: reading the prompt many tokens per pass must change nothing.
+
+
+def test_prompt_blocks_change_nothing(engine, tmp_path):
+    """Every position's logits, to the bit, and the text, for blocks of 1 (token
+    by token), 7 (blocks that do not divide the prompt) and the default 32."""
+    prompt = "Once upon a time, there was a little dog named Max. He liked to run in the park and " * 2
+    outs = []
+    for block in ("1", "7", None):
+        dump = tmp_path / f"block{block}.logits"
+        env = {"RUN_DUMP_LOGITS": str(dump), **({"RUN_BLOCK": block} if block else {})}
+        out = stories(engine, "-s", 5, "-n", 160, "-i", prompt, env=env).stdout
+        outs.append((out, dump.read_bytes()))
+    assert len(outs[0][1]) > 100 * 2060 and outs[0] == outs[1] == outs[2]
+
+
+def test_chat_prompt_blocks_change_nothing(engine):
+    outs = {stories(engine, "-m", "chat", "-y", "You tell stories.", "-s", 2, "-n", 300,
+                    stdin=b"a story about a cat\nand a dog\n", env={"RUN_BLOCK": b} if b else {}).stdout
+            for b in ("1", "5", None)}
+    assert len(outs) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "33", "x", "-1"])
+def test_bad_run_block(engine, value):
+    p = run(engine.binary, engine.stories, "-z", TOK512, check=False, env={"RUN_BLOCK": value})
+    assert p.returncode == 1 and b"RUN_BLOCK" in p.stderr

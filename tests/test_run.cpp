@@ -54,33 +54,40 @@ static void test_softmax() {
     }
 }
 
-// Both matmuls against a double reference, with x and w deliberately
-// misaligned by 0..3 floats so no SIMD path can assume alignment.
+// Both matmuls against a double reference, for 1 and 3 tokens, with x and w
+// deliberately misaligned by 0..3 floats so no SIMD path can assume alignment;
+// and each token's result the same, to the bit, whether or not it is in a block.
 static void test_matmul() {
     for (int n : kSizes) {
         for (int d : {1, 3, 17, 64}) {
             for (int shift : {0, 1, 3}) {
-                std::vector<float> xs = random_floats(n + shift, -1, 1);
+                const int nb = shift == 1 ? 3 : 1;
+                std::vector<float> xs = random_floats((size_t)nb * n + shift, -1, 1);
                 std::vector<float> ws = random_floats((size_t)d * n + shift, -1, 1);
                 const float* x = xs.data() + shift;
                 const float* w = ws.data() + shift;
-                std::vector<float> fast(d), ref(d);
-                matmul(fast.data(), x, w, n, d);
-                matmul_reference(ref.data(), x, w, n, d);
+                std::vector<float> fast((size_t)nb * d), ref((size_t)nb * d), one(d);
+                matmul(fast.data(), x, w, n, d, nb);
+                matmul_reference(ref.data(), x, w, n, d, nb);
                 const double gamma = n * u / (1 - n * u);
                 double worst_fast = 0, worst_ref = 0;
-                for (int i = 0; i < d; i++) {
-                    double exact = 0, mag = 0;
-                    for (int j = 0; j < n; j++) {
-                        exact += (double)w[(size_t)i * n + j] * x[j];
-                        mag += std::fabs((double)w[(size_t)i * n + j] * x[j]);
+                for (int b = 0; b < nb; b++) {
+                    for (int i = 0; i < d; i++) {
+                        double exact = 0, mag = 0;
+                        for (int j = 0; j < n; j++) {
+                            const double p = (double)w[(size_t)i * n + j] * x[(size_t)b * n + j];
+                            exact += p, mag += std::fabs(p);
+                        }
+                        const double bound = gamma * mag + 1e-300;
+                        worst_fast = std::max(worst_fast, std::fabs(fast[(size_t)b * d + i] - exact) / bound);
+                        worst_ref = std::max(worst_ref, std::fabs(ref[(size_t)b * d + i] - exact) / bound);
                     }
-                    const double bound = gamma * mag + 1e-300;
-                    worst_fast = std::max(worst_fast, std::fabs(fast[i] - exact) / bound);
-                    worst_ref = std::max(worst_ref, std::fabs(ref[i] - exact) / bound);
+                    matmul(one.data(), x + (size_t)b * n, w, n, d, 1);
+                    CHECK(std::memcmp(one.data(), fast.data() + (size_t)b * d, d * sizeof(float)) == 0,
+                          "matmul n=%d d=%d: token %d alone differs from token %d of %d", n, d, b, b, nb);
                 }
-                CHECK(worst_fast <= 1.0, "matmul n=%d d=%d shift=%d: %.2f x the bound", n, d, shift, worst_fast);
-                CHECK(worst_ref <= 1.0, "matmul_reference n=%d d=%d shift=%d: %.2f x the bound", n, d, shift, worst_ref);
+                CHECK(worst_fast <= 1.0, "matmul n=%d d=%d nb=%d: %.2f x the bound", n, d, nb, worst_fast);
+                CHECK(worst_ref <= 1.0, "matmul_reference n=%d d=%d nb=%d: %.2f x the bound", n, d, nb, worst_ref);
             }
         }
     }

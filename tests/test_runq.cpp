@@ -65,31 +65,39 @@ static void test_matmul() {
             const int n = gs * groups;
             for (int d : {1, 3, 17, 33}) {
                 for (int shift : {0, 1, 3}) {  // misaligned int8 starts
-                    std::vector<int8_t> xq(n + shift), wq((size_t)d * n + shift);
-                    std::vector<float> xs(groups), ws((size_t)d * groups);
+                    const int nb = shift == 1 ? 3 : 1;  // a block of tokens, or one
+                    std::vector<int8_t> xq((size_t)nb * n + shift), wq((size_t)d * n + shift);
+                    std::vector<float> xs((size_t)nb * groups), ws((size_t)d * groups);
                     fill_random(xq, xs);
                     fill_random(wq, ws);
                     QuantizedTensor x{xq.data() + shift, xs.data(), gs};
                     QuantizedTensor w{wq.data() + shift, ws.data(), gs};
-                    std::vector<float> fast(d), ref(d);
-                    matmul(fast.data(), x, w, n, d);
-                    matmul_reference(ref.data(), x, w, n, d);
-                    CHECK(std::memcmp(fast.data(), ref.data(), d * sizeof(float)) == 0,
-                          "gs=%d n=%d d=%d shift=%d: fast matmul differs from the reference", gs, n, d, shift);
+                    std::vector<float> fast((size_t)nb * d), ref((size_t)nb * d), one(d);
+                    matmul(fast.data(), x, w, n, d, nb);
+                    matmul_reference(ref.data(), x, w, n, d, nb);
+                    CHECK(std::memcmp(fast.data(), ref.data(), fast.size() * sizeof(float)) == 0,
+                          "gs=%d n=%d d=%d nb=%d shift=%d: fast matmul differs from the reference", gs, n, d,
+                          nb, shift);
 
                     // and the reference against exact arithmetic on the dequantized values
                     double worst = 0;
-                    for (int i = 0; i < d; i++) {
-                        double exact = 0, mag = 0;
-                        for (int g = 0; g < groups; g++) {
-                            double dot = 0;
-                            for (int j = g * gs; j < (g + 1) * gs; j++)
-                                dot += (double)x.q[j] * w.q[(size_t)i * n + j];
-                            const double term = dot * xs[g] * ws[(size_t)i * groups + g];
-                            exact += term, mag += std::fabs(term);
+                    for (int b = 0; b < nb; b++) {
+                        for (int i = 0; i < d; i++) {
+                            double exact = 0, mag = 0;
+                            for (int g = 0; g < groups; g++) {
+                                double dot = 0;
+                                for (int j = g * gs; j < (g + 1) * gs; j++)
+                                    dot += (double)x.q[(size_t)b * n + j] * w.q[(size_t)i * n + j];
+                                const double term = dot * xs[(size_t)b * groups + g] * ws[(size_t)i * groups + g];
+                                exact += term, mag += std::fabs(term);
+                            }
+                            const double bound = (groups + 2) * u * mag + 1e-300;
+                            worst = std::max(worst, std::fabs(ref[(size_t)b * d + i] - exact) / bound);
                         }
-                        const double bound = (groups + 2) * u * mag + 1e-300;
-                        worst = std::max(worst, std::fabs(ref[i] - exact) / bound);
+                        const QuantizedTensor xb{x.q + (size_t)b * n, x.s + (size_t)b * groups, gs};
+                        matmul(one.data(), xb, w, n, d, 1);
+                        CHECK(std::memcmp(one.data(), fast.data() + (size_t)b * d, d * sizeof(float)) == 0,
+                              "gs=%d n=%d d=%d: token %d alone differs from in a block", gs, n, d, b);
                     }
                     CHECK(worst <= 1.0, "gs=%d n=%d d=%d: %.2f x the bound", gs, n, d, worst);
                 }
