@@ -2,6 +2,7 @@
 #   make            ./run and ./runq with OpenMP, tuned for this CPU (same as `make runomp`)
 #   make test       build every variant and run all tests (installs test packages if missing)
 #   make bench      fp32 against int8: tok/s, GB/s and the machine's memory bandwidth
+#   make bench-kernels  one int8 matmul: what unrolling, threads and SIMD each buy
 # As in llama2.c, run / runfast / runomp / debug all write ./run (and ./runq).
 
 CXX   ?= g++
@@ -29,7 +30,7 @@ SAN   = -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitiz
 # else the copy in ../shared/models.
 TOKENIZER_MODEL ?= $(firstword $(wildcard tokenizer.model ../shared/models/llama2/tokenizer.model))
 
-.PHONY: all run runfast runomp debug test unit e2e bench clean
+.PHONY: all run runfast runomp debug test unit e2e bench bench-kernels clean
 all: runomp
 
 run:                    # portable: any x86-64 or ARM, one thread
@@ -84,7 +85,7 @@ e2e: build/.deps $(VARIANTS:%=build/run-%) $(VARIANTS:%=build/runq-%) build/toke
 	RUN_BINARIES="$(VARIANTS:%=build/run-%)" RUNQ_BINARIES="$(VARIANTS:%=build/runq-%)" \
 	    $(PYTHON) -m pytest -q tests
 
-test: build/.deps unit e2e
+test: build/.deps unit e2e build/bench_kernels build/bandwidth  # the benchmarks must at least build
 
 # ---------------------------------------------------------------------------
 
@@ -94,6 +95,13 @@ build/bandwidth: bench/bandwidth.cpp
 
 bench: build/.deps runomp tokenizer.bin build/bandwidth
 	$(PYTHON) bench/bench.py
+
+build/bench_kernels: bench/kernels.cpp runq.cpp
+	@mkdir -p build
+	$(CXX) $(WARN) $(OPT) $(NATIVE) $(OMP) -o $@ bench/kernels.cpp
+
+bench-kernels: build/bench_kernels   # one int8 matmul, technique by technique
+	./build/bench_kernels
 
 clean:
 	rm -rf run runq build tokenizer.bin

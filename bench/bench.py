@@ -1,10 +1,12 @@
 """make bench: how much faster is int8 (runq) than fp32 (run) on this machine,
 and at what cost in accuracy. A benchmark, not a test.
 
-Models: random-weight checkpoints with the shapes of stories15M, stories110M and
-a two-layer slice of Llama 2 7B (speed depends on shapes, not on values), each
-in fp32 (version 0) and int8 (version 2, group size 64 or the largest divisor
-below it), made once into build/bench/ and reused. Every configuration gets a
+Models: the real stories260K, and random-weight checkpoints with the shapes of
+stories15M, stories110M and a two-layer slice of Llama 2 7B (speed depends on
+shapes, not on values), each in fp32 (version 0) and int8 (version 2, group size
+64 or the largest divisor below it), made once into build/bench/ and reused.
+Each run reads a 128-token prompt (prompt tok/s: processed in blocks, many
+tokens per pass over the weights) and then generates (decode tok/s). Every configuration gets a
 warm-up run; then all configurations run in turn, --repeats rounds, so the drift
 of a shared machine hits them alike; the table shows medians. GB/s is the
 weight bytes one generated token streams (every matrix once, the embedding only
@@ -38,15 +40,17 @@ import model as M  # noqa: E402
 
 MODELS = Path(os.environ.get("MODELS_DIR", ROOT.parent / "shared" / "models"))
 CACHE = ROOT / "build" / "bench"
-SHAPES = {  # name: (model args, positions to run)
+SHAPES = {  # name: (model args, positions to run: the 128-token prompt, then decoding)
+    "260K": (None, 384),  # the real model
     "15M": (dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, hidden_dim=768, vocab_size=32000,
                  max_seq_len=256), 256),
     "110M": (dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048, vocab_size=32000,
-                  max_seq_len=1024), 128),
+                  max_seq_len=1024), 256),
     "7B-2layer": (dict(dim=4096, n_layers=2, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000,
-                       max_seq_len=4096, shared_classifier=False), 48),
+                       max_seq_len=4096, shared_classifier=False), 176),
 }
-PROMPT = "Once upon a time, there was a little girl named Lily who loved to play in the park with her friends."
+PROMPT_TOKENS = 128
+STORY = (MODELS / "tinystories" / "tinystories_sample_2MiB.txt").read_text(errors="ignore")
 
 
 def quiet(*_):
@@ -54,9 +58,16 @@ def quiet(*_):
 
 
 def checkpoints(name):
-    """(fp32 path, int8 path), made on first use."""
+    """(fp32 path, int8 path, tokenizer), made on first use."""
     args, _ = SHAPES[name]
     fp32, q8 = CACHE / f"{name}-fp32.bin", CACHE / f"{name}-q8.bin"
+    if args is None:  # stories260K: the real fp32 file, exported to int8 here
+        fp32 = MODELS / "stories260K" / "stories260K.bin"
+        if not q8.exists():
+            CACHE.mkdir(parents=True, exist_ok=True)
+            E.progress = quiet
+            E.write_checkpoint(M.load_checkpoint(str(fp32)), str(q8), 2, 64)
+        return fp32, q8, MODELS / "stories260K" / "tok512.bin"
     if not (fp32.exists() and q8.exists()):
         CACHE.mkdir(parents=True, exist_ok=True)
         print(f"making {fp32.name} and {q8.name} (random weights, once)", file=sys.stderr, flush=True)
@@ -66,7 +77,19 @@ def checkpoints(name):
         E.progress = quiet
         E.write_checkpoint(m, str(fp32), 0)
         E.write_checkpoint(m, str(q8), 2, 64)
-    return fp32, q8
+    return fp32, q8, ROOT / "tokenizer.bin"
+
+
+def prompt_of(n_tokens, binary, model, tokenizer):
+    """The longest start of the TinyStories sample that is at most n_tokens tokens (BOS included)."""
+    words = STORY.split()[: 4 * n_tokens]
+    count = lambda k: len(subprocess.run([binary, str(model), "-z", str(tokenizer), "-m", "tokenize", "-i",
+                                          " ".join(words[:k])], capture_output=True, check=True).stdout.split())
+    lo, hi = 1, len(words)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if count(mid) <= n_tokens else (lo, mid - 1)
+    return " ".join(words[:lo])
 
 
 def weight_bytes(path):
@@ -80,14 +103,14 @@ def weight_bytes(path):
     return matrices * per_value + 4 * (2 * args.n_layers + 1) * args.dim + per_value * args.dim
 
 
-def run_once(binary, model, tokenizer, steps, threads, prompt=PROMPT, dump=None):
+def run_once(binary, model, tokenizer, steps, threads, prompt, dump=None):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if dump:
         env["RUN_DUMP_LOGITS"] = dump
     p = subprocess.run([binary, str(model), "-z", str(tokenizer), "-t", "0", "-n", str(steps), "-i", prompt],
                        capture_output=True, env=env, check=True)
     m = re.search(rb"prompt: (\d+) tokens, ([\d.]+) tok/s; generation: (\d+) tokens, ([\d.]+) tok/s", p.stderr)
-    return float(m[2]), float(m[4])
+    return float(m[2]), float(m[4]), int(m[1])
 
 
 def bandwidth():
@@ -127,32 +150,36 @@ def main():
     threads = sorted({int(t) for t in a.threads.split(",")})
     configs = []
     for name in names:
-        fp32, q8 = checkpoints(name)
+        fp32, q8, tok = checkpoints(name)
         steps = SHAPES[name][1]
+        prompt = prompt_of(PROMPT_TOKENS, run_bin, fp32, tok)
         for t in threads:
-            configs += [(name, "run (fp32)", run_bin, fp32, steps, t), (name, "runq (int8)", runq_bin, q8, steps, t)]
+            configs += [(name, "run (fp32)", run_bin, fp32, tok, prompt, steps, t),
+                        (name, "runq (int8)", runq_bin, q8, tok, prompt, steps, t)]
 
     print("warming up", file=sys.stderr, flush=True)
-    for _, _, b, model, steps, t in configs:
-        run_once(b, model, tok, steps, t)
+    for _, _, b, model, tok, prompt, steps, t in configs:
+        run_once(b, model, tok, steps, t, prompt)
     results = [[] for _ in configs]
     bws = []  # bandwidth is measured every round too: a shared machine drifts
     for r in range(a.repeats):
         print(f"round {r + 1} of {a.repeats}", file=sys.stderr, flush=True)
         bws.append(bandwidth())
-        for i, (_, _, b, model, steps, t) in enumerate(configs):
-            results[i].append(run_once(b, model, tok, steps, t))
+        for i, (_, _, b, model, tok, prompt, steps, t) in enumerate(configs):
+            results[i].append(run_once(b, model, tok, steps, t, prompt))
     bw = {t: statistics.median(m[t] for m in bws) for t in bws[0]}
 
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    print(f"\n## Speed: {cpu}, {os.cpu_count()} cores; greedy; median of {a.repeats} interleaved rounds\n")
+    print(f"\n## Speed: {cpu}, {os.cpu_count()} cores; greedy; {PROMPT_TOKENS}-token prompt; "
+          f"median of {a.repeats} interleaved rounds\n")
     print("memory read bandwidth (bench/bandwidth.cpp, median of one measurement per round): " +
           ", ".join(f"{t} thread{'s' * (t > 1)} {bw[t]:.1f} GB/s (range {min(m[t] for m in bws):.1f}-"
                     f"{max(m[t] for m in bws):.1f})" for t in sorted(bw)) + "\n")
-    print("| model | engine | threads | prompt tok/s | decode tok/s | weight MB/token | GB/s | % of bandwidth | int8 speed-up |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | engine | threads | prompt tok/s | decode tok/s | prompt / decode | weight MB/token | GB/s "
+          "| % of bandwidth | int8 speed-up |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     decode = {}
-    for i, (name, engine, b, model, steps, t) in enumerate(configs):
+    for i, (name, engine, b, model, tok, prompt, steps, t) in enumerate(configs):
         prompt_tps = statistics.median(r[0] for r in results[i])
         dec = statistics.median(r[1] for r in results[i])
         decode[name, engine, t] = dec
@@ -160,24 +187,20 @@ def main():
         gbs = mb * dec / 1e3
         speedup = f"{dec / decode[name, 'run (fp32)', t]:.2f}x" if engine.startswith("runq") else ""
         ref_bw = bw.get(t, max(bw.values()))
-        print(f"| {name} | {engine} | {t} | {prompt_tps:.1f} | {dec:.1f} | {mb:.0f} | {gbs:.1f} | "
-              f"{100 * gbs / ref_bw:.0f}% | {speedup} |")
+        print(f"| {name} | {engine} | {t} | {prompt_tps:.1f} | {dec:.1f} | {prompt_tps / dec:.1f}x | {mb:.2f} | "
+              f"{gbs:.1f} | {100 * gbs / ref_bw:.0f}% | {speedup} |")
 
     print("\n## Accuracy of int8: one prompt read by both engines (teacher forcing)\n")
     print("| model | positions | top-1 agreement | max logit difference / logit std |")
     print("|---|---:|---:|---:|")
-    story = (MODELS / "tinystories" / "tinystories_sample_2MiB.txt").read_text(errors="ignore")[:900]
-    with tempfile.TemporaryDirectory() as d:
-        q260 = Path(d) / "stories260K-q8.bin"
-        E.progress = quiet
-        E.write_checkpoint(M.load_checkpoint(str(MODELS / "stories260K" / "stories260K.bin")), str(q260), 2, 64)
-        n, top1, rel = agreement([(run_bin, MODELS / "stories260K" / "stories260K.bin"), (runq_bin, q260)],
-                                 MODELS / "stories260K" / "tok512.bin", story, 512, 512)
-        print(f"| stories260K (real, group size 4) | {n} | {top1:.1%} | {rel:.3f} |")
     for name in names:
-        fp32, q8 = checkpoints(name)
-        n, top1, rel = agreement([(run_bin, fp32), (runq_bin, q8)], tok, story[:400], 256, 32000)
-        print(f"| {name} (random weights) | {n} | {top1:.1%} | {rel:.3f} |")
+        fp32, q8, tok = checkpoints(name)
+        args, *_ = M.read_header(open(fp32, "rb").read(256))
+        n_prompt = min(args.max_seq_len, 256)
+        n, top1, rel = agreement([(run_bin, fp32), (runq_bin, q8)], tok, prompt_of(n_prompt, run_bin, fp32, tok),
+                                 n_prompt, args.vocab_size)
+        kind = "real, group size 4" if SHAPES[name][0] is None else "random weights"
+        print(f"| {name} ({kind}) | {n} | {top1:.1%} | {rel:.3f} |")
 
 
 if __name__ == "__main__":
