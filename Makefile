@@ -54,12 +54,27 @@ tokenizer.bin: export.py $(TOKENIZER_MODEL)
 # Tests. Every variant is built with -Werror: the engine must be warning-free
 # with g++ and clang++, with and without OpenMP. Test binaries live in build/.
 
-VARIANTS = gcc gcc-omp clang clang-omp debug
+VARIANTS = gcc gcc-omp clang clang-omp debug arm
 CXX_gcc       = $(CXX)   $(WARN) -Werror $(NOOMP) $(OPT)
 CXX_gcc-omp   = $(CXX)   $(WARN) -Werror $(OPT) $(NATIVE) $(OMP)
 CXX_clang     = $(CLANG) $(WARN) -Werror $(NOOMP) $(OPT) $(NATIVE)
 CXX_clang-omp = $(CLANG) $(WARN) -Werror $(OPT) $(OMP)
 CXX_debug     = $(CXX)   $(WARN) -Werror $(NOOMP) $(SAN)
+# ARM: cross-compiled for 64-bit ARM with the dot-product instructions, linked
+# statically and run under qemu's user-mode emulation (build/X-arm is a wrapper).
+CXX_arm       = aarch64-linux-gnu-g++ $(WARN) -Werror $(NOOMP) $(OPT) -march=armv8.2-a+dotprod -static
+
+ARM_WRAPPERS = build/run-arm build/runq-arm build/test_run-arm build/test_runq-arm
+$(ARM_WRAPPERS): %: %.elf
+	printf '#!/bin/sh\nexec qemu-aarch64 "$$0.elf" "$$@"\n' > $@ && chmod +x $@
+build/run-arm.elf: run.cpp | build/.deps
+	$(CXX_arm) -o $@ run.cpp
+build/runq-arm.elf: runq.cpp | build/.deps
+	$(CXX_arm) -o $@ runq.cpp
+build/test_run-arm.elf: tests/test_run.cpp tests/check.h run.cpp | build/.deps
+	$(CXX_arm) -o $@ tests/test_run.cpp
+build/test_runq-arm.elf: tests/test_runq.cpp tests/check.h runq.cpp | build/.deps
+	$(CXX_arm) -o $@ tests/test_runq.cpp
 
 # (| build/.deps: install clang++ and friends first, even under make -j)
 build/run-%: run.cpp | build/.deps
