@@ -933,7 +933,10 @@ static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
                  bool have_system_prompt, int steps, const TestHooks& hooks) {
     const int vocab = tr.config().vocab_size;
     std::string system = cli_system_prompt, user;
-    if (!have_system_prompt && !read_line("Enter system prompt (optional): ", system)) return;
+    if (!have_system_prompt && !read_line("Enter system prompt (optional): ", system)) {
+        std::fputc('\n', stdout);
+        return;
+    }
     int pos = 0;
     for (int turn = 0;; turn++) {
         if (turn == 0 && !first_user_prompt.empty()) {
@@ -1092,7 +1095,7 @@ static Options parse_args(int argc, char** argv) {
 }
 
 #ifndef RUN_NO_MAIN
-int main(int argc, char** argv) {
+static int run_main(int argc, char** argv) {
     Options o = parse_args(argc, argv);
 
     Transformer tr{load_checkpoint(o.checkpoint), {}};
@@ -1135,5 +1138,16 @@ int main(int argc, char** argv) {
         chat(tr, tok, sampler, o.prompt, o.system_prompt, o.have_system_prompt, o.steps, hooks);
     if (hooks.dump && std::fclose(hooks.dump) != 0) fatal("RUN_DUMP_LOGITS: write failed");
     return 0;
+}
+
+// The standard library reports a failed allocation by throwing; say so plainly.
+int main(int argc, char** argv) {
+    try {
+        return run_main(argc, argv);
+    } catch (const std::bad_alloc&) {
+        fatal("out of memory");
+    } catch (const std::exception& e) {
+        fatal("%s", e.what());
+    }
 }
 #endif
