@@ -273,8 +273,8 @@ struct Checkpoint {
 
 // Hands out the mapping's consecutive arrays in file order: fp32 vectors, then
 // quantized tensors, each numel int8 values followed by numel / group_size
-// float scales. Scales land at unaligned offsets when a tensor's numel is not a
-// multiple of 4 (dim not a multiple of 4); those few are copied out.
+// float scales. Scales land at unaligned offsets once a tensor's numel is not a
+// multiple of 4 (possible when dim is not); those few are copied out.
 struct WeightCursor {
     const uint8_t* p;
     int group_size;

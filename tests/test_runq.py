@@ -83,7 +83,7 @@ def quantization_bound(m, gs, tokens):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_logits_close_to_fp32(pair, tmp_path, name):
+def test_logits_close_to_fp32(pair, tmp_path, name, report):
     binary, qbinary = pair
     m, gs, fp32, q8, tok = setup_pair(tmp_path, name)
     T = m.args.max_seq_len
@@ -101,6 +101,7 @@ def test_logits_close_to_fp32(pair, tmp_path, name):
     worst = ((zq - z32).abs() / bound).max().item()
     assert worst <= 1.0, f"int8 logits are {worst:.2f} x the bound away from fp32"
     agree = (zq.argmax(-1) == z32.argmax(-1)).double().mean().item()
+    report(f"int8 top-1 agreement with fp32, {name} ({qbinary.split('/')[-1]}): {agree:.1%} of {n} positions")
     assert agree >= 0.98, f"top-1 agreement {agree:.1%}"
 
 
