@@ -567,6 +567,34 @@ static inline int32_t dot_i8(const int8_t* a, const int8_t* b, int n) {
     return sum;
 }
 
+// dot_i8_x4: w . x_t for the four activation rows x_t = x + t * stride (four
+// tokens of a prompt block), n int8 each, exact. The weights are loaded and
+// widened once for all four, and the four horizontal sums share their shuffles.
+static inline void dot_i8_x4(const int8_t* w, const int8_t* x, size_t stride, int n, int32_t out[4]) {
+    int i = 0;
+    out[0] = out[1] = out[2] = out[3] = 0;
+#if defined(__AVX512BW__)
+    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                      _mm512_setzero_si512()};
+    for (; i + 32 <= n; i += 32) {
+        const __m512i vw = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + i)));
+        for (int t = 0; t < 4; t++) {
+            const __m512i vx = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(x + t * stride + i)));
+            acc[t] = _mm512_add_epi32(acc[t], _mm512_madd_epi16(vw, vx));
+        }
+    }
+    __m256i half[4];  // 16 lanes folded to 8 (maskz: see dot_i8)
+    for (int t = 0; t < 4; t++)
+        half[t] = _mm256_add_epi32(_mm512_maskz_extracti64x4_epi64(0xF, acc[t], 0),
+                                   _mm512_maskz_extracti64x4_epi64(0xF, acc[t], 1));
+    // the four 8-lane sums together: two rounds of pairwise adds, then the 128-bit halves
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(half[0], half[1]), _mm256_hadd_epi32(half[2], half[3]));
+    _mm_storeu_si128((__m128i*)out, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+#endif
+    if (i < n)  // what the SIMD loop leaves (and all of it without SIMD)
+        for (int t = 0; t < 4; t++) out[t] += dot_i8(w + i, x + t * stride + i, n - i);
+}
+
 // The float side of one group, shared by both matmuls so that they round alike:
 // an explicit fused multiply-add where the CPU has one (left to itself, the
 // compiler may fuse in one caller and not in the other), else multiply and add.
@@ -601,7 +629,7 @@ static inline float add_group(float acc, int32_t dot, float sx, float sw) {
 // size fixed at compile time (so the group's loop unrolls completely), or 0 to
 // read it from w. Each weight row is read from memory once and, while it sits
 // in cache, used for all nb tokens (1 when generating, up to kBlock when
-// reading a prompt). Rows are split across threads and never split
+// reading a prompt, four at a time). Rows are split across threads and never split
 // themselves, so the result depends neither on nb nor on the thread count.
 template <int GS>
 static void matmul_groups(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d,
@@ -611,7 +639,19 @@ static void matmul_groups(float* out, const QuantizedTensor& x, const QuantizedT
     for (int i = 0; i < d; i++) {
         const int8_t* row = w.q + (size_t)i * n;
         const float* row_s = w.s + (size_t)i * groups;
-        for (int b = 0; b < nb; b++) {
+        int b = 0;
+        for (; b + 4 <= nb; b += 4) {  // four tokens of a prompt block at a time
+            const int8_t* xq = x.q + (size_t)b * n;
+            const float* xs = x.s + (size_t)b * groups;
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int g = 0; g < groups; g++) {
+                int32_t dots[4];
+                dot_i8_x4(row + g * gs, xq + g * gs, n, gs, dots);
+                for (int t = 0; t < 4; t++) acc[t] = add_group(acc[t], dots[t], xs[t * groups + g], row_s[g]);
+            }
+            for (int t = 0; t < 4; t++) out[(size_t)(b + t) * d + i] = acc[t];
+        }
+        for (; b < nb; b++) {
             const int8_t* xq = x.q + (size_t)b * n;
             const float* xs = x.s + (size_t)b * groups;
             float acc = 0.0f;

@@ -65,7 +65,7 @@ static void test_matmul() {
             const int n = gs * groups;
             for (int d : {1, 3, 17, 33}) {
                 for (int shift : {0, 1, 3}) {  // misaligned int8 starts
-                    const int nb = shift == 1 ? 3 : 1;  // a block of tokens, or one
+                    const int nb = shift == 1 ? 6 : 1;  // a block of tokens (4 at once + 2), or one
                     std::vector<int8_t> xq((size_t)nb * n + shift), wq((size_t)d * n + shift);
                     std::vector<float> xs((size_t)nb * groups), ws((size_t)d * groups);
                     fill_random(xq, xs);
