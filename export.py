@@ -17,7 +17,6 @@ import struct
 import sys
 import zipfile
 
-import numpy as np
 import torch
 
 import model as M

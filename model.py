@@ -135,14 +135,18 @@ class Transformer(nn.Module):
         if args.shared_classifier:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens):
-        """tokens (B, T) -> logits (B, T, vocab) at every position."""
+    def hidden(self, tokens):
+        """tokens (B, T) -> the final normalized state (B, T, dim) the classifier reads."""
         T = tokens.shape[1]
         cos, sin = rope_tables(self.args.head_size, T, self.args.rope_theta)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return self.output(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, tokens):
+        """tokens (B, T) -> logits (B, T, vocab) at every position."""
+        return self.output(self.hidden(tokens))
 
     @torch.no_grad()
     def generate_greedy(self, tokens, steps):

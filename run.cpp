@@ -603,20 +603,26 @@ static Tokenizer load_tokenizer(const char* path, int vocab_size) {
     return t;
 }
 
+// The UTF-8 character that starts with byte c: its length (0 if no character
+// starts with c) and the range its second byte must lie in, which rules out
+// overlong forms, surrogates and code points above U+10FFFF.
+struct Utf8Lead { int len, lo, hi; };
+static Utf8Lead utf8_lead(unsigned char c) {
+    if (c < 0x80) return {1, 0, 0};
+    if (c >= 0xC2 && c <= 0xDF) return {2, 0x80, 0xBF};
+    if (c >= 0xE0 && c <= 0xEF) return {3, c == 0xE0 ? 0xA0 : 0x80, c == 0xED ? 0x9F : 0xBF};
+    if (c >= 0xF0 && c <= 0xF4) return {4, c == 0xF0 ? 0x90 : 0x80, c == 0xF4 ? 0x8F : 0xBF};
+    return {0, 0, 0};
+}
+
 // Length of the UTF-8 character at s[0..n), or 0 if it is not well formed.
 static int utf8_char_len(const unsigned char* s, size_t n) {
-    const unsigned char c = s[0];
-    int len;
-    unsigned char lo = 0x80, hi = 0xBF;  // allowed range of the second byte
-    if (c < 0x80) return 1;
-    else if (c >= 0xC2 && c <= 0xDF) len = 2;
-    else if (c >= 0xE0 && c <= 0xEF) { len = 3; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
-    else if (c >= 0xF0 && c <= 0xF4) { len = 4; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
-    else return 0;
-    if ((size_t)len > n || s[1] < lo || s[1] > hi) return 0;
-    for (int i = 2; i < len; i++)
+    const Utf8Lead u = utf8_lead(s[0]);
+    if (u.len <= 1) return u.len;
+    if ((size_t)u.len > n || s[1] < u.lo || s[1] > u.hi) return 0;
+    for (int i = 2; i < u.len; i++)
         if ((s[i] & 0xC0) != 0x80) return 0;
-    return len;
+    return u.len;
 }
 
 // encode: text -> token ids, exactly as SentencePiece BPE with a dummy prefix.
@@ -717,32 +723,26 @@ public:
 
 private:
     std::string pending_;  // the start of an incomplete character
+    Utf8Lead lead_{};      // what its first byte promised
     void replace() { std::fputs("\xEF\xBF\xBD", stdout); pending_.clear(); }
     void put(unsigned char b) {
         if (!pending_.empty()) {
-            pending_ += (char)b;
-            const auto* s = reinterpret_cast<const unsigned char*>(pending_.data());
-            int need = s[0] >= 0xF0 ? 4 : s[0] >= 0xE0 ? 3 : 2;
-            // A prefix is still good if completing it could give a valid character.
-            bool ok = (b & 0xC0) == 0x80;
-            if (ok && pending_.size() == 2) {
-                std::string probe = pending_ + std::string(need - 2, '\x80');
-                ok = utf8_char_len(reinterpret_cast<const unsigned char*>(probe.data()), need) == need;
-            }
+            // the second byte within the lead's range, any later one a continuation byte
+            const bool ok = pending_.size() == 1 ? b >= lead_.lo && b <= lead_.hi : (b & 0xC0) == 0x80;
             if (!ok) {
-                pending_.pop_back();
                 replace();
                 put(b);  // b starts afresh
                 return;
             }
-            if ((int)pending_.size() == need) {
-                std::fwrite(pending_.data(), 1, need, stdout);
+            pending_ += (char)b;
+            if ((int)pending_.size() == lead_.len) {
+                std::fwrite(pending_.data(), 1, pending_.size(), stdout);
                 pending_.clear();
             }
         } else if (b < 0x80) {
             if (b >= 0x20 ? b != 0x7F : (b == '\n' || b == '\t' || b == '\r' || b == '\v' || b == '\f'))
                 std::fputc(b, stdout);
-        } else if (b >= 0xC2 && b <= 0xF4) {
+        } else if ((lead_ = utf8_lead(b)).len > 1) {
             pending_ += (char)b;
         } else {
             std::fputs("\xEF\xBF\xBD", stdout);  // a byte no character starts with

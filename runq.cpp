@@ -533,6 +533,14 @@ static void dequantize(const QuantizedTensor& qx, float* x, int n) {
 // for n <= 2^17). The x86 SIMD paths widen int8 to int16 and multiply-add
 // adjacent pairs into int32 lanes; ARM's dot-product instruction adds four
 // int8 products into each int32 lane; the portable loop finishes what they leave.
+#if defined(__AVX512BW__)
+// Adds the 16 int32 lanes of v pairwise into 8 (maskz extracts: GCC 12 warns
+// about the plain ones' undefined source).
+static inline __m256i fold_16_to_8(__m512i v) {
+    return _mm256_add_epi32(_mm512_maskz_extracti64x4_epi64(0xF, v, 0), _mm512_maskz_extracti64x4_epi64(0xF, v, 1));
+}
+#endif
+
 static inline int32_t dot_i8(const int8_t* a, const int8_t* b, int n) {
     int32_t sum = 0;
     int i = 0;
@@ -545,9 +553,7 @@ static inline int32_t dot_i8(const int8_t* a, const int8_t* b, int n) {
         const __m512i vb = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(b + i)));
         acc512 = _mm512_add_epi32(acc512, _mm512_madd_epi16(va, vb));
     }
-    // fold 16 lanes into 8 (maskz extracts: GCC 12 warns about the plain ones' undefined source)
-    acc = _mm256_add_epi32(_mm512_maskz_extracti64x4_epi64(0xF, acc512, 0),
-                           _mm512_maskz_extracti64x4_epi64(0xF, acc512, 1));
+    acc = fold_16_to_8(acc512);
 #endif
     for (; i + 16 <= n; i += 16) {
         const __m256i va = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(a + i)));
@@ -583,12 +589,9 @@ static inline void dot_i8_x4(const int8_t* w, const int8_t* x, size_t stride, in
             acc[t] = _mm512_add_epi32(acc[t], _mm512_madd_epi16(vw, vx));
         }
     }
-    __m256i half[4];  // 16 lanes folded to 8 (maskz: see dot_i8)
-    for (int t = 0; t < 4; t++)
-        half[t] = _mm256_add_epi32(_mm512_maskz_extracti64x4_epi64(0xF, acc[t], 0),
-                                   _mm512_maskz_extracti64x4_epi64(0xF, acc[t], 1));
-    // the four 8-lane sums together: two rounds of pairwise adds, then the 128-bit halves
-    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(half[0], half[1]), _mm256_hadd_epi32(half[2], half[3]));
+    // the four sums together: 16 lanes to 8, two rounds of pairwise adds, then the 128-bit halves
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(fold_16_to_8(acc[0]), fold_16_to_8(acc[1])),
+                                        _mm256_hadd_epi32(fold_16_to_8(acc[2]), fold_16_to_8(acc[3])));
     _mm_storeu_si128((__m128i*)out, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
 #endif
     if (i < n)  // what the SIMD loop leaves (and all of it without SIMD)
@@ -795,20 +798,26 @@ static Tokenizer load_tokenizer(const char* path, int vocab_size) {
     return t;
 }
 
+// The UTF-8 character that starts with byte c: its length (0 if no character
+// starts with c) and the range its second byte must lie in, which rules out
+// overlong forms, surrogates and code points above U+10FFFF.
+struct Utf8Lead { int len, lo, hi; };
+static Utf8Lead utf8_lead(unsigned char c) {
+    if (c < 0x80) return {1, 0, 0};
+    if (c >= 0xC2 && c <= 0xDF) return {2, 0x80, 0xBF};
+    if (c >= 0xE0 && c <= 0xEF) return {3, c == 0xE0 ? 0xA0 : 0x80, c == 0xED ? 0x9F : 0xBF};
+    if (c >= 0xF0 && c <= 0xF4) return {4, c == 0xF0 ? 0x90 : 0x80, c == 0xF4 ? 0x8F : 0xBF};
+    return {0, 0, 0};
+}
+
 // Length of the UTF-8 character at s[0..n), or 0 if it is not well formed.
 static int utf8_char_len(const unsigned char* s, size_t n) {
-    const unsigned char c = s[0];
-    int len;
-    unsigned char lo = 0x80, hi = 0xBF;  // allowed range of the second byte
-    if (c < 0x80) return 1;
-    else if (c >= 0xC2 && c <= 0xDF) len = 2;
-    else if (c >= 0xE0 && c <= 0xEF) { len = 3; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
-    else if (c >= 0xF0 && c <= 0xF4) { len = 4; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
-    else return 0;
-    if ((size_t)len > n || s[1] < lo || s[1] > hi) return 0;
-    for (int i = 2; i < len; i++)
+    const Utf8Lead u = utf8_lead(s[0]);
+    if (u.len <= 1) return u.len;
+    if ((size_t)u.len > n || s[1] < u.lo || s[1] > u.hi) return 0;
+    for (int i = 2; i < u.len; i++)
         if ((s[i] & 0xC0) != 0x80) return 0;
-    return len;
+    return u.len;
 }
 
 // encode: text -> token ids, exactly as SentencePiece BPE with a dummy prefix.
@@ -909,32 +918,26 @@ public:
 
 private:
     std::string pending_;  // the start of an incomplete character
+    Utf8Lead lead_{};      // what its first byte promised
     void replace() { std::fputs("\xEF\xBF\xBD", stdout); pending_.clear(); }
     void put(unsigned char b) {
         if (!pending_.empty()) {
-            pending_ += (char)b;
-            const auto* s = reinterpret_cast<const unsigned char*>(pending_.data());
-            int need = s[0] >= 0xF0 ? 4 : s[0] >= 0xE0 ? 3 : 2;
-            // A prefix is still good if completing it could give a valid character.
-            bool ok = (b & 0xC0) == 0x80;
-            if (ok && pending_.size() == 2) {
-                std::string probe = pending_ + std::string(need - 2, '\x80');
-                ok = utf8_char_len(reinterpret_cast<const unsigned char*>(probe.data()), need) == need;
-            }
+            // the second byte within the lead's range, any later one a continuation byte
+            const bool ok = pending_.size() == 1 ? b >= lead_.lo && b <= lead_.hi : (b & 0xC0) == 0x80;
             if (!ok) {
-                pending_.pop_back();
                 replace();
                 put(b);  // b starts afresh
                 return;
             }
-            if ((int)pending_.size() == need) {
-                std::fwrite(pending_.data(), 1, need, stdout);
+            pending_ += (char)b;
+            if ((int)pending_.size() == lead_.len) {
+                std::fwrite(pending_.data(), 1, pending_.size(), stdout);
                 pending_.clear();
             }
         } else if (b < 0x80) {
             if (b >= 0x20 ? b != 0x7F : (b == '\n' || b == '\t' || b == '\r' || b == '\v' || b == '\f'))
                 std::fputc(b, stdout);
-        } else if (b >= 0xC2 && b <= 0xF4) {
+        } else if ((lead_ = utf8_lead(b)).len > 1) {
             pending_ += (char)b;
         } else {
             std::fputs("\xEF\xBF\xBD", stdout);  // a byte no character starts with

@@ -82,14 +82,8 @@ def checkpoints(name):
 
 def prompt_of(n_tokens, binary, model, tokenizer):
     """The longest start of the TinyStories sample that is at most n_tokens tokens (BOS included)."""
-    words = STORY.split()[: 4 * n_tokens]
-    count = lambda k: len(subprocess.run([binary, str(model), "-z", str(tokenizer), "-m", "tokenize", "-i",
-                                          " ".join(words[:k])], capture_output=True, check=True).stdout.split())
-    lo, hi = 1, len(words)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if count(mid) <= n_tokens else (lo, mid - 1)
-    return " ".join(words[:lo])
+    from conftest import fit_prompt
+    return fit_prompt(STORY.split()[: 4 * n_tokens], n_tokens, binary, model, tokenizer)
 
 
 def weight_bytes(path):

@@ -110,6 +110,17 @@ def run(binary, *args, stdin=None, env=None, check=True, timeout=300):
     return p
 
 
+def fit_prompt(words, n_tokens, binary, model, tokenizer):
+    """The most leading words whose encoding (BOS included) is at most n_tokens
+    tokens, joined by spaces; found by bisection with `-m tokenize`."""
+    count = lambda k: len(run(binary, model, "-z", tokenizer, "-m", "tokenize", "-i", " ".join(words[:k])).stdout.split())
+    lo, hi = 1, len(words)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if count(mid) <= n_tokens else (lo, mid - 1)
+    return " ".join(words[:lo])
+
+
 def read_dump(path, vocab):
     """RUN_DUMP_LOGITS records: (positions, input tokens, logits (T, vocab) in
     float64, the token chosen after each position or -1)."""

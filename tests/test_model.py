@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import (ROOT, STORIES, TOK512, E, M, decode_text, random_model, read_dump,
+from conftest import (ROOT, STORIES, TOK512, M, decode_text, random_model, read_dump,
                       read_tokenizer, run, save_model, vocab_of_size, write_tokenizer)
 
 U = 2.0 ** -24  # float32 unit roundoff
@@ -42,14 +42,8 @@ def reference_logits(m, tokens):
     sum_k |W[v, k] h[k]|, the scale its rounding error is proportional to."""
     m = m.double()
     with torch.no_grad():
-        logits = m(torch.tensor([tokens]))[0]
-        x = m.tok_embeddings(torch.tensor([tokens]))
-        cos, sin = M.rope_tables(m.args.head_size, len(tokens), m.args.rope_theta)
-        for layer in m.layers:
-            x = layer(x, cos, sin)
-        h = m.norm(x)[0]
-        magnitude = h.abs() @ m.output.weight.abs().T
-    return logits, magnitude
+        h = m.hidden(torch.tensor([tokens]))[0]
+        return m.output(h), h.abs() @ m.output.weight.abs().T
 
 
 def setup_model(tmp_path, name):

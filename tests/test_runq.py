@@ -7,8 +7,8 @@ import struct
 import pytest
 import torch
 
-from conftest import (MODELS, STORIES, TOK512, E, M, random_model, read_dump, read_tokenizer, decode_text,
-                      run, save_model, vocab_of_size, write_tokenizer)
+from conftest import (MODELS, STORIES, TOK512, E, M, decode_text, fit_prompt, random_model, read_dump,
+                      read_tokenizer, run, save_model, vocab_of_size, write_tokenizer)
 
 # Random models: grouped-query attention, a separate classifier, compiled-in
 # and generic group sizes, and an odd vocab_size times dim 30 (2 mod 4 bytes of
@@ -42,12 +42,7 @@ def long_prompt(binary, ckpt, tok, T):
     letters = "abcdefghijklmnopqrstuvwxyz"
     words = ["".join(letters[int(i)] for i in torch.randint(0, 26, (int(n),), generator=g))
              for n in torch.randint(1, 6, (4 * T,), generator=g)]
-    count = lambda k: len(run(binary, ckpt, "-z", tok, "-m", "tokenize", "-i", " ".join(words[:k])).stdout.split())
-    lo, hi = 1, len(words)  # the most words whose tokens fit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if count(mid) <= T else (lo, mid - 1)
-    return " ".join(words[:lo])
+    return fit_prompt(words, T, binary, ckpt, tok)
 
 
 def group_error(t, gs):
@@ -69,11 +64,7 @@ def quantization_bound(m, gs, tokens):
     reach the logits as 4 * n_layers * r * sum_k |W[v,k] h_k|."""
     m = m.double()
     with torch.no_grad():
-        x = m.tok_embeddings(torch.tensor([tokens]))
-        cos, sin = M.rope_tables(m.args.head_size, len(tokens), m.args.rope_theta)
-        for layer in m.layers:
-            x = layer(x, cos, sin)
-        h = m.norm(x)[0]  # (T, dim)
+        h = m.hidden(torch.tensor([tokens]))[0]  # (T, dim)
         W = m.output.weight  # (vocab, dim)
         e_h, e_W = group_error(h, gs), group_error(W, gs)
         own = h.abs() @ e_W.T + e_h @ W.abs().T + e_h @ e_W.T
