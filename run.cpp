@@ -460,33 +460,74 @@ static void accum(float* x, const float* y, int n) {
         }
 }
 
-// dot: a . b over n floats, summed in kLanes independent partial sums, which
-// the compiler maps onto SIMD registers (a single running sum would serialize
-// on the add latency and cannot be vectorized without reassociation).
-// Error: |dot - exact| <= n u sum_j |a[j] b[j]|.
-static inline float dot(const float* a, const float* b, int n) {
-    constexpr int kLanes = 16;
-    float lane[kLanes] = {};
+// Sixteen floats as one value (GCC/clang vector extension): the compiler maps
+// it onto whatever SIMD registers the target has (one AVX-512 register, two
+// AVX, four SSE or NEON) and its arithmetic onto their lanes.
+typedef float f32x16 __attribute__((vector_size(64)));
+static inline void load16(f32x16& v, const float* p) {
+    std::memcpy(&v, p, sizeof v);  // an unaligned load (by reference: no vector crosses a call ABI)
+}
+
+// a * b + c: one rounding where the CPU has a fused multiply-add, else two.
+// Explicit, because the compiler may fuse a * b + c in one inlined copy of a
+// loop and not in another, and then a result would depend on the call site.
+static inline float madd(float a, float b, float c) {
+#ifdef FP_FAST_FMAF
+    return std::fma(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+// dot_tile: out[t * d + r] = w_r . x_t for R weight rows w_r = w + r * n and
+// T tokens x_t = x + t * n: a tile of the output. Each sum runs in 16
+// independent lanes (a single running sum would serialize on the add latency),
+// added up at the end. Every 16 weights loaded serve T tokens and every 16
+// activations R rows: R T multiply-adds per R + T loads, so the tile computes
+// from registers instead of waiting on the cache. A sum's arithmetic is the same,
+// to the bit, for any R and T.
+// Error: |out - exact| <= n u sum_j |w_r[j] x_t[j]| (no term sees more than n roundings).
+template <int R, int T>
+static inline void dot_tile(const float* w, const float* x, int n, float* out, int d) {
+    f32x16 lane[R][T] = {};
     int j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-        for (int k = 0; k < kLanes; k++) lane[k] += a[j + k] * b[j + k];
-    float acc = 0.0f;
-    for (; j < n; j++) acc += a[j] * b[j];  // the tail that fills no full lane set
-    for (int k = 0; k < kLanes; k++) acc += lane[k];
-    return acc;
+    for (; j + 16 <= n; j += 16) {
+        f32x16 xj[T];
+        for (int t = 0; t < T; t++) load16(xj[t], x + (size_t)t * n + j);
+        for (int r = 0; r < R; r++) {
+            f32x16 wj;
+            load16(wj, w + (size_t)r * n + j);
+            for (int t = 0; t < T; t++) lane[r][t] += wj * xj[t];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) {
+            float acc = 0.0f;
+            for (int q = j; q < n; q++) acc = madd(w[(size_t)r * n + q], x[(size_t)t * n + q], acc);  // the tail
+            for (int k = 0; k < 16; k++) acc += lane[r][t][k];
+            out[(size_t)t * d + r] = acc;
+        }
 }
 
 // matmul: W (d, n) @ x (nb, n) -> out (nb, d), any sizes; out must not alias x.
-// Each weight row is read from memory once and, while it sits in cache, dotted
-// with all nb tokens: nb = 1 when generating, up to kBlock when reading a
-// prompt. A token's result does not depend on nb, and rows are split across
-// threads but never split themselves, so neither does it depend on the thread
-// count. Error: as dot, per output.
+// Four weight rows at a time are read from memory once and, while they sit in
+// cache, dotted with all nb tokens, four at a time: nb = 1 when generating, up
+// to kBlock when reading a prompt. A result does not depend on nb or on the
+// tile it was computed in, and rows are split across threads but never split
+// themselves, so neither does it depend on the thread count. Error: as dot_tile.
 static void matmul(float* out, const float* x, const float* w, int n, int d, int nb) {
     #pragma omp parallel for schedule(static)
-    for (int i = 0; i < d; i++) {
-        const float* row = w + (size_t)i * n;
-        for (int b = 0; b < nb; b++) out[(size_t)b * d + i] = dot(row, x + (size_t)b * n, n);
+    for (int i = 0; i < d; i += 4) {
+        const float* wi = w + (size_t)i * n;
+        if (i + 4 <= d) {
+            int b = 0;
+            for (; b + 4 <= nb; b += 4) dot_tile<4, 4>(wi, x + (size_t)b * n, n, out + (size_t)b * d + i, d);
+            for (; b < nb; b++) dot_tile<4, 1>(wi, x + (size_t)b * n, n, out + (size_t)b * d + i, d);
+        } else {  // the last d % 4 rows, one at a time
+            for (int r = i; r < d; r++)
+                for (int b = 0; b < nb; b++)
+                    dot_tile<1, 1>(w + (size_t)r * n, x + (size_t)b * n, n, out + (size_t)b * d + r, d);
+        }
     }
 }
 

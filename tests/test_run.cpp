@@ -54,14 +54,14 @@ static void test_softmax() {
     }
 }
 
-// Both matmuls against a double reference, for 1 and 3 tokens, with x and w
+// Both matmuls against a double reference, for 1 and 6 tokens, with x and w
 // deliberately misaligned by 0..3 floats so no SIMD path can assume alignment;
 // and each token's result the same, to the bit, whether or not it is in a block.
 static void test_matmul() {
     for (int n : kSizes) {
         for (int d : {1, 3, 17, 64}) {
             for (int shift : {0, 1, 3}) {
-                const int nb = shift == 1 ? 3 : 1;
+                const int nb = shift == 1 ? 6 : 1;  // a block (four tokens at once + 2), or one
                 std::vector<float> xs = random_floats((size_t)nb * n + shift, -1, 1);
                 std::vector<float> ws = random_floats((size_t)d * n + shift, -1, 1);
                 const float* x = xs.data() + shift;
