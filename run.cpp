@@ -355,6 +355,18 @@ static RunState make_run_state(const Config& c) {
 // banner; the unit tests (tests/test_run.cpp) check the bounds against
 // double-precision references over odd sizes. u = 2^-24 is the float unit roundoff.
 
+// The clock for the speed report, and a stopwatch that adds the time until
+// the end of its scope to a total (forward's time in matmuls).
+static double now_seconds() {
+    using namespace std::chrono;
+    return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+struct Stopwatch {
+    double& total;
+    const double start = now_seconds();
+    ~Stopwatch() { total += now_seconds() - start; }
+};
+
 // rmsnorm: o[i] = w[i] * x[i] / sqrt(mean(x^2) + eps). o may alias x.
 // Error: |o - exact| <= (n/2 + 6) u |exact| (the sum of squares has relative
 // error <= n u, and the inverse square root halves it).
@@ -509,25 +521,62 @@ static inline void dot_tile(const float* w, const float* x, int n, float* out, i
         }
 }
 
+// The rows of a matrix are computed in tiles of four; tile t holds rows
+// 4t .. 4t + 3 (fewer in the last tile if d % 4 != 0). Parallel loops run over
+// tiles: one matmul's, or several matrices' at once (see forward).
+static inline int tiles(int d) { return (d + 3) / 4; }
+
+// matmul_tile: tile t of W (d, n) @ x (nb, n) -> out (nb, d). The tile's rows
+// are read from memory once and, while they sit in cache, dotted with all nb
+// tokens, four at a time: nb = 1 when generating, up to kBlock when reading a
+// prompt. A result does not depend on nb or on the tile shape it was computed
+// in. Error: as dot_tile.
+static void matmul_tile(float* out, const float* x, const float* w, int n, int d, int nb, int t) {
+    const int i = 4 * t;
+    const float* wi = w + (size_t)i * n;
+    if (i + 4 <= d) {
+        int b = 0;
+        for (; b + 4 <= nb; b += 4) dot_tile<4, 4>(wi, x + (size_t)b * n, n, out + (size_t)b * d + i, d);
+        for (; b < nb; b++) dot_tile<4, 1>(wi, x + (size_t)b * n, n, out + (size_t)b * d + i, d);
+    } else {  // the last d % 4 rows, one at a time
+        for (int r = i; r < d; r++)
+            for (int b = 0; b < nb; b++)
+                dot_tile<1, 1>(w + (size_t)r * n, x + (size_t)b * n, n, out + (size_t)b * d + r, d);
+    }
+}
+
 // matmul: W (d, n) @ x (nb, n) -> out (nb, d), any sizes; out must not alias x.
-// Four weight rows at a time are read from memory once and, while they sit in
-// cache, dotted with all nb tokens, four at a time: nb = 1 when generating, up
-// to kBlock when reading a prompt. A result does not depend on nb or on the
-// tile it was computed in, and rows are split across threads but never split
-// themselves, so neither does it depend on the thread count. Error: as dot_tile.
+// Tiles are split across threads, rows never, so a result does not depend on
+// the thread count either.
 static void matmul(float* out, const float* x, const float* w, int n, int d, int nb) {
     #pragma omp parallel for schedule(static)
-    for (int i = 0; i < d; i += 4) {
-        const float* wi = w + (size_t)i * n;
-        if (i + 4 <= d) {
-            int b = 0;
-            for (; b + 4 <= nb; b += 4) dot_tile<4, 4>(wi, x + (size_t)b * n, n, out + (size_t)b * d + i, d);
-            for (; b < nb; b++) dot_tile<4, 1>(wi, x + (size_t)b * n, n, out + (size_t)b * d + i, d);
-        } else {  // the last d % 4 rows, one at a time
-            for (int r = i; r < d; r++)
-                for (int b = 0; b < nb; b++)
-                    dot_tile<1, 1>(w + (size_t)r * n, x + (size_t)b * n, n, out + (size_t)b * d + r, d);
-        }
+    for (int t = 0; t < tiles(d); t++) matmul_tile(out, x, w, n, d, nb, t);
+}
+
+// matmul_qkv: q, k, v = Wq x, Wk x, Wv x (dq, dkv and dkv rows, n columns, nb
+// tokens): the three matrices' tiles in one parallel loop, so the threads
+// start and meet once instead of three times.
+static void matmul_qkv(float* q, float* k, float* v, const float* x, const float* wq, const float* wk, const float* wv, int n, int dq,
+                       int dkv, int nb) {
+    const int tq = tiles(dq), tkv = tiles(dkv);
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < tq + 2 * tkv; t++) {
+        if (t < tq) matmul_tile(q, x, wq, n, dq, nb, t);
+        else if (t < tq + tkv) matmul_tile(k, x, wk, n, dkv, nb, t - tq);
+        else matmul_tile(v, x, wv, n, dkv, nb, t - tq - tkv);
+    }
+}
+
+// matmul_swiglu: h = silu(W1 x) * (W3 x) (d rows each, nb tokens; h3 is
+// scratch for W3 x): both matrices tile by tile in one parallel loop, the gate
+// applied while the tile is in cache.
+static void matmul_swiglu(float* h, float* h3, const float* x, const float* w1, const float* w3, int n, int d, int nb) {
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles(d); t++) {
+        matmul_tile(h, x, w1, n, d, nb, t);
+        matmul_tile(h3, x, w3, n, d, nb, t);
+        const int i = 4 * t, rows = std::min(4, d - i);
+        for (int b = 0; b < nb; b++) swiglu(h + (size_t)b * d + i, h3 + (size_t)b * d + i, rows);
     }
 }
 
@@ -537,15 +586,16 @@ static void matmul(float* out, const float* x, const float* w, int n, int d, int
 struct Transformer {
     Checkpoint checkpoint;
     RunState state;
+    double matmul_seconds = 0;  // time spent in forward's matmuls, for the speed report
     const Config& config() const { return checkpoint.config; }
 };
 
 // forward: the n <= kBlock tokens at positions pos .. pos + n - 1 in; logits
 // out, for the last token, or for all n (rows of vocab_size) if all_logits.
-static float* forward(Transformer& t, const int* tokens, int n, int pos, bool all_logits) {
-    const Config& c = t.checkpoint.config;
-    const TransformerWeights& w = t.checkpoint.w;
-    RunState& s = t.state;
+static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool all_logits) {
+    const Config& c = tr.checkpoint.config;
+    const TransformerWeights& w = tr.checkpoint.w;
+    RunState& s = tr.state;
     const size_t dim = c.dim, kv_dim = c.kv_dim(), hidden = c.hidden_dim;
     float* x = s.x.get();
 
@@ -560,30 +610,43 @@ static float* forward(Transformer& t, const int* tokens, int n, int pos, bool al
         // q, k, v = wq(h), wk(h), wv(h); k and v go straight into the cache
         float* k = s.key_cache.get() + (l * c.seq_len + pos) * kv_dim;
         float* v = s.value_cache.get() + (l * c.seq_len + pos) * kv_dim;
-        matmul(s.q.get(), s.xb.get(), w.wq + l * dim * dim, dim, dim, n);
-        matmul(k, s.xb.get(), w.wk + l * kv_dim * dim, dim, kv_dim, n);
-        matmul(v, s.xb.get(), w.wv + l * kv_dim * dim, dim, kv_dim, n);
+        {
+            Stopwatch clock{tr.matmul_seconds};
+            matmul_qkv(s.q.get(), k, v, s.xb.get(), w.wq + l * dim * dim, w.wk + l * kv_dim * dim,
+                       w.wv + l * kv_dim * dim, dim, dim, kv_dim, n);
+        }
 
         // q, k = apply_rope(q, k); out = softmax(q @ k.T / sqrt(head_size), causal) @ v
         attention(s, c, l, pos, n);
 
         // x = x + self.attention.wo(out)
-        matmul(s.xb2.get(), s.xb.get(), w.wo + l * dim * dim, dim, dim, n);
+        {
+            Stopwatch clock{tr.matmul_seconds};
+            matmul(s.xb2.get(), s.xb.get(), w.wo + l * dim * dim, dim, dim, n);
+        }
         accum(x, s.xb2.get(), n * dim);
 
         // h = self.ffn_norm(x); x = x + w2(silu(w1(h)) * w3(h))
         for (int b = 0; b < n; b++) rmsnorm(s.xb.get() + b * dim, x + b * dim, w.rms_ffn + l * dim, dim, c.norm_eps);
-        matmul(s.hb.get(), s.xb.get(), w.w1 + l * hidden * dim, dim, hidden, n);
-        matmul(s.hb2.get(), s.xb.get(), w.w3 + l * hidden * dim, dim, hidden, n);
-        swiglu(s.hb.get(), s.hb2.get(), n * hidden);
-        matmul(s.xb.get(), s.hb.get(), w.w2 + l * dim * hidden, hidden, dim, n);
+        {
+            Stopwatch clock{tr.matmul_seconds};
+            matmul_swiglu(s.hb.get(), s.hb2.get(), s.xb.get(), w.w1 + l * hidden * dim, w.w3 + l * hidden * dim,
+                          dim, hidden, n);
+        }
+        {
+            Stopwatch clock{tr.matmul_seconds};
+            matmul(s.xb.get(), s.hb.get(), w.w2 + l * dim * hidden, hidden, dim, n);
+        }
         accum(x, s.xb.get(), n * dim);
     }
 
     // logits = self.output(self.norm(x)), for the tokens whose logits are wanted
     const int first = all_logits ? 0 : n - 1;
     for (int b = first; b < n; b++) rmsnorm(x + b * dim, x + b * dim, w.rms_final, dim, c.norm_eps);
-    matmul(s.logits.get(), x + first * dim, w.wcls, dim, c.vocab_size, n - first);
+    {
+        Stopwatch clock{tr.matmul_seconds};
+        matmul(s.logits.get(), x + first * dim, w.wcls, dim, c.vocab_size, n - first);
+    }
     return s.logits.get();
 }
 
@@ -875,11 +938,6 @@ static int sample(Sampler& s, float* logits, int n) {
 // ----------------------------------------------------------------------------
 // Generate and chat
 
-static double now_seconds() {
-    using namespace std::chrono;
-    return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
-
 // Test hook (RUN_DUMP_LOGITS=file): a record per position: int32 pos, int32
 // input token, float logits[vocab], then int32 the token chosen next (forced
 // or sampled; -1 if none). tests/conftest.py reads it.
@@ -933,7 +991,7 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
     for (int i = 1; i < n_prompt; i++) out.write(decode(tok, prompt_tokens[i - 1], prompt_tokens[i], &byte));
     const double start = now_seconds();
     float* logits = prefill(tr, prompt_tokens, 0, hooks);
-    const double prompt_done = now_seconds();
+    const double prompt_done = now_seconds(), prompt_matmuls = tr.matmul_seconds;
 
     // Each step samples from the last logits, then runs the new token at `pos`.
     int token = prompt_tokens.back(), generated = 0;
@@ -953,10 +1011,10 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
     std::fflush(stdout);
     // The prompt's forward passes yield the first new token; each later
     // forward yields one more, so generation speed counts generated - 1.
-    const double end = now_seconds();
-    std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s\n",
+    const double end = now_seconds(), elapsed = std::max(end - prompt_done, 1e-9);
+    std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s, %.0f%% of it in matmuls\n",
                  n_prompt, n_prompt / std::max(prompt_done - start, 1e-9), generated,
-                 std::max(generated - 1, 0) / std::max(end - prompt_done, 1e-9));
+                 std::max(generated - 1, 0) / elapsed, 100 * (tr.matmul_seconds - prompt_matmuls) / elapsed);
 }
 
 // Reads one line from stdin after printing a label; false at end of input.

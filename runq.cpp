@@ -415,6 +415,18 @@ static RunState make_run_state(const Config& c) {
 // banner; the unit tests (tests/test_run.cpp) check the bounds against
 // double-precision references over odd sizes. u = 2^-24 is the float unit roundoff.
 
+// The clock for the speed report, and a stopwatch that adds the time until
+// the end of its scope to a total (forward's time in matmuls).
+static double now_seconds() {
+    using namespace std::chrono;
+    return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+struct Stopwatch {
+    double& total;
+    const double start = now_seconds();
+    ~Stopwatch() { total += now_seconds() - start; }
+};
+
 // rmsnorm: o[i] = w[i] * x[i] / sqrt(mean(x^2) + eps). o may alias x.
 // Error: |o - exact| <= (n/2 + 6) u |exact| (the sum of squares has relative
 // error <= n u, and the inverse square root halves it).
@@ -658,18 +670,17 @@ static inline float add_group(float acc, int32_t dot, float sx, float sw) {
         }
 }
 
-// matmul_groups: matmul_reference's result exactly, faster. GS is the group
-// size fixed at compile time (so the group's loop unrolls completely), or 0 to
-// read it from w. Each weight row is read from memory once and, while it sits
-// in cache, used for all nb tokens (1 when generating, up to kBlock when
-// reading a prompt, four at a time). Rows are split across threads and never split
-// themselves, so the result depends neither on nb nor on the thread count.
+// matmul_rows: rows begin .. end - 1 of matmul_reference's result exactly,
+// faster. GS is the group size fixed at compile time (so the group's loop
+// unrolls completely), or 0 to read it from w. Each weight row is read from
+// memory once and, while it sits in cache, used for all nb tokens (1 when
+// generating, up to kBlock when reading a prompt, four at a time). A row's
+// result does not depend on nb.
 template <int GS>
-static void matmul_groups(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d,
-                          int nb) {
+static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
+                        int begin, int end) {
     const int gs = GS ? GS : w.group_size, groups = n / gs;
-    #pragma omp parallel for schedule(static)
-    for (int i = 0; i < d; i++) {
+    for (int i = begin; i < end; i++) {
         const int8_t* row = w.q + (size_t)i * n;
         const float* row_s = w.s + (size_t)i * groups;
         int b = 0;
@@ -695,16 +706,57 @@ static void matmul_groups(float* out, const QuantizedTensor& x, const QuantizedT
     }
 }
 
-// matmul: W (d, n) @ x (nb, n) -> out (nb, d), x and w quantized with the same
-// group size, which divides n. Error against the exact product of the
-// dequantized values: the dot products are exact; the float side adds
+// The rows of a matrix are computed in tiles of four; tile t holds rows
+// 4t .. 4t + 3 (fewer in the last tile if d % 4 != 0). Parallel loops run over
+// tiles: one matmul's, or several matrices' at once (see forward).
+static inline int tiles(int d) { return (d + 3) / 4; }
+
+// matmul_tile: tile t of W (d, n) @ x (nb, n) -> out (nb, d), x and w quantized
+// with the same group size, which divides n. Error against the exact product
+// of the dequantized values: the dot products are exact; the float side adds
 // (n / group_size + 2) u sum_g |dot_g sx_g sw_g| per output.
-static void matmul(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb) {
+static void matmul_tile(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
+                        int t) {
+    const int begin = 4 * t, end = std::min(d, begin + 4);
     switch (w.group_size) {
-    case 32: matmul_groups<32>(out, x, w, n, d, nb); break;
-    case 64: matmul_groups<64>(out, x, w, n, d, nb); break;
-    case 128: matmul_groups<128>(out, x, w, n, d, nb); break;
-    default: matmul_groups<0>(out, x, w, n, d, nb); break;
+    case 32: matmul_rows<32>(out, x, w, n, d, nb, begin, end); break;
+    case 64: matmul_rows<64>(out, x, w, n, d, nb, begin, end); break;
+    case 128: matmul_rows<128>(out, x, w, n, d, nb, begin, end); break;
+    default: matmul_rows<0>(out, x, w, n, d, nb, begin, end); break;
+    }
+}
+
+// matmul: W (d, n) @ x (nb, n) -> out (nb, d). Tiles are split across
+// threads, rows never, so a result does not depend on the thread count.
+static void matmul(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb) {
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles(d); t++) matmul_tile(out, x, w, n, d, nb, t);
+}
+
+// matmul_qkv: q, k, v = Wq x, Wk x, Wv x (dq, dkv and dkv rows, n columns, nb
+// tokens): the three matrices' tiles in one parallel loop, so the threads
+// start and meet once instead of three times.
+static void matmul_qkv(float* q, float* k, float* v, const QuantizedTensor& x, const QuantizedTensor& wq, const QuantizedTensor& wk, const QuantizedTensor& wv, int n, int dq,
+                       int dkv, int nb) {
+    const int tq = tiles(dq), tkv = tiles(dkv);
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < tq + 2 * tkv; t++) {
+        if (t < tq) matmul_tile(q, x, wq, n, dq, nb, t);
+        else if (t < tq + tkv) matmul_tile(k, x, wk, n, dkv, nb, t - tq);
+        else matmul_tile(v, x, wv, n, dkv, nb, t - tq - tkv);
+    }
+}
+
+// matmul_swiglu: h = silu(W1 x) * (W3 x) (d rows each, nb tokens; h3 is
+// scratch for W3 x): both matrices tile by tile in one parallel loop, the gate
+// applied while the tile is in cache.
+static void matmul_swiglu(float* h, float* h3, const QuantizedTensor& x, const QuantizedTensor& w1, const QuantizedTensor& w3, int n, int d, int nb) {
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles(d); t++) {
+        matmul_tile(h, x, w1, n, d, nb, t);
+        matmul_tile(h3, x, w3, n, d, nb, t);
+        const int i = 4 * t, rows = std::min(4, d - i);
+        for (int b = 0; b < nb; b++) swiglu(h + (size_t)b * d + i, h3 + (size_t)b * d + i, rows);
     }
 }
 
@@ -714,15 +766,16 @@ static void matmul(float* out, const QuantizedTensor& x, const QuantizedTensor& 
 struct Transformer {
     Checkpoint checkpoint;
     RunState state;
+    double matmul_seconds = 0;  // time spent in forward's matmuls, for the speed report
     const Config& config() const { return checkpoint.config; }
 };
 
 // forward: the n <= kBlock tokens at positions pos .. pos + n - 1 in; logits
 // out, for the last token, or for all n (rows of vocab_size) if all_logits.
-static float* forward(Transformer& t, const int* tokens, int n, int pos, bool all_logits) {
-    const Config& c = t.checkpoint.config;
-    const TransformerWeights& w = t.checkpoint.w;
-    RunState& s = t.state;
+static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool all_logits) {
+    const Config& c = tr.checkpoint.config;
+    const TransformerWeights& w = tr.checkpoint.w;
+    RunState& s = tr.state;
     const size_t dim = c.dim, kv_dim = c.kv_dim(), hidden = c.hidden_dim;
     float* x = s.x.get();
     QuantizedTensor& xq = s.xq.t;
@@ -740,26 +793,34 @@ static float* forward(Transformer& t, const int* tokens, int n, int pos, bool al
         float* k = s.key_cache.get() + (l * c.seq_len + pos) * kv_dim;
         float* v = s.value_cache.get() + (l * c.seq_len + pos) * kv_dim;
         quantize(xq, s.xb.get(), n * dim);
-        matmul(s.q.get(), xq, w.wq[l], dim, dim, n);
-        matmul(k, xq, w.wk[l], dim, kv_dim, n);
-        matmul(v, xq, w.wv[l], dim, kv_dim, n);
+        {
+            Stopwatch clock{tr.matmul_seconds};
+            matmul_qkv(s.q.get(), k, v, xq, w.wq[l], w.wk[l], w.wv[l], dim, dim, kv_dim, n);
+        }
 
         // q, k = apply_rope(q, k); out = softmax(q @ k.T / sqrt(head_size), causal) @ v
         attention(s, c, l, pos, n);
 
         // x = x + self.attention.wo(out)
         quantize(xq, s.xb.get(), n * dim);
-        matmul(s.xb2.get(), xq, w.wo[l], dim, dim, n);
+        {
+            Stopwatch clock{tr.matmul_seconds};
+            matmul(s.xb2.get(), xq, w.wo[l], dim, dim, n);
+        }
         accum(x, s.xb2.get(), n * dim);
 
         // h = self.ffn_norm(x); x = x + w2(silu(w1(h)) * w3(h))
         for (int b = 0; b < n; b++) rmsnorm(s.xb.get() + b * dim, x + b * dim, w.rms_ffn + l * dim, dim, c.norm_eps);
         quantize(xq, s.xb.get(), n * dim);
-        matmul(s.hb.get(), xq, w.w1[l], dim, hidden, n);
-        matmul(s.hb2.get(), xq, w.w3[l], dim, hidden, n);
-        swiglu(s.hb.get(), s.hb2.get(), n * hidden);
+        {
+            Stopwatch clock{tr.matmul_seconds};
+            matmul_swiglu(s.hb.get(), s.hb2.get(), xq, w.w1[l], w.w3[l], dim, hidden, n);
+        }
         quantize(s.hq.t, s.hb.get(), n * hidden);
-        matmul(s.xb.get(), s.hq.t, w.w2[l], hidden, dim, n);
+        {
+            Stopwatch clock{tr.matmul_seconds};
+            matmul(s.xb.get(), s.hq.t, w.w2[l], hidden, dim, n);
+        }
         accum(x, s.xb.get(), n * dim);
     }
 
@@ -767,7 +828,10 @@ static float* forward(Transformer& t, const int* tokens, int n, int pos, bool al
     const int first = all_logits ? 0 : n - 1;
     for (int b = first; b < n; b++) rmsnorm(x + b * dim, x + b * dim, w.rms_final, dim, c.norm_eps);
     quantize(xq, x + first * dim, (n - first) * dim);
-    matmul(s.logits.get(), xq, w.wcls, dim, c.vocab_size, n - first);
+    {
+        Stopwatch clock{tr.matmul_seconds};
+        matmul(s.logits.get(), xq, w.wcls, dim, c.vocab_size, n - first);
+    }
     return s.logits.get();
 }
 
@@ -1059,11 +1123,6 @@ static int sample(Sampler& s, float* logits, int n) {
 // ----------------------------------------------------------------------------
 // Generate and chat
 
-static double now_seconds() {
-    using namespace std::chrono;
-    return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
-
 // Test hook (RUN_DUMP_LOGITS=file): a record per position: int32 pos, int32
 // input token, float logits[vocab], then int32 the token chosen next (forced
 // or sampled; -1 if none). tests/conftest.py reads it.
@@ -1117,7 +1176,7 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
     for (int i = 1; i < n_prompt; i++) out.write(decode(tok, prompt_tokens[i - 1], prompt_tokens[i], &byte));
     const double start = now_seconds();
     float* logits = prefill(tr, prompt_tokens, 0, hooks);
-    const double prompt_done = now_seconds();
+    const double prompt_done = now_seconds(), prompt_matmuls = tr.matmul_seconds;
 
     // Each step samples from the last logits, then runs the new token at `pos`.
     int token = prompt_tokens.back(), generated = 0;
@@ -1137,10 +1196,10 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
     std::fflush(stdout);
     // The prompt's forward passes yield the first new token; each later
     // forward yields one more, so generation speed counts generated - 1.
-    const double end = now_seconds();
-    std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s\n",
+    const double end = now_seconds(), elapsed = std::max(end - prompt_done, 1e-9);
+    std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s, %.0f%% of it in matmuls\n",
                  n_prompt, n_prompt / std::max(prompt_done - start, 1e-9), generated,
-                 std::max(generated - 1, 0) / std::max(end - prompt_done, 1e-9));
+                 std::max(generated - 1, 0) / elapsed, 100 * (tr.matmul_seconds - prompt_matmuls) / elapsed);
 }
 
 // Reads one line from stdin after printing a label; false at end of input.

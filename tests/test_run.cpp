@@ -359,10 +359,39 @@ static void test_sampler() {
     CHECK(greedy.rng_state == 5 && hot.rng_state == once, "random draws per sample: 0 greedy, 1 otherwise");
 }
 
+// The fused passes equal separate matmuls (and the gate after them) to the bit:
+// q, k, v in one loop over all their tiles; w1 and w3 with SwiGLU tile by tile.
+static void test_fused_matmuls() {
+    for (int n : {5, 16, 33})
+        for (int dq : {3, 8, 17})
+            for (int dkv : {1, 4, 6})
+                for (int nb : {1, 6}) {
+                    const std::vector<float> x = random_floats((size_t)nb * n, -1, 1);
+                    const std::vector<float> wq = random_floats((size_t)dq * n, -1, 1);
+                    const std::vector<float> wk = random_floats((size_t)dkv * n, -1, 1);
+                    const std::vector<float> wv = random_floats((size_t)dkv * n, -1, 1);
+                    const std::vector<float> w3 = random_floats((size_t)dq * n, -1, 1);
+                    std::vector<float> q(nb * dq), k(nb * dkv), v(nb * dkv), q2(q), k2(k), v2(v);
+                    matmul_qkv(q.data(), k.data(), v.data(), x.data(), wq.data(), wk.data(), wv.data(), n, dq, dkv, nb);
+                    matmul(q2.data(), x.data(), wq.data(), n, dq, nb);
+                    matmul(k2.data(), x.data(), wk.data(), n, dkv, nb);
+                    matmul(v2.data(), x.data(), wv.data(), n, dkv, nb);
+                    CHECK(q == q2 && k == k2 && v == v2, "matmul_qkv n=%d dq=%d dkv=%d nb=%d", n, dq, dkv, nb);
+
+                    std::vector<float> h(nb * dq), h3(nb * dq), g1(nb * dq), g3(nb * dq);
+                    matmul_swiglu(h.data(), h3.data(), x.data(), wq.data(), w3.data(), n, dq, nb);
+                    matmul(g1.data(), x.data(), wq.data(), n, dq, nb);
+                    matmul(g3.data(), x.data(), w3.data(), n, dq, nb);
+                    swiglu(g1.data(), g3.data(), nb * dq);
+                    CHECK(h == g1, "matmul_swiglu n=%d d=%d nb=%d", n, dq, nb);
+                }
+}
+
 int main() {
     test_rmsnorm();
     test_softmax();
     test_matmul();
+    test_fused_matmuls();
     test_rope();
     test_tokenizer();
     test_text_out();

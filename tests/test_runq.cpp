@@ -116,8 +116,43 @@ static void test_dot_extremes() {
     }
 }
 
+// The fused passes equal separate matmuls (and the gate after them) to the bit:
+// q, k, v in one loop over all their tiles; w1 and w3 with SwiGLU tile by tile.
+static void test_fused_matmuls() {
+    for (int gs : {4, 32, 48})
+        for (int dq : {3, 8, 17})
+            for (int dkv : {1, 4, 6})
+                for (int nb : {1, 6}) {
+                    const int n = 3 * gs, groups = 3;
+                    auto random_tensor = [&](int rows, std::vector<int8_t>& q, std::vector<float>& s) {
+                        q.resize((size_t)rows * n), s.resize((size_t)rows * groups);
+                        fill_random(q, s);
+                        return QuantizedTensor{q.data(), s.data(), gs};
+                    };
+                    std::vector<int8_t> xq, qq, kq, vq, w3q;
+                    std::vector<float> xs, qs, ks, vs, w3s;
+                    const QuantizedTensor x = random_tensor(nb, xq, xs), wq = random_tensor(dq, qq, qs),
+                                          wk = random_tensor(dkv, kq, ks), wv = random_tensor(dkv, vq, vs),
+                                          w3 = random_tensor(dq, w3q, w3s);
+                    std::vector<float> q(nb * dq), k(nb * dkv), v(nb * dkv), q2(q), k2(k), v2(v);
+                    matmul_qkv(q.data(), k.data(), v.data(), x, wq, wk, wv, n, dq, dkv, nb);
+                    matmul(q2.data(), x, wq, n, dq, nb);
+                    matmul(k2.data(), x, wk, n, dkv, nb);
+                    matmul(v2.data(), x, wv, n, dkv, nb);
+                    CHECK(q == q2 && k == k2 && v == v2, "matmul_qkv gs=%d dq=%d dkv=%d nb=%d", gs, dq, dkv, nb);
+
+                    std::vector<float> h(nb * dq), h3(nb * dq), g1(nb * dq), g3(nb * dq);
+                    matmul_swiglu(h.data(), h3.data(), x, wq, w3, n, dq, nb);
+                    matmul(g1.data(), x, wq, n, dq, nb);
+                    matmul(g3.data(), x, w3, n, dq, nb);
+                    swiglu(g1.data(), g3.data(), nb * dq);
+                    CHECK(h == g1, "matmul_swiglu gs=%d d=%d nb=%d", gs, dq, nb);
+                }
+}
+
 int main() {
     test_quantize();
+    test_fused_matmuls();
     test_dot_extremes();
     test_matmul();
     return finish();
