@@ -479,6 +479,15 @@ typedef float f32x16 __attribute__((vector_size(64)));
 static inline void load16(f32x16& v, const float* p) {
     std::memcpy(&v, p, sizeof v);  // an unaligned load (by reference: no vector crosses a call ABI)
 }
+// The sum of v's 16 lanes, halving the vector four times: a chain of four
+// dependent adds where adding lane by lane would be sixteen.
+static inline float hsum16(const f32x16& v) {
+    float a[16];
+    std::memcpy(a, &v, sizeof a);
+    for (int half = 8; half >= 1; half /= 2)
+        for (int k = 0; k < half; k++) a[k] += a[k + half];
+    return a[0];
+}
 
 // a * b + c: one rounding where the CPU has a fused multiply-add, else two.
 // Explicit, because the compiler may fuse a * b + c in one inlined copy of a
@@ -494,7 +503,7 @@ static inline float madd(float a, float b, float c) {
 // dot_tile: out[t * d + r] = w_r . x_t for R weight rows w_r = w + r * n and
 // T tokens x_t = x + t * n: a tile of the output. Each sum runs in 16
 // independent lanes (a single running sum would serialize on the add latency),
-// added up at the end. Every 16 weights loaded serve T tokens and every 16
+// added up at the end by hsum16. Every 16 weights loaded serve T tokens and every 16
 // activations R rows: R T multiply-adds per R + T loads, so the tile computes
 // from registers instead of waiting on the cache. A sum's arithmetic is the same,
 // to the bit, for any R and T.
@@ -514,10 +523,9 @@ static inline void dot_tile(const float* w, const float* x, int n, float* out, i
     }
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) {
-            float acc = 0.0f;
-            for (int q = j; q < n; q++) acc = madd(w[(size_t)r * n + q], x[(size_t)t * n + q], acc);  // the tail
-            for (int k = 0; k < 16; k++) acc += lane[r][t][k];
-            out[(size_t)t * d + r] = acc;
+            float tail = 0.0f;  // the last n % 16 products
+            for (int q = j; q < n; q++) tail = madd(w[(size_t)r * n + q], x[(size_t)t * n + q], tail);
+            out[(size_t)t * d + r] = hsum16(lane[r][t]) + tail;
         }
 }
 
@@ -528,21 +536,19 @@ static inline int tiles(int d) { return (d + 3) / 4; }
 
 // matmul_tile: tile t of W (d, n) @ x (nb, n) -> out (nb, d). The tile's rows
 // are read from memory once and, while they sit in cache, dotted with all nb
-// tokens, four at a time: nb = 1 when generating, up to kBlock when reading a
-// prompt. A result does not depend on nb or on the tile shape it was computed
-// in. Error: as dot_tile.
+// tokens (1 when generating, up to kBlock when reading a prompt), four by four.
+// A result does not depend on nb or on the tile shape it was computed in.
+// Error: as dot_tile.
 static void matmul_tile(float* out, const float* x, const float* w, int n, int d, int nb, int t) {
-    const int i = 4 * t;
-    const float* wi = w + (size_t)i * n;
-    if (i + 4 <= d) {
-        int b = 0;
-        for (; b + 4 <= nb; b += 4) dot_tile<4, 4>(wi, x + (size_t)b * n, n, out + (size_t)b * d + i, d);
-        for (; b < nb; b++) dot_tile<4, 1>(wi, x + (size_t)b * n, n, out + (size_t)b * d + i, d);
-    } else {  // the last d % 4 rows, one at a time
-        for (int r = i; r < d; r++)
-            for (int b = 0; b < nb; b++)
-                dot_tile<1, 1>(w + (size_t)r * n, x + (size_t)b * n, n, out + (size_t)b * d + r, d);
-    }
+    const int i = 4 * t, end = std::min(i + 4, d);
+    int b = 0;
+    if (end - i == 4)  // four rows by four tokens
+        for (; b + 4 <= nb; b += 4) dot_tile<4, 4>(w + (size_t)i * n, x + (size_t)b * n, n, out + (size_t)b * d + i, d);
+    // the tokens left over (all of them when generating) one row at a time: streaming
+    // one row is faster than four side by side when the weights come from memory
+    for (int r = i; r < end; r++)
+        for (int c = b; c < nb; c++)
+            dot_tile<1, 1>(w + (size_t)r * n, x + (size_t)c * n, n, out + (size_t)c * d + r, d);
 }
 
 // matmul: W (d, n) @ x (nb, n) -> out (nb, d), any sizes; out must not alias x.
