@@ -356,7 +356,7 @@ static RunState make_run_state(const Config& c) {
 // double-precision references over odd sizes. u = 2^-24 is the float unit roundoff.
 
 // The clock for the speed report, and a stopwatch that adds the time until
-// the end of its scope to a total (forward's time in matmuls).
+// the end of its scope to a total (forward's time in matmuls and attention).
 static double now_seconds() {
     using namespace std::chrono;
     return duration<double>(steady_clock::now().time_since_epoch()).count();
@@ -366,6 +366,71 @@ struct Stopwatch {
     const double start = now_seconds();
     ~Stopwatch() { total += now_seconds() - start; }
 };
+
+// Sixteen floats as one value (GCC/clang vector extension): the compiler maps
+// it onto whatever SIMD registers the target has (one AVX-512 register, two
+// AVX, four SSE or NEON) and its arithmetic onto their lanes.
+typedef float f32x16 __attribute__((vector_size(64)));
+static inline void load16(f32x16& v, const float* p) {
+    std::memcpy(&v, p, sizeof v);  // an unaligned load (by reference: no vector crosses a call ABI)
+}
+// The sum of v's 16 lanes, halving the vector four times: a chain of four
+// dependent adds where adding lane by lane would be sixteen.
+static inline float hsum16(const f32x16& v) {
+    float a[16];
+    std::memcpy(a, &v, sizeof a);
+    for (int half = 8; half >= 1; half /= 2)
+        for (int k = 0; k < half; k++) a[k] += a[k + half];
+    return a[0];
+}
+
+// a * b + c: one rounding where the CPU has a fused multiply-add, else two.
+// Explicit, because the compiler may fuse a * b + c in one inlined copy of a
+// loop and not in another, and then a result would depend on the call site.
+static inline float madd(float a, float b, float c) {
+#ifdef FP_FAST_FMAF
+    return std::fma(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+// dot_tile: out[t * d + r] = w_r . x_t for R weight rows w_r = w + r * n and
+// T tokens x_t = x + t * n: a tile of the output. Each sum runs in 16
+// independent lanes (a single running sum would serialize on the add latency),
+// added up at the end by hsum16. Every 16 weights loaded serve T tokens and every 16
+// activations R rows: R T multiply-adds per R + T loads, so the tile computes
+// from registers instead of waiting on the cache. A sum's arithmetic is the same,
+// to the bit, for any R and T.
+// Error: |out - exact| <= n u sum_j |w_r[j] x_t[j]| (no term sees more than n roundings).
+template <int R, int T>
+static inline void dot_tile(const float* w, const float* x, int n, float* out, int d) {
+    f32x16 lane[R][T] = {};
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        f32x16 xj[T];
+        for (int t = 0; t < T; t++) load16(xj[t], x + (size_t)t * n + j);
+        for (int r = 0; r < R; r++) {
+            f32x16 wj;
+            load16(wj, w + (size_t)r * n + j);
+            for (int t = 0; t < T; t++) lane[r][t] += wj * xj[t];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) {
+            float tail = 0.0f;  // the last n % 16 products
+            for (int q = j; q < n; q++) tail = madd(w[(size_t)r * n + q], x[(size_t)t * n + q], tail);
+            out[(size_t)t * d + r] = hsum16(lane[r][t]) + tail;
+        }
+}
+
+// dot: a . b over n floats, as dot_tile computes it (attention's scores).
+// Error: as dot_tile.
+static inline float dot(const float* a, const float* b, int n) {
+    float out;
+    dot_tile<1, 1>(a, b, n, &out, 1);
+    return out;
+}
 
 // rmsnorm: o[i] = w[i] * x[i] / sqrt(mean(x^2) + eps). o may alias x.
 // Error: |o - exact| <= (n/2 + 6) u |exact| (the sum of squares has relative
@@ -430,12 +495,7 @@ static void attention(RunState& s, const Config& c, int l, int pos, int n) {
         const float* qh = s.q.get() + (size_t)b * c.dim + h * head_size;
         const int kv_off = (h / kv_mul) * head_size;
         float* att = s.att.get() + (size_t)bh * c.seq_len;
-        for (int t = 0; t <= last; t++) {
-            const float* kt = k_layer + (size_t)t * kv_dim + kv_off;
-            float dot = 0.0f;
-            for (int i = 0; i < head_size; i++) dot += qh[i] * kt[i];
-            att[t] = dot * inv_sqrt;
-        }
+        for (int t = 0; t <= last; t++) att[t] = dot(qh, k_layer + (size_t)t * kv_dim + kv_off, head_size) * inv_sqrt;
         softmax(att, last + 1);
         float* out = s.xb.get() + (size_t)b * c.dim + h * head_size;
         std::fill(out, out + head_size, 0.0f);
@@ -469,63 +529,6 @@ static void accum(float* x, const float* y, int n) {
             float acc = 0.0f;
             for (int j = 0; j < n; j++) acc += w[(size_t)i * n + j] * x[(size_t)b * n + j];
             out[(size_t)b * d + i] = acc;
-        }
-}
-
-// Sixteen floats as one value (GCC/clang vector extension): the compiler maps
-// it onto whatever SIMD registers the target has (one AVX-512 register, two
-// AVX, four SSE or NEON) and its arithmetic onto their lanes.
-typedef float f32x16 __attribute__((vector_size(64)));
-static inline void load16(f32x16& v, const float* p) {
-    std::memcpy(&v, p, sizeof v);  // an unaligned load (by reference: no vector crosses a call ABI)
-}
-// The sum of v's 16 lanes, halving the vector four times: a chain of four
-// dependent adds where adding lane by lane would be sixteen.
-static inline float hsum16(const f32x16& v) {
-    float a[16];
-    std::memcpy(a, &v, sizeof a);
-    for (int half = 8; half >= 1; half /= 2)
-        for (int k = 0; k < half; k++) a[k] += a[k + half];
-    return a[0];
-}
-
-// a * b + c: one rounding where the CPU has a fused multiply-add, else two.
-// Explicit, because the compiler may fuse a * b + c in one inlined copy of a
-// loop and not in another, and then a result would depend on the call site.
-static inline float madd(float a, float b, float c) {
-#ifdef FP_FAST_FMAF
-    return std::fma(a, b, c);
-#else
-    return a * b + c;
-#endif
-}
-
-// dot_tile: out[t * d + r] = w_r . x_t for R weight rows w_r = w + r * n and
-// T tokens x_t = x + t * n: a tile of the output. Each sum runs in 16
-// independent lanes (a single running sum would serialize on the add latency),
-// added up at the end by hsum16. Every 16 weights loaded serve T tokens and every 16
-// activations R rows: R T multiply-adds per R + T loads, so the tile computes
-// from registers instead of waiting on the cache. A sum's arithmetic is the same,
-// to the bit, for any R and T.
-// Error: |out - exact| <= n u sum_j |w_r[j] x_t[j]| (no term sees more than n roundings).
-template <int R, int T>
-static inline void dot_tile(const float* w, const float* x, int n, float* out, int d) {
-    f32x16 lane[R][T] = {};
-    int j = 0;
-    for (; j + 16 <= n; j += 16) {
-        f32x16 xj[T];
-        for (int t = 0; t < T; t++) load16(xj[t], x + (size_t)t * n + j);
-        for (int r = 0; r < R; r++) {
-            f32x16 wj;
-            load16(wj, w + (size_t)r * n + j);
-            for (int t = 0; t < T; t++) lane[r][t] += wj * xj[t];
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) {
-            float tail = 0.0f;  // the last n % 16 products
-            for (int q = j; q < n; q++) tail = madd(w[(size_t)r * n + q], x[(size_t)t * n + q], tail);
-            out[(size_t)t * d + r] = hsum16(lane[r][t]) + tail;
         }
 }
 
@@ -592,7 +595,7 @@ static void matmul_swiglu(float* h, float* h3, const float* x, const float* w1, 
 struct Transformer {
     Checkpoint checkpoint;
     RunState state;
-    double matmul_seconds = 0;  // time spent in forward's matmuls, for the speed report
+    double matmul_seconds = 0, attention_seconds = 0;  // time spent in forward's parts, for the speed report
     const Config& config() const { return checkpoint.config; }
 };
 
@@ -623,7 +626,10 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
         }
 
         // q, k = apply_rope(q, k); out = softmax(q @ k.T / sqrt(head_size), causal) @ v
-        attention(s, c, l, pos, n);
+        {
+            Stopwatch clock{tr.attention_seconds};
+            attention(s, c, l, pos, n);
+        }
 
         // x = x + self.attention.wo(out)
         {
@@ -997,7 +1003,7 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
     for (int i = 1; i < n_prompt; i++) out.write(decode(tok, prompt_tokens[i - 1], prompt_tokens[i], &byte));
     const double start = now_seconds();
     float* logits = prefill(tr, prompt_tokens, 0, hooks);
-    const double prompt_done = now_seconds(), prompt_matmuls = tr.matmul_seconds;
+    const double prompt_done = now_seconds(), prompt_matmul = tr.matmul_seconds, prompt_att = tr.attention_seconds;
 
     // Each step samples from the last logits, then runs the new token at `pos`.
     int token = prompt_tokens.back(), generated = 0;
@@ -1018,9 +1024,10 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
     // The prompt's forward passes yield the first new token; each later
     // forward yields one more, so generation speed counts generated - 1.
     const double end = now_seconds(), elapsed = std::max(end - prompt_done, 1e-9);
-    std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s, %.0f%% of it in matmuls\n",
+    std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s (%.0f%% matmuls, %.0f%% attention)\n",
                  n_prompt, n_prompt / std::max(prompt_done - start, 1e-9), generated,
-                 std::max(generated - 1, 0) / elapsed, 100 * (tr.matmul_seconds - prompt_matmuls) / elapsed);
+                 std::max(generated - 1, 0) / elapsed, 100 * (tr.matmul_seconds - prompt_matmul) / elapsed,
+                 100 * (tr.attention_seconds - prompt_att) / elapsed);
 }
 
 // Reads one line from stdin after printing a label; false at end of input.

@@ -12,8 +12,9 @@ of a shared machine hits them alike; the table shows medians. GB/s is the
 weight bytes one generated token streams (every matrix once, the embedding only
 one row) times tokens per second, next to the memory read bandwidth that
 bench/bandwidth.cpp measures in the same run. "Outside matmuls" is the share of
-decode time the engine itself reports spending elsewhere: norms, attention,
-quantizing activations, sampling, starting and joining threads.
+decode time the engine itself reports spending elsewhere: attention (shown apart:
+it reads the KV cache, which grows with the position), norms, quantizing
+activations, sampling, starting and joining threads.
 
 Accuracy: the real stories260K model and each random model read one prompt that
 fills every position (teacher forcing) in both engines; the table shows how
@@ -105,9 +106,9 @@ def run_once(binary, model, tokenizer, steps, threads, prompt, dump=None):
         env["RUN_DUMP_LOGITS"] = dump
     p = subprocess.run([binary, str(model), "-z", str(tokenizer), "-t", "0", "-n", str(steps), "-i", prompt],
                        capture_output=True, env=env, check=True)
-    m = re.search(rb"prompt: (\d+) tokens, ([\d.]+) tok/s; generation: (\d+) tokens, ([\d.]+) tok/s, "
-                  rb"(\d+)% of it in matmuls", p.stderr)
-    return float(m[2]), float(m[4]), int(m[1]), 100 - int(m[5])
+    m = re.search(rb"prompt: (\d+) tokens, ([\d.]+) tok/s; generation: (\d+) tokens, ([\d.]+) tok/s "
+                  rb"\((\d+)% matmuls, (\d+)% attention\)", p.stderr)
+    return float(m[2]), float(m[4]), int(m[1]), 100 - int(m[5]), int(m[6])
 
 
 def bandwidth():
@@ -173,20 +174,21 @@ def main():
           ", ".join(f"{t} thread{'s' * (t > 1)} {bw[t]:.1f} GB/s (range {min(m[t] for m in bws):.1f}-"
                     f"{max(m[t] for m in bws):.1f})" for t in sorted(bw)) + "\n")
     print("| model | engine | threads | prompt tok/s | decode tok/s | prompt / decode | weight MB/token | GB/s "
-          "| % of bandwidth | decode time outside matmuls | int8 speed-up |")
+          "| % of bandwidth | decode time outside matmuls (attention) | int8 speed-up |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     decode = {}
     for i, (name, engine, b, model, tok, prompt, steps, t) in enumerate(configs):
         prompt_tps = statistics.median(r[0] for r in results[i])
         dec = statistics.median(r[1] for r in results[i])
         outside = statistics.median(r[3] for r in results[i])
+        att = statistics.median(r[4] for r in results[i])
         decode[name, engine, t] = dec
         mb = weight_bytes(model) / 1e6
         gbs = mb * dec / 1e3
         speedup = f"{dec / decode[name, 'run (fp32)', t]:.2f}x" if engine.startswith("runq") else ""
         ref_bw = bw.get(t, max(bw.values()))
         print(f"| {name} | {engine} | {t} | {prompt_tps:.1f} | {dec:.1f} | {prompt_tps / dec:.1f}x | {mb:.2f} | "
-              f"{gbs:.1f} | {100 * gbs / ref_bw:.0f}% | {outside:.0f}% | {speedup} |")
+              f"{gbs:.1f} | {100 * gbs / ref_bw:.0f}% | {outside:.0f}% ({att:.0f}%) | {speedup} |")
 
     print("\n## Accuracy of int8: one prompt read by both engines (teacher forcing)\n")
     print("| model | positions | top-1 agreement | max logit difference / logit std |")
