@@ -190,6 +190,17 @@ def main():
         print(f"| {name} | {engine} | {t} | {prompt_tps:.1f} | {dec:.1f} | {prompt_tps / dec:.1f}x | {mb:.2f} | "
               f"{gbs:.1f} | {100 * gbs / ref_bw:.0f}% | {outside:.0f}% ({att:.0f}%) | {speedup} |")
 
+    if "110M" in names:  # where decode time goes as the context grows
+        fp32, q8, tok = checkpoints("110M")
+        t = max(threads)
+        print(f"\n## Where decode time goes: 110M, {t} threads, a one-word prompt, decoding to n positions\n")
+        print("| engine | positions | decode tok/s | matmuls | attention | everything else |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for engine, b, model in (("run (fp32)", run_bin, fp32), ("runq (int8)", runq_bin, q8)):
+            for steps in (64, 256, 1024):
+                _, dec, _, outside, att = run_once(b, model, tok, steps, t, "Once")
+                print(f"| {engine} | {steps} | {dec:.1f} | {100 - outside}% | {att}% | {outside - att}% |")
+
     print("\n## Accuracy of int8: one prompt read by both engines (teacher forcing)\n")
     print("| model | positions | top-1 agreement | max logit difference / logit std |")
     print("|---|---:|---:|---:|")
