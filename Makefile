@@ -30,7 +30,7 @@ SAN   = -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitiz
 # else the copy in ../shared/models.
 TOKENIZER_MODEL ?= $(firstword $(wildcard tokenizer.model ../shared/models/llama2/tokenizer.model))
 
-.PHONY: all run runfast runomp debug test unit e2e bench bench-kernels clean
+.PHONY: all run runfast runomp debug test unit e2e bench bench-kernels fuzz clean
 all: runomp
 
 run:                    # portable: any x86-64 or ARM, one thread
@@ -117,6 +117,38 @@ build/bench_kernels: bench/kernels.cpp runq.cpp
 
 bench-kernels: build/bench_kernels   # one int8 matmul, technique by technique
 	./build/bench_kernels
+
+# ---------------------------------------------------------------------------
+# Fuzzing (tests/fuzz.cpp): libFuzzer with AddressSanitizer + UBSan, one binary
+# per input kind, seeded with small valid files. make fuzz FUZZ_SECONDS=600
+
+FUZZ_TARGETS = checkpoint checkpoint-q8 tokenizer encode cli
+FUZZ_SECONDS ?= 60
+# -fsanitize=fuzzer: libFuzzer's main and coverage instrumentation (clang only)
+FUZZ_CXX = $(CLANG) $(WARN) -Werror -Wno-unknown-pragmas -g -O1 -fsanitize=fuzzer,address,undefined \
+           -fno-sanitize-recover=all
+FUZZ_FLAGS_checkpoint    = -DFUZZ_CHECKPOINT
+FUZZ_FLAGS_checkpoint-q8 = -DFUZZ_CHECKPOINT -DQUANTIZED
+FUZZ_FLAGS_tokenizer     = -DFUZZ_TOKENIZER
+FUZZ_FLAGS_encode        = -DFUZZ_ENCODE -DTOKENIZER_PATH='"$(abspath ../shared/models/stories260K/tok512.bin)"'
+FUZZ_FLAGS_cli           = -DFUZZ_CLI
+
+build/fuzz-%: tests/fuzz.cpp run.cpp runq.cpp | build/.deps
+	$(FUZZ_CXX) $(FUZZ_FLAGS_$*) -o $@ tests/fuzz.cpp
+
+build/fuzz/seeds: tests/fuzz_seeds.py | build/.deps
+	$(PYTHON) tests/fuzz_seeds.py $@
+
+# Each target runs FUZZ_SECONDS; its corpus grows in build/fuzz/corpus/<target>,
+# and a crashing input is saved as build/fuzz/crash-<target>-* (then turn it into a test).
+fuzz: $(FUZZ_TARGETS:%=build/fuzz-%) build/fuzz/seeds
+	@for t in $(FUZZ_TARGETS); do mkdir -p build/fuzz/corpus/$$t; \
+	    echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+	    ./build/fuzz-$$t -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=4096 -timeout=20 \
+	        -print_final_stats=1 -artifact_prefix=build/fuzz/crash-$$t- \
+	        build/fuzz/corpus/$$t build/fuzz/seeds/$$t > build/fuzz/$$t.log 2>&1; rc=$$?; \
+	    grep -E '^(stat::number_of_executed_units|Done|==[0-9]+==|SUMMARY|artifact_prefix)' build/fuzz/$$t.log; \
+	    test $$rc -eq 0 || { tail -40 build/fuzz/$$t.log; exit 1; }; done
 
 clean:
 	rm -rf run runq build tokenizer.bin

@@ -99,7 +99,8 @@ def choose_group_size(args, wanted):
 
 
 def write_atomically(path, chunks):
-    """Write the byte strings `chunks` yields to path via a temporary file."""
+    """Write the byte strings `chunks` yields to path via a temporary file, so
+    that a failure never leaves a half-written file under the final name."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -193,13 +194,39 @@ def load_training_checkpoint(path):
     emb, out = sd.get("tok_embeddings.weight"), sd.get("output.weight")
     kwargs["shared_classifier"] = out is None or (emb is not None and torch.equal(emb, out))
     try:
-        model = M.Transformer(M.ModelArgs(**kwargs))
-        if kwargs["shared_classifier"]:
-            sd["output.weight"] = emb
-        model.load_state_dict(sd)
-    except (RuntimeError, TypeError, ValueError) as e:
-        fail(f"{path}: weights do not match model_args: {e}")
+        args = M.ModelArgs(**kwargs)
+    except (TypeError, ValueError) as e:
+        fail(f"{path}: bad model_args: {e}")
+    check_args(args, path)
+    model = M.Transformer(args)
+    if kwargs["shared_classifier"]:
+        sd["output.weight"] = emb
+    expected = model.state_dict()
+    for name, t in expected.items():  # the first problem, in one line
+        if name not in sd:
+            fail(f"{path}: tensor {name} is missing")
+        if not isinstance(sd[name], torch.Tensor) or sd[name].shape != t.shape:
+            shape = tuple(sd[name].shape) if isinstance(sd[name], torch.Tensor) else type(sd[name]).__name__
+            fail(f"{path}: tensor {name} has shape {shape}, but model_args make it {tuple(t.shape)}")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        fail(f"{path}: unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    model.load_state_dict(sd)
     return model
+
+
+def check_args(args, path):
+    """The shape rules run.cpp enforces, checked before any tensor is built."""
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
+        v = getattr(args, name)
+        if not isinstance(v, int) or v <= 0:
+            fail(f"{path}: model_args {name} = {v!r} (must be a positive integer)")
+    if args.dim % args.n_heads:
+        fail(f"{path}: model_args dim {args.dim} is not divisible by n_heads {args.n_heads}")
+    if args.n_heads % args.n_kv_heads:
+        fail(f"{path}: model_args n_heads {args.n_heads} is not divisible by n_kv_heads {args.n_kv_heads}")
+    if args.head_size % 2:
+        fail(f"{path}: model_args head size {args.head_size} is odd (RoPE rotates pairs)")
 
 
 # ----------------------------------------------------------------------------
@@ -317,6 +344,9 @@ def main():
     src.add_argument("--tokenizer", help="sentencepiece tokenizer.model")
     ap.add_argument("-o", dest="tokenizer_out", default="tokenizer.bin", help="tokenizer output (default tokenizer.bin)")
     a = ap.parse_args()
+    out = a.tokenizer_out if a.tokenizer else a.out
+    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):  # before any work
+        fail(f"{out}: directory {os.path.dirname(os.path.abspath(out))} does not exist")
 
     if a.tokenizer:
         export_tokenizer(a.tokenizer, a.tokenizer_out)

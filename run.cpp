@@ -19,6 +19,7 @@
 #include <iostream>
 #include <memory>
 #include <queue>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -36,14 +37,21 @@ constexpr const char* kProgram = "run";  // for the usage text
 // Errors: every problem a user can cause ends here, as one line on stderr and
 // exit status 1. Nothing throws past main().
 
+struct FatalError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
 [[noreturn]] __attribute__((format(printf, 1, 2))) static void fatal(const char* fmt, ...) {
-    std::fflush(stdout);
+    char msg[1024];
     std::va_list args;
     va_start(args, fmt);
-    std::fputs("error: ", stderr);
-    std::vfprintf(stderr, fmt, args);
-    std::fputc('\n', stderr);
+    std::vsnprintf(msg, sizeof msg, fmt, args);
     va_end(args);
+#ifdef RUN_FATAL_THROWS  // the fuzz targets (tests/fuzz.cpp) catch it and go on
+    throw FatalError(msg);
+#endif
+    std::fflush(stdout);
+    std::fprintf(stderr, "error: %s\n", msg);
     std::exit(1);
 }
 
@@ -54,7 +62,7 @@ class MappedFile {
 public:
     MappedFile() = default;
     explicit MappedFile(const char* path) {
-        int fd = open(path, O_RDONLY);
+        int fd = open(path, O_RDONLY | O_NONBLOCK);  // a FIFO must not block the open
         if (fd < 0) fatal("cannot open %s: %s", path, std::strerror(errno));
         struct stat st;
         if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -167,10 +175,23 @@ static void validate_config(const Config& c, const char* path) {
         fatal("%s: bad header: norm_eps %g", path, c.norm_eps);
 }
 
+// Files people mistake for checkpoints, by their first bytes: a name for the
+// error message, or nullptr.
+static const char* foreign_format(const uint8_t* data, size_t size) {
+    if (size >= 4 && std::memcmp(data, "GGUF", 4) == 0) return "a GGUF file (llama.cpp)";
+    if (size >= 4 && std::memcmp(data, "PK\3\4", 4) == 0) return "a zip archive (a PyTorch .pt/.pth file?)";
+    if (size >= 2 && data[0] == 0x80 && data[1] >= 2 && data[1] <= 5) return "a Python pickle";
+    // safetensors: an 8-byte little-endian JSON length, then the JSON object
+    if (size >= 9 && data[8] == '{' && read_at<uint64_t>(data, 0) <= size - 8) return "a safetensors file";
+    return nullptr;
+}
+
 // Versioned files start with the magic; legacy files start straight with dim.
 static Config read_config(const MappedFile& f, const char* path) {
     const uint8_t* data = f.data();
     const size_t size = f.size();
+    if (const char* kind = foreign_format(data, size))
+        fatal("%s is %s, not a llama2.c checkpoint: convert it with export.py", path, kind);
     Config c{};
     int32_t h[7];
     if (size >= 4 && read_at<uint32_t>(data, 0) == kMagic) {
@@ -212,13 +233,13 @@ static void check_file_size(uint64_t expected, size_t size, const char* path) {
 }
 
 // RoPE angle for position p, pair i: p * theta^(-2i / head_size), as cos and sin
-// tables (seq_len, head_size / 2). Computed once in double, so long contexts do
+// tables (positions, head_size / 2). Computed once in double, so long contexts do
 // not accumulate float error in p * freq.
-static void fill_rope_tables(float* cos, float* sin, const Config& c) {
+static void fill_rope_tables(float* cos, float* sin, const Config& c, int positions) {
     const int half = c.head_size() / 2;
     for (int i = 0; i < half; i++) {
         const double freq = std::pow((double)c.rope_theta, -2.0 * i / c.head_size());
-        for (int p = 0; p < c.seq_len; p++) {
+        for (int p = 0; p < positions; p++) {
             cos[(size_t)p * half + i] = (float)std::cos(p * freq);
             sin[(size_t)p * half + i] = (float)std::sin(p * freq);
         }
@@ -329,24 +350,31 @@ struct RunState {
     FloatBuffer xb, xb2;      // (block, dim) scratch
     FloatBuffer hb, hb2;      // (block, hidden_dim) feed-forward scratch
     FloatBuffer q;            // (block, dim) queries
-    FloatBuffer att;          // (block, n_heads, seq_len) attention scores
+    FloatBuffer att;          // (block, n_heads, positions) attention scores
     FloatBuffer logits;       // (block, vocab_size)
-    FloatBuffer key_cache;    // (layer, seq_len, kv_dim)
-    FloatBuffer value_cache;  // (layer, seq_len, kv_dim)
-    FloatBuffer rope_cos;     // (seq_len, head_size / 2)
-    FloatBuffer rope_sin;     // (seq_len, head_size / 2)
+    FloatBuffer key_cache;    // (layer, positions, kv_dim)
+    FloatBuffer value_cache;  // (layer, positions, kv_dim)
+    FloatBuffer rope_cos;     // (positions, head_size / 2)
+    FloatBuffer rope_sin;     // (positions, head_size / 2)
+    int positions;            // the context this run can fill: -n, at most seq_len
 };
 
-static RunState make_run_state(const Config& c) {
-    const uint64_t cache = mul_ck(mul_ck(c.n_layers, c.seq_len), c.kv_dim());
-    const uint64_t half = c.head_size() / 2;
-    const uint64_t dim = kBlock * c.dim, hidden = kBlock * c.hidden_dim;
+// Sized for `positions` (-n), not the model's whole seq_len, and refused up
+// front if it could not fit in this machine's memory once filled.
+static RunState make_run_state(const Config& c, int positions) {
+    const uint64_t cache = mul_ck(mul_ck(c.n_layers, positions), c.kv_dim());
+    const uint64_t half = c.head_size() / 2, att = mul_ck(kBlock * c.n_heads, positions);
+    const uint64_t dim = kBlock * c.dim, hidden = kBlock * c.hidden_dim, logits = kBlock * c.vocab_size;
+    const uint64_t floats = 5 * dim + 2 * hidden + att + logits + 2 * cache + 2 * positions * half;
+    const double gb = floats * 4.0 / 1e9, ram = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE) / 1e9;
+    if (ram > 0 && gb > ram)
+        fatal("the KV cache for %d positions needs %.1f GB, more than this machine's %.1f GB: ask for fewer with -n",
+              positions, gb, ram);
     RunState s{alloc_floats(dim), alloc_floats(dim), alloc_floats(dim),
                alloc_floats(hidden), alloc_floats(hidden), alloc_floats(dim),
-               alloc_floats(mul_ck(kBlock * c.n_heads, c.seq_len)), alloc_floats(kBlock * c.vocab_size),
-               alloc_floats(cache), alloc_floats(cache),
-               alloc_floats(mul_ck(c.seq_len, half)), alloc_floats(mul_ck(c.seq_len, half))};
-    fill_rope_tables(s.rope_cos.get(), s.rope_sin.get(), c);
+               alloc_floats(att), alloc_floats(logits), alloc_floats(cache), alloc_floats(cache),
+               alloc_floats(positions * half), alloc_floats(positions * half), positions};
+    fill_rope_tables(s.rope_cos.get(), s.rope_sin.get(), c, positions);
     return s;
 }
 
@@ -432,6 +460,15 @@ static inline float dot(const float* a, const float* b, int n) {
     return out;
 }
 
+// Weights with NaN or infinity in them make every later token garbage: stop
+// at the first position whose logits (rows of vocab) are not all finite.
+static void check_logits(const float* logits, int vocab, int first_pos, int rows) {
+    for (int b = 0; b < rows; b++)
+        for (int i = 0; i < vocab; i++)
+            if (!std::isfinite(logits[(size_t)b * vocab + i]))
+                fatal("position %d: the logits are not finite (NaN or infinity in the weights?)", first_pos + b);
+}
+
 // rmsnorm: o[i] = w[i] * x[i] / sqrt(mean(x^2) + eps). o may alias x.
 // Error: |o - exact| <= (n/2 + 6) u |exact| (the sum of squares has relative
 // error <= n u, and the inverse square root halves it).
@@ -479,8 +516,8 @@ static void rope(float* v, int n_heads, int head_size, const float* cos, const f
 static void attention(RunState& s, const Config& c, int l, int pos, int n) {
     const int head_size = c.head_size(), half = head_size / 2, kv_dim = c.kv_dim();
     const int kv_mul = c.n_heads / c.n_kv_heads;
-    float* k_layer = s.key_cache.get() + (size_t)l * c.seq_len * kv_dim;
-    const float* v_layer = s.value_cache.get() + (size_t)l * c.seq_len * kv_dim;
+    float* k_layer = s.key_cache.get() + (size_t)l * s.positions * kv_dim;
+    const float* v_layer = s.value_cache.get() + (size_t)l * s.positions * kv_dim;
     for (int b = 0; b < n; b++) {
         const float* cos = s.rope_cos.get() + (size_t)(pos + b) * half;
         const float* sin = s.rope_sin.get() + (size_t)(pos + b) * half;
@@ -494,7 +531,7 @@ static void attention(RunState& s, const Config& c, int l, int pos, int n) {
         const int b = bh / c.n_heads, h = bh % c.n_heads, last = pos + b;
         const float* qh = s.q.get() + (size_t)b * c.dim + h * head_size;
         const int kv_off = (h / kv_mul) * head_size;
-        float* att = s.att.get() + (size_t)bh * c.seq_len;
+        float* att = s.att.get() + (size_t)bh * s.positions;
         for (int t = 0; t <= last; t++) att[t] = dot(qh, k_layer + (size_t)t * kv_dim + kv_off, head_size) * inv_sqrt;
         softmax(att, last + 1);
         float* out = s.xb.get() + (size_t)b * c.dim + h * head_size;
@@ -617,8 +654,8 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
         for (int b = 0; b < n; b++) rmsnorm(s.xb.get() + b * dim, x + b * dim, w.rms_att + l * dim, dim, c.norm_eps);
 
         // q, k, v = wq(h), wk(h), wv(h); k and v go straight into the cache
-        float* k = s.key_cache.get() + (l * c.seq_len + pos) * kv_dim;
-        float* v = s.value_cache.get() + (l * c.seq_len + pos) * kv_dim;
+        float* k = s.key_cache.get() + (l * s.positions + pos) * kv_dim;
+        float* v = s.value_cache.get() + (l * s.positions + pos) * kv_dim;
         {
             Stopwatch clock{tr.matmul_seconds};
             matmul_qkv(s.q.get(), k, v, s.xb.get(), w.wq + l * dim * dim, w.wk + l * kv_dim * dim,
@@ -659,6 +696,7 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
         Stopwatch clock{tr.matmul_seconds};
         matmul(s.logits.get(), x + first * dim, w.wcls, dim, c.vocab_size, n - first);
     }
+    check_logits(s.logits.get(), c.vocab_size, first == n - 1 ? pos + n - 1 : pos, n - first);
     return s.logits.get();
 }
 
@@ -940,7 +978,11 @@ static int sample_topp(const float* p, int n, float topp, std::vector<std::pair<
 // sample: logits (overwritten) -> token id. Draws one random number unless greedy.
 static int sample(Sampler& s, float* logits, int n) {
     if (s.temperature == 0.0f) return sample_argmax(logits, n);
-    for (int i = 0; i < n; i++) logits[i] /= s.temperature;
+    // softmax(logits / temperature), the maximum subtracted before dividing (as
+    // softmax would after): a temperature as small as 1e-45 then gives 0 and
+    // -inf, never inf - inf = NaN, and sampling tends to argmax as it should.
+    const float mx = *std::max_element(logits, logits + n);
+    for (int i = 0; i < n; i++) logits[i] = (logits[i] - mx) / s.temperature;
     softmax(logits, n);
     const float coin = random_f32(&s.rng_state);
     if (s.topp <= 0.0f || s.topp >= 1.0f) return sample_mult(logits, n, coin);
@@ -998,12 +1040,13 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
     if (n_prompt > steps)
         fatal("the prompt is %d tokens (with BOS) but -n allows %d positions", n_prompt, steps);
 
-    TextOut out;
-    char byte;
-    for (int i = 1; i < n_prompt; i++) out.write(decode(tok, prompt_tokens[i - 1], prompt_tokens[i], &byte));
     const double start = now_seconds();
     float* logits = prefill(tr, prompt_tokens, 0, hooks);
     const double prompt_done = now_seconds(), prompt_matmul = tr.matmul_seconds, prompt_att = tr.attention_seconds;
+    // the prompt is echoed once read: bad weights stop the run before anything is printed
+    TextOut out;
+    char byte;
+    for (int i = 1; i < n_prompt; i++) out.write(decode(tok, prompt_tokens[i - 1], prompt_tokens[i], &byte));
 
     // Each step samples from the last logits, then runs the new token at `pos`.
     int token = prompt_tokens.back(), generated = 0;
@@ -1153,8 +1196,7 @@ static Options parse_args(int argc, char** argv) {
             std::exit(0);
         }
     if (argc < 2 || argv[1][0] == '-') {
-        usage(stderr);
-        fatal("the first argument must be a checkpoint path");
+        fatal("the first argument must be a checkpoint path (see --help)");
     }
     o.checkpoint = argv[1];
     for (int i = 2; i < argc; i += 2) {
@@ -1228,7 +1270,7 @@ static int run_main(int argc, char** argv) {
                          c.seq_len);
         o.steps = c.seq_len;
     }
-    tr.state = make_run_state(c);
+    tr.state = make_run_state(c, o.steps);
     const uint64_t seed = o.seed ? o.seed : (uint64_t)std::time(nullptr);
     Sampler sampler{o.temperature, o.topp, seed, {}};
     sampler.candidates.reserve(c.vocab_size);

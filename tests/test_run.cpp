@@ -99,7 +99,7 @@ static void test_rope() {
             Config c{};
             c.dim = 3 * head_size, c.n_heads = 3, c.n_kv_heads = 3, c.n_layers = 1;
             c.hidden_dim = 4, c.vocab_size = 4, c.seq_len = 600, c.rope_theta = theta;
-            RunState s = make_run_state(c);
+            RunState s = make_run_state(c, c.seq_len);
             for (int pos : {0, 1, 7, 511, 599}) {
                 std::vector<float> v = random_floats(c.dim, -3, 3), r = v;
                 const size_t half = head_size / 2;

@@ -36,6 +36,15 @@ static void test_quantize() {
         }
         CHECK(worst <= 1.0, "gs=%d: dequantize(quantize(x)) is %.2f x half a step away", gs, worst);
         CHECK(out_of_range == 0 && nans == 0, "gs=%d: %d values outside [-127, 127], %d NaN", gs, out_of_range, nans);
+        // a NaN or infinity makes its group's scale NaN (values 0), so it reaches the output
+        for (float bad : {NAN, INFINITY, -INFINITY}) {
+            std::vector<float> y = x;
+            y[2 * gs + gs / 2] = bad;
+            quantize(t, y.data(), n);
+            CHECK(std::isnan(s[2]) && q[2 * gs] == 0 && !std::isnan(s[0]), "gs=%d: %g in group 2 gives scale %g",
+                  gs, bad, s[2]);
+        }
+        quantize(t, x.data(), n);
         bool zero_group = s[1] == 0.0f;
         for (int i = gs; i < 2 * gs; i++) zero_group = zero_group && q[i] == 0 && back[i] == 0.0f;
         CHECK(zero_group, "gs=%d: a group of zeros stays zero with scale 0", gs);

@@ -1,0 +1,38 @@
+"""Seed corpora for `make fuzz` (tests/fuzz.cpp): small valid inputs of each
+kind, written under build/fuzz/seeds/<target>/ at fuzz time (nothing is committed)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import export as E  # noqa: E402
+from conftest import TOK512, random_model, vocab_of_size, write_tokenizer  # noqa: E402
+
+out = Path(sys.argv[1])
+E.progress = lambda *_: None
+dirs = {t: out / t for t in ("checkpoint", "checkpoint-q8", "tokenizer", "encode", "cli")}
+for d in dirs.values():
+    d.mkdir(parents=True, exist_ok=True)
+
+shapes = [dict(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=16, vocab_size=5, max_seq_len=8),
+          dict(dim=16, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=24, vocab_size=7, max_seq_len=4,
+               shared_classifier=False)]
+for i, args in enumerate(shapes):
+    m = random_model(i, **args)
+    for v in (0, 1):
+        E.write_checkpoint(m, str(dirs["checkpoint"] / f"m{i}-v{v}.bin"), v)
+    E.write_checkpoint(m, str(dirs["checkpoint-q8"] / f"m{i}-v2.bin"), 2, 8)
+
+(dirs["tokenizer"] / "tok512.bin").write_bytes(TOK512.read_bytes())
+write_tokenizer(dirs["tokenizer"] / "bytes512.bin", vocab_of_size(512))
+
+for i, text in enumerate(["Once upon a time, there was a little girl named Lily.", "", " ", "\n\n\t x",
+                          "caf\u00e9 \u4e2d\u6587 \U0001F600", "<unk><s></s><0x41>"]):
+    (dirs["encode"] / f"t{i}.txt").write_bytes(text.encode())
+(dirs["encode"] / "bad-utf8.txt").write_bytes(b"\xff\xfe\x80abc\xf0\x9f\x98")
+
+for i, argv in enumerate([["m.bin"], ["m.bin", "-t", "0.8", "-p", "0.9", "-s", "42", "-n", "100", "-i", "Once"],
+                          ["m.bin", "-z", "tok.bin", "-m", "chat", "-y", "be brief"], ["m.bin", "-m", "tokenize"],
+                          ["m.bin", "-n", "0", "-t", "1e-45"]]):
+    (dirs["cli"] / f"a{i}").write_bytes(b"\0".join(a.encode() for a in argv))

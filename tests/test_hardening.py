@@ -1,0 +1,323 @@
+"""Hardening: whatever bytes, flags or text the engines are given, they do the
+right thing or print one line on stderr naming the problem and exit with
+status 1; never a crash, a hang, a huge allocation or a silently wrong answer.
+Every bad input is generated here from tiny models. Under `make test` each
+case runs against every build, the AddressSanitizer + UBSan one included
+(which turns any out-of-bounds read into a failure)."""
+
+import os
+import resource
+import struct
+import subprocess
+import time
+
+import types
+
+import pytest
+import torch
+
+import export as E
+from conftest import BINARIES, LLAMA_MODEL, ROOT, STORIES, TOK512, existing, random_model, run, write_tokenizer
+from test_cli import expect_error, stories
+
+STORIES_BYTES = STORIES.read_bytes()
+ARGS = dict(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=32, vocab_size=8, max_seq_len=32)
+PIECES = ["<unk>", "<s>", "</s>", " ", "a", "b", " a", "ab"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random model in versions 0, 1, 2 (unshared classifier) and its tokenizer."""
+    d = tmp_path_factory.mktemp("tiny")
+    m = random_model(3, **ARGS, shared_classifier=False)
+    E.progress = lambda *_: None
+    files = {v: d / f"v{v}.bin" for v in (0, 1, 2)}
+    for v, path in files.items():
+        E.write_checkpoint(m, str(path), v, 8)
+    return m, files, write_tokenizer(d / "tok.bin", PIECES)
+
+
+def checkpoint_of(engine, tiny, version=None):
+    _, files, _ = tiny
+    return files[2 if engine.quantized else (1 if version is None else version)]
+
+
+def region_ends(m, version):
+    """Byte offsets where the file's regions end: the header, then every tensor
+    (version 2: the int8 values and the scales of each matrix separately)."""
+    ends = [len(E.header_bytes(m.args, version, 8))]
+    for label, t in E.file_order(m, version):
+        if version == 2 and not label.startswith("rms_"):
+            ends += [ends[-1] + t.numel(), ends[-1] + t.numel() + t.numel() // 8 * 4]
+        else:
+            ends.append(ends[-1] + 4 * t.numel())
+    return ends
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_cut_at_every_region(engine, tiny, tmp_path, version):
+    m, _, tok = tiny
+    if engine.quantized:
+        version = 2
+    data = checkpoint_of(engine, tiny, version).read_bytes()
+    ends = region_ends(m, version)
+    assert ends[-1] == len(data)  # the layout above is the file's
+    cuts = sorted({c for e in ends for c in (e - 1, e, e + 1) if 0 < c < len(data)} | {len(data) + 1})
+    for cut in cuts:
+        path = tmp_path / f"cut{cut}.bin"
+        path.write_bytes(data[:cut] if cut <= len(data) else data + b"\0")
+        expect_error(engine, path, "-z", tok, "-n", 4, mentions=path)
+
+
+# Header fields: (offset in a version 1/2 header, name) and the values each must refuse.
+FIELDS = [(8, "dim"), (12, "hidden_dim"), (16, "n_layers"), (20, "n_heads"), (24, "n_kv_heads"),
+          (28, "vocab_size"), (32, "seq_len")]
+
+
+@pytest.mark.parametrize("value", [0, -1, 2**31 - 1, -2**31])
+@pytest.mark.parametrize("offset, name", FIELDS, ids=[f[1] for f in FIELDS])
+def test_header_field_out_of_range(engine, tiny, tmp_path, offset, name, value):
+    b = bytearray(checkpoint_of(engine, tiny).read_bytes())
+    struct.pack_into("<i", b, offset, value)
+    path = tmp_path / "bad.bin"
+    path.write_bytes(bytes(b))
+    expect_error(engine, path, "-z", tiny[2], "-n", 4, mentions=path)
+
+
+@pytest.mark.parametrize("group_size", [0, -8, 3, 7, 2**31 - 1])
+def test_bad_group_size(qbinary, tiny, tmp_path, group_size):
+    b = bytearray(tiny[1][2].read_bytes())
+    struct.pack_into("<i", b, 37, group_size)
+    path = tmp_path / "bad.bin"
+    path.write_bytes(bytes(b))
+    p = run(qbinary, path, "-z", tiny[2], "-n", 4, check=False)
+    assert p.returncode == 1 and p.stderr.count(b"\n") == 1 and str(path).encode() in p.stderr
+
+
+def test_future_version(engine, tiny, tmp_path):
+    b = bytearray(checkpoint_of(engine, tiny).read_bytes())
+    struct.pack_into("<i", b, 4, 7)
+    path = tmp_path / "v7.bin"
+    path.write_bytes(bytes(b))
+    expect_error(engine, path, "-z", tiny[2], mentions="version 7")
+
+
+FOREIGN = {
+    "gguf": (b"GGUF\3\0\0\0" + bytes(1000), "GGUF"),
+    "safetensors": (struct.pack("<Q", 60) + b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'.ljust(60)
+                    + bytes(4), "safetensors"),
+    "pytorch-zip": (b"PK\3\4" + bytes(1000), "zip"),
+    "pickle": (b"\x80\x02}q\0." + bytes(100), "pickle"),
+}
+
+
+@pytest.mark.parametrize("name", FOREIGN)
+def test_other_formats_named(engine, tmp_path, name):
+    data, word = FOREIGN[name]
+    path = tmp_path / f"model.{name}"
+    path.write_bytes(data)
+    expect_error(engine, path, "-z", TOK512, mentions=word)
+
+
+def test_non_regular_files(engine, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero", tmp_path):
+        expect_error(engine, path, "-z", TOK512, mentions=path)  # and no hang on the FIFO
+        expect_error(engine, engine.stories, "-z", path, mentions=path)
+
+
+def raw_v1(dim, hidden, layers, heads, kv, vocab, seq):
+    """A version 1 file of zero weights (shared classifier): the exact size its header describes."""
+    floats = vocab * dim + 2 * layers * dim + layers * dim * (2 * dim + 2 * dim // heads * kv) \
+        + 3 * layers * dim * hidden + dim
+    head = struct.pack("<Ii7iB", 0x616B3432, 1, dim, hidden, layers, heads, kv, vocab, seq, 1).ljust(256, b"\0")
+    return head + bytes(4 * floats)
+
+
+def test_kv_cache_larger_than_memory(binary, tmp_path):
+    """A small file whose KV cache would need 137 GB: refused before allocating."""
+    path = tmp_path / "long.bin"
+    path.write_bytes(raw_v1(16, 16, 1024, 2, 2, 8, 2**20))
+    tok = write_tokenizer(tmp_path / "tok.bin", PIECES)
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 2 * 1024 * 2**20 * 16 * 4 > ram, "this machine has more memory than the test assumes"
+    expect_error(types.SimpleNamespace(binary=binary), path, "-z", tok, "-n", 0, mentions="KV cache")
+    # asking for fewer positions with -n makes it fit, and it runs
+    assert run(binary, path, "-z", tok, "-n", 8, "-i", "a").returncode == 0
+
+
+@pytest.mark.parametrize("where", ["token_embedding", "wq", "w2"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights(engine, tiny, tmp_path, where, value):
+    m, _, tok = tiny
+    bad = random_model(3, **ARGS, shared_classifier=False)
+    with torch.no_grad():
+        sd = bad.state_dict()
+        key = {"token_embedding": "tok_embeddings.weight", "wq": "layers.0.attention.wq.weight",
+               "w2": "layers.1.feed_forward.w2.weight"}[where]
+        sd[key].view(-1)[ARGS["dim"] + 5] = value  # in BOS's embedding row, for the first
+    path = engine.save(bad, tmp_path / "bad.bin", 8)
+    p = run(engine.binary, path, "-z", tok, "-n", 8, "-i", "a b", check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1 and "position" in err and "not finite" in err, err
+    assert p.stdout == b""
+
+
+# ---------------------------------------------------------------------------
+# Flags and prompts
+
+
+@pytest.mark.parametrize("t", ["1e-45", "1e-30", "1e-10"])
+def test_tiny_temperature_is_greedy(engine, t):
+    greedy = stories(engine, "-t", "0", "-n", 60, "-i", "Once upon a time").stdout
+    assert stories(engine, "-t", t, "-s", 5, "-n", 60, "-i", "Once upon a time").stdout == greedy
+    assert stories(engine, "-t", t, "-p", "0.9", "-s", 5, "-n", 60, "-i", "Once upon a time").stdout == greedy
+
+
+def test_long_prompt_is_a_quick_error(engine):
+    prompt = ("Once upon a time, there was a little girl. " * 2300)[:100_000]
+    start = time.monotonic()
+    expect_error(engine, engine.stories, "-z", TOK512, "-i", prompt, mentions="-n")
+    assert time.monotonic() - start < 30  # sanitizer builds included
+
+
+@pytest.mark.parametrize("prompt", [b"\xff\xfe", b"\x80abc", b"caf\xc3", b"\xf0\x9f\x98", b"a\xed\xa0\x80b"],
+                         ids=["ff-fe", "lone-continuation", "cut-2-byte", "cut-4-byte", "surrogate"])
+def test_invalid_utf8_prompt(engine, prompt):
+    args = [engine.binary, str(engine.stories), "-z", str(TOK512), "-t", "0", "-n", "20", "-i"]
+    p = subprocess.run([a.encode() for a in args] + [prompt], capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "\ufffd" in p.stdout.decode("utf-8")  # valid UTF-8: bad bytes became U+FFFD
+
+
+def test_empty_prompt(engine):
+    p = stories(engine, "-t", "0", "-n", 20, "-i", "")
+    assert len(p.stdout) > 1 and p.stdout.endswith(b"\n")
+
+
+def chat_script():
+    return b"be brief\nhello there\nand again\x00 with a NUL\n"
+
+
+def test_chat_end_of_input_anywhere(engine):
+    """Input ending at every byte of a conversation: a clean end, status 0."""
+    script = chat_script()
+    for cut in range(len(script) + 1):
+        p = stories(engine, "-m", "chat", "-t", "0", "-n", 64, stdin=script[:cut], check=False)
+        assert p.returncode == 0, (cut, p.stderr)
+        assert b"ERROR" not in p.stderr  # no sanitizer report
+
+
+def test_stdout_closed_early(engine):
+    """`| head -c 1`: the engine ends quietly (by SIGPIPE or a clean exit), no message.
+    Tokenizing a long prompt prints more than a pipe holds, so the close is felt."""
+    prompt = "Once upon a time, there was a little girl. " * 600
+    p = subprocess.Popen([engine.binary, engine.stories, "-z", TOK512, "-m", "tokenize", "-i", prompt],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(1)
+    p.stdout.close()
+    err = p.stderr.read()
+    p.wait(timeout=60)
+    assert p.returncode in (0, -13), (p.returncode, err)
+    assert b"error" not in err.lower() and b"Sanitizer" not in err
+
+
+# ---------------------------------------------------------------------------
+# Determinism and memory
+
+
+@pytest.mark.parametrize("sampling", [["-t", "0"], ["-t", "1.0", "-s", "7"], ["-t", "0.8", "-p", "0.9", "-s", "3"]],
+                         ids=["greedy", "sampled", "top-p"])
+def test_same_bytes_for_1_to_4_threads(engine, sampling):
+    outs = {stories(engine, *sampling, "-n", 200, "-i", "Once upon a time",
+                    env={"OMP_NUM_THREADS": str(t)}).stdout for t in (1, 2, 3, 4)}
+    assert len(outs) == 1
+
+
+@pytest.mark.parametrize("binary", [b for b in BINARIES if "debug" not in b])
+def test_peak_memory_is_file_plus_cache(binary, tmp_path):
+    """Peak resident memory of a generation: about the mapped file, the KV cache
+    and the activations (not, say, a copy of the weights or a seq_len-sized
+    scratch per step). Not for the sanitizer build, whose shadow memory is its own."""
+    binary = existing(binary)
+    m = random_model(4, dim=256, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=512, vocab_size=512,
+                     max_seq_len=2048)
+    path = tmp_path / "m.bin"
+    E.write_checkpoint(m, str(path), 0)
+    script = (f"import resource, subprocess, sys; subprocess.run({[binary, str(path), '-z', str(TOK512), '-n', '2048']!r},"
+              " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True);"
+              " print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    peak = int(subprocess.run([os.sys.executable, "-c", script], capture_output=True, check=True).stdout) * 1024
+    kv = 2 * 4 * 2048 * 256 * 4
+    bound = os.path.getsize(path) + kv + 64 * 2**20  # + activations, runtime, libraries: generous
+    assert peak < bound, f"peak {peak / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------
+# export.py: bad inputs are a clear error, and never leave a half-written file
+
+
+def export(*args):
+    return subprocess.run([os.sys.executable, str(ROOT / "export.py"), *map(str, args)], capture_output=True,
+                          timeout=300)
+
+
+def training_checkpoint(path, drop=None, reshape=None, **arg_changes):
+    m = random_model(5, **ARGS)
+    sd = dict(m.state_dict())
+    if drop:
+        del sd[drop]
+    if reshape:
+        sd[reshape] = sd[reshape][:-1]
+    model_args = dict(ARGS, **arg_changes)
+    torch.save({"model_args": model_args, "model": sd}, path)
+    return path
+
+
+EXPORT_CASES = {
+    "missing-key": (dict(drop="layers.1.feed_forward.w3.weight"), "w3"),
+    "wrong-shape": (dict(reshape="layers.0.attention.wk.weight"), "wk"),
+    "heads-not-dividing-dim": (dict(n_heads=3), "n_heads"),
+    "kv-heads-not-dividing-heads": (dict(n_kv_heads=3, n_heads=4), "n_kv_heads"),
+    "hidden-dim-zero": (dict(hidden_dim=0), "hidden_dim"),
+}
+
+
+@pytest.mark.parametrize("case", EXPORT_CASES)
+def test_export_refuses_bad_checkpoint(tmp_path, case):
+    kw, word = EXPORT_CASES[case]
+    src = training_checkpoint(tmp_path / "ckpt.pt", **kw)
+    out = tmp_path / "out.bin"
+    p = export(out, "--checkpoint", src)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1 and word in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # nothing written, no temporary left
+
+
+def test_export_truncated_input(tmp_path):
+    src = training_checkpoint(tmp_path / "ckpt.pt")
+    data = src.read_bytes()
+    for cut in (0, 100, len(data) // 2, len(data) - 1):
+        src.write_bytes(data[:cut])
+        p = export(tmp_path / "out.bin", "--checkpoint", src)
+        err = p.stderr.decode()
+        assert p.returncode == 1 and err.count("\n") == 1 and "ckpt.pt" in err, (cut, err)
+        assert os.listdir(tmp_path) == ["ckpt.pt"]
+    for cut in (10, 300, 5000):  # a version 0 .bin cut short
+        p = export(tmp_path / "out.bin", "--bin", tmp_path / "short.bin")
+        (tmp_path / "short.bin").write_bytes(STORIES_BYTES[:cut])
+        p = export(tmp_path / "out.bin", "--bin", tmp_path / "short.bin")
+        err = p.stderr.decode()
+        assert p.returncode == 1 and err.count("\n") == 1 and "short.bin" in err, (cut, err)
+        assert not (tmp_path / "out.bin").exists()
+
+
+def test_export_output_in_missing_directory(tmp_path):
+    src = training_checkpoint(tmp_path / "ckpt.pt")
+    for args in (["--checkpoint", src], ["--tokenizer", LLAMA_MODEL, "-o"]):
+        out = tmp_path / "no" / "such" / "dir" / "out.bin"
+        p = export(*(args + [out] if args[0] == "--tokenizer" else [out] + args))
+        err = p.stderr.decode()
+        assert p.returncode == 1 and err.count("\n") == 1 and "no/such/dir" in err and "Traceback" not in err, err
+        assert not (tmp_path / "no").exists()
