@@ -23,8 +23,9 @@ OPT   = -O3
 NATIVE = -march=native
 # -fopenmp: parallel rows in matmul and heads in attention. OMP_NUM_THREADS picks the count.
 OMP   = -fopenmp
-# -g -O1: debuggable but not glacial; sanitizers catch out-of-bounds reads and undefined behaviour.
-SAN   = -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+# -g -O1: debuggable but not glacial; sanitizers catch out-of-bounds reads and undefined behaviour,
+# including float-to-int casts out of range (not part of g++'s "undefined").
+SAN   = -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all
 
 # The sentencepiece model tokenizer.bin is made from: your downloaded Llama 2 tokenizer.model,
 # else the copy in ../shared/models.
@@ -101,6 +102,7 @@ e2e: build/.deps $(VARIANTS:%=build/run-%) $(VARIANTS:%=build/runq-%) build/toke
 	    $(PYTHON) -m pytest -q tests
 
 test: build/.deps unit e2e build/bench_kernels build/bandwidth  # the benchmarks must at least build
+	$(MAKE) fuzz FUZZ_SECONDS=10    # each fuzz target briefly (make fuzz runs them longer)
 
 # ---------------------------------------------------------------------------
 

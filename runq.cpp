@@ -627,11 +627,13 @@ static void quantize(QuantizedTensor& qx, const float* x, int n) {
         bool finite = true;
         for (int i = 0; i < gs; i++) vmax = std::max(vmax, std::fabs(v[i])), finite = finite && std::isfinite(v[i]);
         // NaN or infinity must stay visible (check_logits stops on it): the group
-        // gets scale NaN and values 0, never an out-of-range float cast to int8
+        // gets scale NaN and values 0. The clamp is for subnormal groups, whose
+        // scale vmax / 127 is rounded so coarsely that v / scale can pass 127.
         const float scale = finite ? vmax / 127.0f : NAN;
         qx.s[g] = scale;
         for (int i = 0; i < gs; i++)  // a group of zeros gets scale 0 and zeros, not NaN
-            qx.q[(size_t)g * gs + i] = scale == 0.0f || !finite ? 0 : (int8_t)std::round(v[i] / scale);
+            qx.q[(size_t)g * gs + i] =
+                scale == 0.0f || !finite ? 0 : (int8_t)std::clamp(std::round(v[i] / scale), -127.0f, 127.0f);
     }
 }
 

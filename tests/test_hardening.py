@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import export as E
-from conftest import BINARIES, LLAMA_MODEL, ROOT, STORIES, TOK512, existing, random_model, run, write_tokenizer
+from conftest import BINARIES, QBINARIES, LLAMA_MODEL, ROOT, STORIES, TOK512, existing, random_model, run, write_tokenizer
 from test_cli import expect_error, stories
 
 STORIES_BYTES = STORIES.read_bytes()
@@ -162,6 +162,21 @@ def test_non_finite_weights(engine, tiny, tmp_path, where, value):
     err = p.stderr.decode()
     assert p.returncode == 1 and err.count("\n") == 1 and "position" in err and "not finite" in err, err
     assert p.stdout == b""
+
+
+def test_tokenizer_entry_counts(engine, tiny, tmp_path):
+    """A tokenizer with fewer or more entries than the model's vocab_size."""
+    for pieces in (PIECES[:-1], PIECES + ["ba"]):
+        tok = write_tokenizer(tmp_path / "tok.bin", pieces)
+        expect_error(engine, checkpoint_of(engine, tiny), "-z", tok, "-i", "a", mentions=tok)
+
+
+def test_vocabulary_without_space_or_bytes(engine, tiny, tmp_path):
+    """No " " piece for SentencePiece's leading space, or no byte pieces for a
+    character the vocabulary lacks: the prompt is refused, naming what is missing."""
+    tok = write_tokenizer(tmp_path / "nospace.bin", [p if p != " " else "c" for p in PIECES])
+    expect_error(engine, checkpoint_of(engine, tiny), "-z", tok, "-i", "ab", mentions='" "')
+    expect_error(engine, checkpoint_of(engine, tiny), "-z", tiny[2], "-i", "a z", mentions='"z"')
 
 
 # ---------------------------------------------------------------------------
@@ -321,3 +336,21 @@ def test_export_output_in_missing_directory(tmp_path):
         err = p.stderr.decode()
         assert p.returncode == 1 and err.count("\n") == 1 and "no/such/dir" in err and "Traceback" not in err, err
         assert not (tmp_path / "no").exists()
+
+
+# ---------------------------------------------------------------------------
+# valgrind (on the plain -O3 build: valgrind does not know AVX-512): no invalid
+# read and no use of an uninitialised value in a generation and a chat.
+
+PLAIN = [b for b in BINARIES + QBINARIES if b.endswith("-gcc")]
+
+
+@pytest.mark.parametrize("binary", PLAIN)
+def test_valgrind_generate_and_chat(binary, stories_q8):
+    model = stories_q8 if "runq" in binary else STORIES
+    vg = ["valgrind", "-q", "--error-exitcode=9", "--track-origins=yes"]
+    for args, stdin in ((["-n", 60, "-i", "Once upon a time"], None),
+                        (["-m", "chat", "-n", 120, "-s", 3], b"be brief\nhello\nand again\n")):
+        p = subprocess.run(vg + [existing(binary), str(model), "-z", str(TOK512)] + [str(a) for a in args],
+                           input=stdin, capture_output=True, timeout=600)
+        assert p.returncode == 0 and b"==" not in p.stderr, p.stderr.decode(errors="replace")

@@ -44,6 +44,17 @@ static void test_quantize() {
             CHECK(std::isnan(s[2]) && q[2 * gs] == 0 && !std::isnan(s[0]), "gs=%d: %g in group 2 gives scale %g",
                   gs, bad, s[2]);
         }
+        // a subnormal group, whose scale vmax / 127 is too coarse to keep v / scale
+        // within 127 (found by fuzzing; the sanitizer build flags the bad cast):
+        // values stay in [-127, 127] and keep their sign
+        for (float tiny : {1.8e-43f, 3e-44f, 1e-45f}) {
+            std::vector<float> y(n, 0.0f);
+            for (int i = 0; i < gs; i++) y[i] = tiny * (i % 2 ? -1.0f : 1.0f) * (float)(gs - i) / gs;
+            quantize(t, y.data(), n);
+            bool ok = true;
+            for (int i = 0; i < gs; i++) ok = ok && q[i] >= -127 && q[i] <= 127 && q[i] * y[i] >= 0;
+            CHECK(ok, "gs=%d: subnormal group of max %g", gs, tiny);
+        }
         quantize(t, x.data(), n);
         bool zero_group = s[1] == 0.0f;
         for (int i = gs; i < 2 * gs; i++) zero_group = zero_group && q[i] == 0 && back[i] == 0.0f;
