@@ -2,20 +2,27 @@
 
   python3 export.py OUT.bin [--version 0|1|2] [--group-size N] --checkpoint model.pt  # llama2.c training checkpoint
   python3 export.py OUT.bin [--version 0|1|2] [--group-size N] --bin IN.bin           # convert between our versions
-  python3 export.py --tokenizer tokenizer.model [-o tokenizer.bin]  # sentencepiece -> tokenizer.bin
+  python3 export.py OUT.bin [--version 0|1|2] [--group-size N] --hf DIR             # Hugging Face Llama
+  python3 export.py OUT.bin [--version 0|1|2] [--group-size N] --meta DIR --seq-len 4096  # Meta Llama 2
+  python3 export.py --tokenizer tokenizer.model|tokenizer.json [-o tokenizer.bin]  # -> tokenizer.bin
 
 The layouts are documented byte by byte in README.md. Files are written to a
 temporary name and renamed, so a failed export never leaves a half-written file.
 """
 
 import argparse
-import collections
+import collections.abc
+import glob
 import io
+import json
+import math
 import os
 import pickle
 import struct
 import sys
 import zipfile
+
+import numpy as np
 
 import torch
 
@@ -52,26 +59,28 @@ def header_bytes(args, version, group_size=0):
 
 
 def file_order(model, version):
-    """[(label, tensor)] in the order the weights are stored. Version 2 stores
-    the norms first, then every matrix of every layer as its own quantized tensor."""
+    """[(label, function returning the tensor)] in the order the weights are
+    stored: each tensor is made only when it is written (a lazy model then
+    holds one matrix at a time). Versions 0/1 store each kind of matrix for all
+    layers in a row, so writing them layer after layer gives that layout;
+    version 2 stores the norms first, then every matrix as its own quantized tensor."""
     args, sd = model.args, model.state_dict()
     L = args.n_layers
-    stack = lambda name: torch.stack([sd[f"layers.{i}.{name}"] for i in range(L)])
+    stack = lambda name: lambda: torch.stack([sd[f"layers.{i}.{name}"] for i in range(L)])
+    tensor = lambda name: lambda: sd[name]
     norms = [("rms_att", stack("attention_norm.weight")), ("rms_ffn", stack("ffn_norm.weight"))]
-    emb = ("token_embedding", sd["tok_embeddings.weight"])
-    if version == 2:
-        mats = [(f"{name.split('.')[1]}[{i}]", sd[f"layers.{i}.{name}"])
-                for name, _ in M.layer_tensors(args) for i in range(L)]
-    else:
-        mats = [(name.split(".")[1], stack(name)) for name, _ in M.layer_tensors(args)]
+    emb = ("token_embedding", tensor("tok_embeddings.weight"))
+    mats = [[(f"{name.split('.')[1]}[{i}]", tensor(f"layers.{i}.{name}")) for i in range(L)]
+            for name, _ in M.layer_tensors(args)]
+    final = ("rms_final", tensor("norm.weight"))
     if version == 0:
         cos, sin = M.rope_tables(args.head_size, args.max_seq_len, args.rope_theta)
-        out = [emb, norms[0], *mats[:4], norms[1], *mats[4:], ("rms_final", sd["norm.weight"]),
-               ("freq_cis_real", cos), ("freq_cis_imag", sin)]
+        out = [emb, norms[0], *sum(mats[:4], []), norms[1], *sum(mats[4:], []), final,
+               ("freq_cis_real", lambda: cos), ("freq_cis_imag", lambda: sin)]
     else:
-        out = [*norms, ("rms_final", sd["norm.weight"]), emb, *mats]
+        out = [*norms, final, emb, *sum(mats, [])]
     if not args.shared_classifier:
-        out.append(("classifier", sd["output.weight"]))
+        out.append(("classifier", tensor("output.weight")))
     return out
 
 
@@ -122,7 +131,8 @@ def write_checkpoint(model, path, version, group_size=64):
     def chunks():
         nonlocal worst
         yield header_bytes(model.args, version, gs)
-        for label, t in file_order(model, version):
+        for label, make in file_order(model, version):
+            t = make()
             if version == 2 and not label.startswith("rms_"):
                 q, scale, err = quantize_q8(t, gs)
                 worst = max(worst, err)
@@ -230,6 +240,295 @@ def check_args(args, path):
 
 
 # ----------------------------------------------------------------------------
+# safetensors: an 8-byte little-endian header length N, N bytes of JSON
+# {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}
+# with offsets relative to the end of the header, then the raw little-endian data.
+
+SAFETENSORS_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
+
+
+class SafeTensors:
+    """One .safetensors file, its header validated as strictly as run.cpp
+    validates ours; each tensor is read from disk only when asked for."""
+
+    def __init__(self, path):
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                fail(f"{path}: {size} bytes, too short for a safetensors header")
+            n = struct.unpack("<Q", head)[0]
+            if n > size - 8:
+                fail(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, ValueError) as e:
+                fail(f"{path}: the header is not JSON ({e})")
+        if not isinstance(header, dict):
+            fail(f"{path}: the header is not a JSON object")
+        self.start, data_size = 8 + n, size - 8 - n
+        self.entries, spans = {}, []
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            except (TypeError, KeyError, ValueError):
+                fail(f"{path}: tensor {name}: malformed entry {info!r}")
+            if dtype not in SAFETENSORS_DTYPES:
+                fail(f"{path}: tensor {name} has dtype {dtype}; only F32, F16 and BF16 are supported")
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                fail(f"{path}: tensor {name} has shape {shape!r}")
+            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
+                fail(f"{path}: tensor {name}: data offsets [{begin}, {end}] are outside the data ({data_size} bytes)")
+            nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
+            if end - begin != nbytes:
+                fail(f"{path}: tensor {name}: shape {shape} in {dtype} is {nbytes} bytes but its offsets "
+                     f"span {end - begin}")
+            spans.append((begin, end, name))
+            self.entries[name] = (dtype, shape, begin)
+        spans.sort()
+        for (_, end0, name0), (begin1, _, name1) in zip(spans, spans[1:]):
+            if begin1 < end0:
+                fail(f"{path}: tensors {name0} and {name1} overlap")
+
+    def shape(self, name):
+        return tuple(self.entries[name][1])
+
+    def get(self, name):
+        """The tensor as float32 (F16 and BF16 widen exactly)."""
+        dtype, shape, begin = self.entries[name]
+        raw = np.fromfile(self.path, dtype=SAFETENSORS_DTYPES[dtype][0], count=math.prod(shape),
+                          offset=self.start + begin)
+        arr = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32)
+        return torch.from_numpy(arr.reshape(shape))
+
+
+class LazyModel:
+    """What write_checkpoint needs of a model, args and a state dict, with the
+    tensors produced one at a time as the file is written (a 7B export then
+    holds one matrix in memory, not the model)."""
+
+    def __init__(self, args, names, get):
+        self.args, self._names, self._get = args, names, get
+
+    def state_dict(self):
+        return LazyStateDict(self._names, self._get)
+
+
+class LazyStateDict(collections.abc.Mapping):
+    def __init__(self, names, get):
+        self._names, self._get = names, get
+
+    def __getitem__(self, name):
+        if name not in self._names:
+            raise KeyError(name)
+        return self._get(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+
+def our_shapes(args):
+    """{model.py tensor name: shape} for every tensor a model with these args has."""
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,)}
+    if not args.shared_classifier:
+        shapes["output.weight"] = (args.vocab_size, args.dim)
+    for i in range(args.n_layers):
+        shapes[f"layers.{i}.attention_norm.weight"] = shapes[f"layers.{i}.ffn_norm.weight"] = (args.dim,)
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in M.layer_tensors(args)})
+    return shapes
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face Llama directories: config.json and safetensors (or pytorch_model*.bin)
+
+HF_NAMES = {  # ours -> Hugging Face's, per layer
+    "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+}
+
+
+def hf_name(name):
+    if name.startswith("layers."):
+        _, i, rest = name.split(".", 2)
+        return f"model.layers.{i}.{HF_NAMES[rest]}"
+    return {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}[name]
+
+
+def unpermute(w, n_heads):
+    """Hugging Face's q/k rows, ordered per head as [all first halves, all second
+    halves] for its rotate-half RoPE, back to Meta's interleaved pairs (x0, x1),
+    (x2, x3), ... that run.cpp rotates."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_args(folder):
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        fail(f"{folder}: no config.json (not a Hugging Face model directory)")
+    try:
+        cfg = json.load(open(path))
+    except ValueError as e:
+        fail(f"{path}: not JSON ({e})")
+    arch = cfg.get("architectures", ["LlamaForCausalLM"])
+    if cfg.get("model_type", "llama") != "llama" or arch != ["LlamaForCausalLM"]:
+        fail(f"{path}: model_type {cfg.get('model_type')!r}, architectures {arch}: only Llama "
+             "(LlamaForCausalLM) is supported")
+    for field, supported in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False),
+                             ("hidden_act", "silu")):
+        if cfg.get(field, supported) != supported:
+            fail(f"{path}: {field} = {cfg[field]!r} is not supported (only {supported!r})")
+    try:
+        heads = cfg["num_attention_heads"]
+        args = M.ModelArgs(dim=cfg["hidden_size"], hidden_dim=cfg["intermediate_size"],
+                           n_layers=cfg["num_hidden_layers"], n_heads=heads,
+                           n_kv_heads=cfg.get("num_key_value_heads") or heads, vocab_size=cfg["vocab_size"],
+                           max_seq_len=cfg["max_position_embeddings"], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                           rope_theta=float(cfg.get("rope_theta", 10000.0)),
+                           shared_classifier=bool(cfg.get("tie_word_embeddings", False)))
+    except KeyError as e:
+        fail(f"{path}: no {e.args[0]}")
+    check_args(args, path)
+    return args
+
+
+def hf_tensors(folder):
+    """{Hugging Face name: a function returning it as float32}, from whichever
+    weight files the directory has."""
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if files:
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            files = sorted({os.path.join(folder, f) for f in json.load(open(index))["weight_map"].values()})
+        found = {}
+        for f in files:
+            if not os.path.isfile(f):
+                fail(f"{index}: names {f}, which is missing")
+            st = SafeTensors(f)
+            for name in st.entries:
+                found[name] = (st, name)
+        return {name: (lambda st=st, n=n: st.get(n)) for name, (st, n) in found.items()}, \
+            {name: st.shape(n) for name, (st, n) in found.items()}
+    files = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
+    if not files:
+        fail(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
+    sd = {}
+    for f in files:
+        sd.update(load_torch_file(f))
+    return {k: (lambda t=t: t.float()) for k, t in sd.items()}, {k: tuple(t.shape) for k, t in sd.items()}
+
+
+def load_hf(folder):
+    args = hf_args(folder)
+    getters, shapes = hf_tensors(folder)
+    ours = our_shapes(args)
+    wanted = {hf_name(n): n for n in ours}
+    ignored = [k for k in shapes if k not in wanted and not k.endswith("rotary_emb.inv_freq")]
+    if args.shared_classifier and "lm_head.weight" in ignored:
+        ignored.remove("lm_head.weight")
+    if ignored:
+        fail(f"{folder}: tensor {ignored[0]} is not part of a Llama model we run"
+             + (f" (and {len(ignored) - 1} more)" if len(ignored) > 1 else ""))
+    for hf, name in wanted.items():
+        if hf not in shapes:
+            fail(f"{folder}: tensor {hf} is missing")
+        if shapes[hf] != ours[name]:
+            fail(f"{folder}: tensor {hf} has shape {shapes[hf]}, config.json makes it {ours[name]}")
+
+    def get(name):
+        t = getters[hf_name(name)]()
+        if name.endswith("attention.wq.weight"):
+            t = unpermute(t, args.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = unpermute(t, args.n_kv_heads)
+        return t
+
+    progress(f"{folder}: {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads ({args.n_kv_heads} kv), "
+             f"vocab {args.vocab_size}, rope_theta {args.rope_theta}, norm_eps {args.norm_eps}")
+    return LazyModel(args, set(ours), get)
+# ----------------------------------------------------------------------------
+# Meta's Llama 2 directories: params.json and consolidated.NN.pth, one shard per
+# model-parallel rank. Meta's names are model.py's, and its q/k rows are
+# already in interleaved-pair order.
+
+
+def load_torch_file(path):
+    """A pickled state dict (.pth, pytorch_model.bin) without running code."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            return load_weights_only(path)
+    except Exception as e:  # torch raises many types for a bad file
+        fail(f"{path}: cannot load: {e}")
+
+
+def shard_axis(name):
+    """The axis Meta split a tensor along across shards: rows for the column-parallel
+    matrices, columns for the row-parallel ones and the embedding; norms are copies."""
+    if name.endswith("norm.weight"):
+        return None
+    if name == "tok_embeddings.weight" or name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        return 1
+    return 0
+
+
+def load_meta(folder, seq_len):
+    params_path = os.path.join(folder, "params.json")
+    if not os.path.isfile(params_path):
+        fail(f"{folder}: no params.json (not a Meta Llama directory)")
+    shards = sorted(glob.glob(os.path.join(folder, "consolidated.*.pth")))
+    if not shards:
+        fail(f"{folder}: no consolidated.*.pth shards")
+    if not seq_len:
+        fail("--meta needs --seq-len: params.json does not say the context length (Llama 2: 4096)")
+    try:
+        p = json.load(open(params_path))
+        parts = []
+        for f in shards:
+            progress(f"reading {f}")
+            parts.append(load_torch_file(f))
+        n_heads = p["n_heads"]
+        hidden = sum(part["layers.0.feed_forward.w1.weight"].shape[0] for part in parts)
+        args = M.ModelArgs(dim=p["dim"], hidden_dim=hidden, n_layers=p["n_layers"], n_heads=n_heads,
+                           n_kv_heads=p.get("n_kv_heads") or n_heads,
+                           vocab_size=parts[0]["tok_embeddings.weight"].shape[0], max_seq_len=seq_len,
+                           norm_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", 10000.0)),
+                           shared_classifier=False)
+    except (KeyError, ValueError) as e:
+        fail(f"{folder}: missing or bad entry: {e}")
+    check_args(args, params_path)
+    ours = our_shapes(args)
+    for name, shape in ours.items():
+        if any(name not in part for part in parts):
+            fail(f"{folder}: tensor {name} is missing from a shard")
+        shapes = [tuple(part[name].shape) for part in parts]
+        axis = shard_axis(name)
+        got = shapes[0] if axis is None or len(parts) == 1 else \
+            tuple(sum(s[axis] for s in shapes) if a == axis else shapes[0][a] for a in range(len(shapes[0])))
+        if got != shape:
+            fail(f"{folder}: tensor {name} has shape {got} across {len(parts)} shard(s), params.json makes it {shape}")
+
+    def get(name):
+        axis = shard_axis(name)
+        if axis is None or len(parts) == 1:
+            return parts[0][name].float()
+        return torch.cat([part[name] for part in parts], dim=axis).float()
+
+    return LazyModel(args, set(ours), get)
+
+
+# ----------------------------------------------------------------------------
 # Tokenizer: the sentencepiece .model protobuf, read without the sentencepiece
 # package. ModelProto field 1 is the repeated SentencePiece {1: piece, 2: score,
 # 3: type}; field 2 is the TrainerSpec, whose fields 40/41/42 are unk/bos/eos ids.
@@ -304,8 +603,47 @@ def read_sentencepiece(path):
     return pieces, ids[41], ids[42]
 
 
+def read_tokenizer_json(path):
+    """A Hugging Face tokenizer.json BPE with byte fallback (Llama 2, TinyLlama,
+    Mistral style) as read_sentencepiece's [(piece, score, type)], bos, eos. The
+    score of a piece is minus the rank of the first merge that makes it, so that
+    run.cpp's encoder, which applies the best-scoring merge first, applies them
+    in the tokenizer's merge order; pieces no merge makes score 0 (never used)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tj = json.load(f)
+        model = tj["model"]
+        kind, vocab, merges = model.get("type"), model["vocab"], model["merges"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"{path}: not a tokenizer.json ({e})")
+    if kind != "BPE":
+        fail(f"{path}: model type {kind!r}; only BPE is supported")
+    if not model.get("byte_fallback"):
+        fail(f"{path}: a BPE without byte fallback (GPT-2 style byte-level BPE) is not supported: "
+             "run.cpp needs <0x00>..<0xFF> pieces")
+    for token in tj.get("added_tokens", []):
+        vocab.setdefault(token["content"], token["id"])
+    n = max(vocab.values()) + 1
+    by_id = [None] * n
+    for piece, i in vocab.items():
+        by_id[i] = piece
+    if None in by_id:
+        fail(f"{path}: vocabulary ids are not 0..{n - 1} (id {by_id.index(None)} is missing)")
+    if by_id[:3] != ["<unk>", "<s>", "</s>"] or by_id[3:259] != [f"<0x{b:02X}>" for b in range(256)]:
+        fail(f"{path}: run.cpp needs <unk>, <s>, </s> at ids 0-2 and the byte pieces <0x00>..<0xFF> at 3-258")
+    rank = {}
+    for r, merge in enumerate(merges):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
+    pieces = [(p.encode(), struct.pack("<f", -float(rank[p]) if p in rank else 0.0), 1) for p in by_id]
+    return pieces, 1, 2
+
+
 def export_tokenizer(model_path, out_path):
-    pieces, bos, eos = read_sentencepiece(model_path)
+    if model_path.endswith(".json"):
+        pieces, bos, eos = read_tokenizer_json(model_path)
+    else:
+        pieces, bos, eos = read_sentencepiece(model_path)
     if (bos, eos) != (1, 2):
         fail(f"{model_path}: bos/eos ids are {bos}/{eos}; run.cpp expects 1/2")
     tokens = []
@@ -341,7 +679,10 @@ def main():
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="llama2.c training checkpoint (.pt)")
     src.add_argument("--bin", help="one of our .bin checkpoints, any version")
-    src.add_argument("--tokenizer", help="sentencepiece tokenizer.model")
+    src.add_argument("--hf", metavar="DIR", help="Hugging Face Llama directory (config.json + safetensors)")
+    src.add_argument("--meta", metavar="DIR", help="Meta Llama directory (params.json + consolidated.*.pth)")
+    src.add_argument("--tokenizer", help="sentencepiece tokenizer.model, or a Hugging Face tokenizer.json")
+    ap.add_argument("--seq-len", type=int, help="--meta: the context length (Llama 2: 4096)")
     ap.add_argument("-o", dest="tokenizer_out", default="tokenizer.bin", help="tokenizer output (default tokenizer.bin)")
     a = ap.parse_args()
     out = a.tokenizer_out if a.tokenizer else a.out
@@ -355,6 +696,10 @@ def main():
         fail("give the output checkpoint path")
     if a.checkpoint:
         model = load_training_checkpoint(a.checkpoint)
+    elif a.hf:
+        model = load_hf(a.hf)
+    elif a.meta:
+        model = load_meta(a.meta, a.seq_len)
     else:
         if not os.path.isfile(a.bin):
             fail(f"{a.bin}: no such file")

@@ -1021,7 +1021,7 @@ static int utf8_char_len(const unsigned char* s, size_t n) {
 //    highest-scoring piece, leftmost first on ties.
 // Step 3 keeps the candidate pairs in a priority queue over a linked list of
 // symbols, so it costs O(n log n) rather than a rescan of all pairs per merge.
-static std::vector<int> encode(const Tokenizer& t, std::string_view text, bool bos) {
+static std::vector<int> encode(const Tokenizer& t, std::string_view text, bool bos, bool dummy_prefix = true) {
     std::vector<int> tokens;
     if (bos) tokens.push_back(kBos);
     if (text.empty()) return tokens;
@@ -1035,7 +1035,7 @@ static std::vector<int> encode(const Tokenizer& t, std::string_view text, bool b
                   (int)piece.size(), piece.data());
         for (unsigned char b : piece) sym.push_back(b + 3);
     };
-    push_piece(" ");
+    if (dummy_prefix) push_piece(" ");
     const auto* s = reinterpret_cast<const unsigned char*>(text.data());
     for (size_t i = 0; i < text.size();) {
         int len = utf8_char_len(s + i, text.size() - i);
@@ -1318,7 +1318,36 @@ static bool read_line(const char* label, std::string& line) {
 // Llama 2 chat: each user turn is "[INST] ... [/INST]" with BOS, the first one
 // carrying the system prompt; the assistant answers until EOS, which stays in
 // the context so the next turn sees a finished answer.
-static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
+// One chat turn as tokens, in the model's template. The end-of-sequence markers
+// inside a template go in as the EOS id, never as text for the tokenizer to split.
+//   llama2: [BOS] [INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]   (first turn)
+//           [BOS] [INST] {user} [/INST]                                  (later turns)
+//   zephyr: [BOS] <|system|>\n{system} [EOS] \n<|user|>\n{user} [EOS] \n<|assistant|>\n
+//           later turns start at \n<|user|>, after the answer's EOS. Only the
+//           conversation's first text gets SentencePiece's leading space.
+static std::vector<int> render_turn(const Tokenizer& tok, const std::string& tmpl, bool first,
+                                    const std::string& system, const std::string& user) {
+    if (tmpl == "llama2") {
+        if (first && !system.empty())
+            return encode(tok, "[INST] <<SYS>>\n" + system + "\n<</SYS>>\n\n" + user + " [/INST]", true);
+        return encode(tok, "[INST] " + user + " [/INST]", true);
+    }
+    std::vector<int> ids;
+    auto text = [&](const std::string& s) {
+        const std::vector<int> t = encode(tok, s, first && ids.empty(), first && ids.empty());
+        ids.insert(ids.end(), t.begin(), t.end());
+    };
+    if (first && !system.empty()) {
+        text("<|system|>\n" + system);
+        ids.push_back(kEos);
+    }
+    text((ids.empty() && first ? "" : "\n") + std::string("<|user|>\n") + user);
+    ids.push_back(kEos);
+    text("\n<|assistant|>\n");
+    return ids;
+}
+
+static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler, const std::string& tmpl,
                  const std::string& first_user_prompt, const std::string& cli_system_prompt,
                  bool have_system_prompt, int steps, const TestHooks& hooks) {
     const int vocab = tr.config().vocab_size;
@@ -1335,12 +1364,7 @@ static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
             std::fputc('\n', stdout);
             return;
         }
-        std::string rendered;
-        if (turn == 0 && !system.empty())
-            rendered = "[INST] <<SYS>>\n" + system + "\n<</SYS>>\n\n" + user + " [/INST]";
-        else
-            rendered = "[INST] " + user + " [/INST]";
-        const std::vector<int> prompt = encode(tok, rendered, true);
+        const std::vector<int> prompt = render_turn(tok, tmpl, turn == 0, system, user);
         if (pos + (int)prompt.size() > steps) {
             std::fprintf(stderr, "the context is full (%d of %d positions used); ending the chat\n",
                          pos, steps);
@@ -1396,6 +1420,7 @@ static void usage(std::FILE* f) {
         "  -z <path>   tokenizer, default tokenizer.bin\n"
         "  -m <mode>   generate | chat | tokenize, default generate\n"
         "  -y <string> system prompt (chat mode)\n"
+        "  -c <name>   chat template: llama2 (default) | zephyr (TinyLlama-Chat and other Zephyr-style models)\n"
         "  -h, --help  this help\n",
         kProgram, kProgram);
 }
@@ -1421,6 +1446,7 @@ struct Options {
     std::string prompt, system_prompt;
     bool have_system_prompt = false;
     std::string mode = "generate";
+    std::string chat_template = "llama2";
 };
 
 static Options parse_args(int argc, char** argv) {
@@ -1437,7 +1463,7 @@ static Options parse_args(int argc, char** argv) {
     for (int i = 2; i < argc; i += 2) {
         const char* flag = argv[i];
         if (flag[0] != '-' || std::strlen(flag) != 2) fatal("unknown argument '%s' (see --help)", flag);
-        if (!std::strchr("tpsnizmy", flag[1])) fatal("unknown flag %s (see --help)", flag);
+        if (!std::strchr("tpsnizmyc", flag[1])) fatal("unknown flag %s (see --help)", flag);
         if (i + 1 >= argc) fatal("%s needs a value", flag);
         const char* val = argv[i + 1];
         switch (flag[1]) {
@@ -1478,6 +1504,11 @@ static Options parse_args(int argc, char** argv) {
                 fatal("-m: mode '%s' is not generate, chat or tokenize", val);
             break;
         case 'y': o.system_prompt = val; o.have_system_prompt = true; break;
+        case 'c':
+            o.chat_template = val;
+            if (o.chat_template != "llama2" && o.chat_template != "zephyr")
+                fatal("-c: chat template '%s' is not llama2 or zephyr", val);
+            break;
         }
     }
     return o;
@@ -1524,7 +1555,7 @@ static int run_main(int argc, char** argv) {
     if (o.mode == "generate")
         generate(tr, tok, sampler, o.prompt, o.steps, hooks);
     else
-        chat(tr, tok, sampler, o.prompt, o.system_prompt, o.have_system_prompt, o.steps, hooks);
+        chat(tr, tok, sampler, o.chat_template, o.prompt, o.system_prompt, o.have_system_prompt, o.steps, hooks);
     if (hooks.dump && std::fclose(hooks.dump) != 0) fatal("RUN_DUMP_LOGITS: write failed");
     return 0;
 }

@@ -108,6 +108,40 @@ def test_chat_turns_follow_llama2_template(engine, tmp_path, seed):
     assert out.count("Assistant: ") == 2 and out.count("User: ") == 3  # the third meets EOF
 
 
+@pytest.mark.parametrize("system", ["be brief", ""])
+def test_chat_turns_follow_zephyr_template(engine, tmp_path, system):
+    """<|system|>\n{system}</s>\n<|user|>\n{user}</s>\n<|assistant|>\n with each </s>
+    as the EOS id. Over a character vocabulary (no merges) the expected ids are
+    spelled out here character by character: the first text gets the leading
+    space, nothing after an EOS does."""
+    chars = sorted(set("<|system|>\n</s> <|user|> <|assistant|>be brief hi again x"))
+    pieces = ["<unk>", "\n<s>\n", "\n</s>\n"] + chars
+    m = random_model(4, dim=16, hidden_dim=24, n_layers=1, n_heads=2, n_kv_heads=1,
+                     vocab_size=len(pieces), max_seq_len=512, shared_classifier=False)
+    ckpt, tok = engine.save(m, tmp_path / "chat.bin", 8), write_tokenizer(tmp_path / "tok.bin", pieces)
+    spell = lambda text: [pieces.index(c) for c in text]
+    BOS, EOS = 1, 2
+    if system:
+        turn1 = [BOS] + spell(" <|system|>\nbe brief") + [EOS] + spell("\n<|user|>\nhi") + [EOS]
+    else:
+        turn1 = [BOS] + spell(" <|user|>\nhi") + [EOS]
+    turn1 += spell("\n<|assistant|>\n")
+    turn2 = spell("\n<|user|>\nagain") + [EOS] + spell("\n<|assistant|>\n")
+    checked_turn2 = False
+    for seed in range(1, 21):  # until an answer ends with EOS (not BOS), to see the next turn
+        dump = tmp_path / f"dump{seed}.bin"
+        run(engine.binary, ckpt, "-z", tok, "-m", "chat", "-c", "zephyr", "-y", system, "-t", "1000", "-s", seed,
+            "-n", 512, stdin=b"hi\nagain\n", env={"RUN_DUMP_LOGITS": str(dump)})
+        _, fed, _, chosen = read_dump(dump, len(pieces))
+        assert fed[:len(turn1)] == turn1
+        end = next(i for i in range(len(turn1) - 1, len(fed)) if chosen[i] in (BOS, EOS))
+        if chosen[end] == EOS:  # the answer's EOS is in the context, then the next turn
+            assert fed[end + 1] == EOS and fed[end + 2:end + 2 + len(turn2)] == turn2
+            checked_turn2 = True
+            break
+    assert checked_turn2, "no answer in 20 seeds ended with EOS"
+
+
 def test_chat_ends_cleanly_at_end_of_input(engine):
     p = stories(engine, "-m", "chat", "-y", "", "-n", 64, stdin=b"")
     assert p.returncode == 0 and b"User: " in p.stdout
@@ -134,7 +168,7 @@ BAD_FLAGS = [
     (["-s", "-1"], "-s"), (["-s", "12x"], "-s"), (["-s", "99999999999999999999"], "-s"), (["-s", "+5"], "-s"),
     (["-n", "-5"], "-n"), (["-n", "1e3"], "-n"), (["-n", "99999999999"], "-n"), (["-n", "ten"], "-n"),
     (["-m", "poem"], "poem"), (["-x", "1"], "-x"), (["-temp", "1"], "-temp"), (["stray"], "stray"),
-    (["-t"], "-t"), (["-n", "3", "-i", "Once upon a time"], "-n"),
+    (["-t"], "-t"), (["-n", "3", "-i", "Once upon a time"], "-n"), (["-c", "chatml"], "chatml"),
 ]
 
 
