@@ -1308,6 +1308,42 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
                  100 * (tr.attention_seconds - prompt_att) / elapsed);
 }
 
+// Perplexity of a text: exp of the mean negative log-likelihood of each token
+// given the ones before it. The text is cut into windows of `window` positions,
+// BOS then window - 1 tokens, every one of them predicted; each window is read
+// in blocks, like a prompt. The standard error comes from the spread of the
+// per-token NLLs (and, to first order, exp(mean) times it for the perplexity).
+static void perplexity(Transformer& tr, const Tokenizer& tok, std::string_view text, int window) {
+    const int vocab = tr.config().vocab_size;
+    const std::vector<int> ids = encode(tok, text, false);
+    double sum = 0, sum_sq = 0;
+    long count = 0, windows = 0;
+    const double start = now_seconds();
+    std::vector<int> w;
+    for (size_t first = 0; first < ids.size(); first += window - 1, windows++) {
+        w.assign(1, kBos);
+        w.insert(w.end(), ids.begin() + first, ids.begin() + std::min(ids.size(), first + window - 1));
+        for (size_t i = 0; i + 1 < w.size(); i += kBlock) {
+            const int n = (int)std::min(w.size() - 1 - i, (size_t)kBlock);  // inputs whose next token is known
+            const float* logits = forward(tr, &w[i], n, (int)i, true);
+            for (int b = 0; b < n; b++) {
+                const float* z = logits + (size_t)b * vocab;
+                const float zmax = *std::max_element(z, z + vocab);
+                double sum_exp = 0;
+                for (int v = 0; v < vocab; v++) sum_exp += std::exp((double)z[v] - zmax);
+                const double nll = zmax + std::log(sum_exp) - z[w[i + b + 1]];
+                sum += nll, sum_sq += nll * nll, count++;
+            }
+        }
+    }
+    if (count == 0) fatal("-f: the text has no tokens to predict");
+    const double mean = sum / count, se = std::sqrt(std::max(sum_sq / count - mean * mean, 0.0) / count);
+    std::printf("perplexity %.4f +- %.4f (mean NLL %.5f +- %.5f nats) over %ld tokens\n", std::exp(mean),
+                std::exp(mean) * se, mean, se, count);
+    std::fprintf(stderr, "perplexity: %ld tokens in %ld windows of up to %d positions, %.1f tok/s\n", count, windows,
+                 window, count / std::max(now_seconds() - start, 1e-9));
+}
+
 // Reads one line from stdin after printing a label; false at end of input.
 static bool read_line(const char* label, std::string& line) {
     std::fputs(label, stdout);
@@ -1418,7 +1454,8 @@ static void usage(std::FILE* f) {
         "  -n <int>    positions to run, prompt included, default 256 (0 = seq_len)\n"
         "  -i <string> prompt\n"
         "  -z <path>   tokenizer, default tokenizer.bin\n"
-        "  -m <mode>   generate | chat | tokenize, default generate\n"
+        "  -m <mode>   generate | chat | tokenize | perplexity, default generate\n"
+        "  -f <path>   text file whose perplexity to measure (-n: window, default seq_len)\n"
         "  -y <string> system prompt (chat mode)\n"
         "  -c <name>   chat template: llama2 (default) | zephyr (TinyLlama-Chat and other Zephyr-style models)\n"
         "  -h, --help  this help\n",
@@ -1447,6 +1484,7 @@ struct Options {
     bool have_system_prompt = false;
     std::string mode = "generate";
     std::string chat_template = "llama2";
+    const char* text_file = nullptr;  // -f, for perplexity
 };
 
 static Options parse_args(int argc, char** argv) {
@@ -1463,7 +1501,7 @@ static Options parse_args(int argc, char** argv) {
     for (int i = 2; i < argc; i += 2) {
         const char* flag = argv[i];
         if (flag[0] != '-' || std::strlen(flag) != 2) fatal("unknown argument '%s' (see --help)", flag);
-        if (!std::strchr("tpsnizmyc", flag[1])) fatal("unknown flag %s (see --help)", flag);
+        if (!std::strchr("tpsnizmycf", flag[1])) fatal("unknown flag %s (see --help)", flag);
         if (i + 1 >= argc) fatal("%s needs a value", flag);
         const char* val = argv[i + 1];
         switch (flag[1]) {
@@ -1500,10 +1538,11 @@ static Options parse_args(int argc, char** argv) {
         case 'z': o.tokenizer = val; break;
         case 'm':
             o.mode = val;
-            if (o.mode != "generate" && o.mode != "chat" && o.mode != "tokenize")
-                fatal("-m: mode '%s' is not generate, chat or tokenize", val);
+            if (o.mode != "generate" && o.mode != "chat" && o.mode != "tokenize" && o.mode != "perplexity")
+                fatal("-m: mode '%s' is not generate, chat, tokenize or perplexity", val);
             break;
         case 'y': o.system_prompt = val; o.have_system_prompt = true; break;
+        case 'f': o.text_file = val; break;
         case 'c':
             o.chat_template = val;
             if (o.chat_template != "llama2" && o.chat_template != "zephyr")
@@ -1529,6 +1568,11 @@ static int run_main(int argc, char** argv) {
         return 0;
     }
 
+    if (o.mode == "perplexity") {
+        if (!o.text_file) fatal("-m perplexity needs a text file: -f <path>");
+        if (!o.steps_given || o.steps == 0) o.steps = c.seq_len;  // the window: the whole context by default
+        if (o.steps < 2) fatal("-n: a perplexity window of %d positions predicts nothing (at least 2)", o.steps);
+    }
     if (o.steps == 0) o.steps = c.seq_len;
     if (o.steps > c.seq_len) {
         if (o.steps_given)  // the default 256 is not worth a note on small models
@@ -1552,7 +1596,10 @@ static int run_main(int argc, char** argv) {
         hooks.block = (int)b;
     }
 
-    if (o.mode == "generate")
+    if (o.mode == "perplexity") {
+        const MappedFile text(o.text_file);
+        perplexity(tr, tok, std::string_view((const char*)text.data(), text.size()), o.steps);
+    } else if (o.mode == "generate")
         generate(tr, tok, sampler, o.prompt, o.steps, hooks);
     else
         chat(tr, tok, sampler, o.chat_template, o.prompt, o.system_prompt, o.have_system_prompt, o.steps, hooks);
