@@ -102,7 +102,7 @@ e2e: build/.deps $(VARIANTS:%=build/run-%) $(VARIANTS:%=build/runq-%) build/toke
 	    $(PYTHON) -m pytest -q tests
 
 test: build/.deps unit e2e build/bench_kernels build/bandwidth  # the benchmarks must at least build
-	$(MAKE) fuzz FUZZ_SECONDS=10    # each fuzz target briefly (make fuzz runs them longer)
+	$(MAKE) fuzz FUZZ_LIMIT="-runs=30000 -seed=1"  # each fuzz target briefly and reproducibly
 
 # ---------------------------------------------------------------------------
 
@@ -122,10 +122,12 @@ bench-kernels: build/bench_kernels   # one int8 matmul, technique by technique
 
 # ---------------------------------------------------------------------------
 # Fuzzing (tests/fuzz.cpp): libFuzzer with AddressSanitizer + UBSan, one binary
-# per input kind, seeded with small valid files. make fuzz FUZZ_SECONDS=600
+# per input kind, seeded with small valid files. make fuzz FUZZ_SECONDS=600;
+# make test runs a fixed number of inputs from a fixed seed, so CI is reproducible.
 
 FUZZ_TARGETS = checkpoint checkpoint-q8 tokenizer encode cli
 FUZZ_SECONDS ?= 60
+FUZZ_LIMIT ?= -max_total_time=$(FUZZ_SECONDS)
 # -fsanitize=fuzzer: libFuzzer's main and coverage instrumentation (clang only)
 FUZZ_CXX = $(CLANG) $(WARN) -Werror -Wno-unknown-pragmas -g -O1 -fsanitize=fuzzer,address,undefined \
            -fno-sanitize-recover=all
@@ -145,8 +147,8 @@ build/fuzz/seeds: tests/fuzz_seeds.py | build/.deps
 # and a crashing input is saved as build/fuzz/crash-<target>-* (then turn it into a test).
 fuzz: $(FUZZ_TARGETS:%=build/fuzz-%) build/fuzz/seeds
 	@for t in $(FUZZ_TARGETS); do mkdir -p build/fuzz/corpus/$$t; \
-	    echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
-	    ./build/fuzz-$$t -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=4096 -timeout=20 \
+	    echo "== fuzz $$t ($(FUZZ_LIMIT))"; \
+	    ./build/fuzz-$$t $(FUZZ_LIMIT) -max_len=65536 -rss_limit_mb=4096 -timeout=20 \
 	        -print_final_stats=1 -artifact_prefix=build/fuzz/crash-$$t- \
 	        build/fuzz/corpus/$$t build/fuzz/seeds/$$t > build/fuzz/$$t.log 2>&1; rc=$$?; \
 	    grep -E '^(stat::number_of_executed_units|Done|==[0-9]+==|SUMMARY|artifact_prefix)' build/fuzz/$$t.log; \

@@ -644,6 +644,8 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
     RunState& s = tr.state;
     const size_t dim = c.dim, kv_dim = c.kv_dim(), hidden = c.hidden_dim;
     float* x = s.x.get();
+    if (n < 1 || n > kBlock || pos < 0 || pos + n > s.positions)  // the KV cache holds s.positions
+        fatal("forward: positions %d..%d are outside the context of %d", pos, pos + n - 1, s.positions);
 
     // x = self.tok_embeddings(tokens)
     for (int b = 0; b < n; b++)

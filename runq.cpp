@@ -732,10 +732,17 @@ static inline void dot_i8_x4(const int8_t* w, const int8_t* x, size_t stride, in
         }
     }
 #endif
-    // the four sums together: 16 lanes to 8, two rounds of pairwise adds, then the 128-bit halves
-    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(fold_16_to_8(acc[0]), fold_16_to_8(acc[1])),
-                                        _mm256_hadd_epi32(fold_16_to_8(acc[2]), fold_16_to_8(acc[3])));
-    _mm_storeu_si128((__m128i*)out, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+    // the four sums together, a transpose as it adds: interleave tokens 0/1 and 2/3
+    // (each 128-bit block then holds partial sums of both), then the pairs, so
+    // that every block holds [t0 t1 t2 t3]; finally add the four blocks. (maskz
+    // forms for GCC 12's warnings, as in fold_16_to_8.)
+    const auto pairs = [](__m512i a, __m512i b) {
+        return _mm512_add_epi32(_mm512_maskz_unpacklo_epi32(0xFFFF, a, b), _mm512_maskz_unpackhi_epi32(0xFFFF, a, b));
+    };
+    const __m512i s01 = pairs(acc[0], acc[1]), s23 = pairs(acc[2], acc[3]);
+    const __m256i s8 = fold_16_to_8(
+        _mm512_add_epi32(_mm512_maskz_unpacklo_epi64(0xFF, s01, s23), _mm512_maskz_unpackhi_epi64(0xFF, s01, s23)));
+    _mm_storeu_si128((__m128i*)out, _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1)));
 #endif
     if (i < n)  // what the SIMD loop leaves (and all of it without SIMD)
         for (int t = 0; t < 4; t++) out[t] += dot_i8(w + i, x + t * stride + i, n - i);
@@ -874,6 +881,8 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
     RunState& s = tr.state;
     const size_t dim = c.dim, kv_dim = c.kv_dim(), hidden = c.hidden_dim;
     float* x = s.x.get();
+    if (n < 1 || n > kBlock || pos < 0 || pos + n > s.positions)  // the KV cache holds s.positions
+        fatal("forward: positions %d..%d are outside the context of %d", pos, pos + n - 1, s.positions);
     QuantizedTensor& xq = s.xq.t;
 
     // x = self.tok_embeddings(tokens): dequantize just these rows of the table

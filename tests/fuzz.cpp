@@ -39,7 +39,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         const Config& c = tr.config();
         tr.state = make_run_state(c, std::min(c.seq_len, 4));
         const int tokens[2] = {kBos, c.vocab_size - 1};
-        forward(tr, tokens, 2, 0, true);
+        forward(tr, tokens, std::min(c.seq_len, 2), 0, true);
 #elif defined(FUZZ_TOKENIZER)
         const std::string path = as_file(data, size);
         const Tokenizer tok = load_tokenizer(path.c_str(), 512);

@@ -17,7 +17,9 @@ for d in dirs.values():
 
 shapes = [dict(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=16, vocab_size=5, max_seq_len=8),
           dict(dim=16, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=24, vocab_size=7, max_seq_len=4,
-               shared_classifier=False)]
+               shared_classifier=False),
+          # a one-position context: fuzzing found the harness running two positions in it
+          dict(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=16, vocab_size=5, max_seq_len=1)]
 for i, args in enumerate(shapes):
     m = random_model(i, **args)
     for v in (0, 1):

@@ -148,6 +148,17 @@ def test_kv_cache_larger_than_memory(binary, tmp_path):
     assert run(binary, path, "-z", tok, "-n", 8, "-i", "a").returncode == 0
 
 
+def test_one_position_context(engine, tmp_path):
+    """seq_len 1: BOS alone fills the context; generation ends cleanly, and a
+    prompt of two tokens is refused (found by fuzzing: a second position used to
+    write past the KV cache when a caller asked for one)."""
+    m = random_model(5, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=16, vocab_size=8, max_seq_len=1)
+    ckpt = engine.save(m, tmp_path / "one.bin", 8)
+    tok = write_tokenizer(tmp_path / "tok.bin", PIECES)
+    assert run(engine.binary, ckpt, "-z", tok, "-n", 0).returncode == 0
+    expect_error(engine, ckpt, "-z", tok, "-n", 0, "-i", "a", mentions="-n")
+
+
 @pytest.mark.parametrize("where", ["token_embedding", "wq", "w2"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights(engine, tiny, tmp_path, where, value):
