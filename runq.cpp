@@ -791,11 +791,25 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
             const int8_t* xq = x.q + (size_t)b * n;
             const float* xs = x.s + (size_t)b * groups;
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#if defined(__AVX512BW__) && defined(FP_FAST_FMAF)
+            // add_group for the four tokens in the four lanes of one register: the
+            // same multiply and fused multiply-add per lane, so the same result
+            __m128 acc4 = _mm_setzero_ps();
+            for (int g = 0; g < groups; g++) {
+                int32_t dots[4];
+                dot_i8_x4(row + g * gs, xq + g * gs, n, gs, dots);
+                const __m128 sx = _mm_set_ps(xs[3 * groups + g], xs[2 * groups + g], xs[groups + g], xs[g]);
+                const __m128 dx = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)dots)), sx);
+                acc4 = _mm_fmadd_ps(dx, _mm_set1_ps(row_s[g]), acc4);
+            }
+            _mm_storeu_ps(acc, acc4);
+#else
             for (int g = 0; g < groups; g++) {
                 int32_t dots[4];
                 dot_i8_x4(row + g * gs, xq + g * gs, n, gs, dots);
                 for (int t = 0; t < 4; t++) acc[t] = add_group(acc[t], dots[t], xs[t * groups + g], row_s[g]);
             }
+#endif
             for (int t = 0; t < 4; t++) out[(size_t)(b + t) * d + i] = acc[t];
         }
         for (; b < nb; b++) {
