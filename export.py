@@ -184,17 +184,23 @@ def load_weights_only(path):
         return Unpickler(io.BytesIO(z.read(pkl))).load()
 
 
+def load_torch_file(path):
+    """A pickled checkpoint or state dict (.pt, .pth, pytorch_model.bin), never running code:
+    torch's weights_only loader, or our own where that refuses the file."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            return load_weights_only(path)
+    except Exception as e:  # torch raises many types for a bad file
+        fail(f"{path}: cannot load: {e}")
+
+
 def load_training_checkpoint(path):
     """llama2.c's train.py checkpoint: {"model_args": {...}, "model": state_dict}."""
     if not os.path.isfile(path):
         fail(f"{path}: no such file")
-    try:
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            ck = load_weights_only(path)
-    except Exception as e:  # torch raises many types for a bad file
-        fail(f"{path}: cannot load: {e}")
+    ck = load_torch_file(path)
     if not isinstance(ck, dict) or "model_args" not in ck or "model" not in ck:
         fail(f"{path}: not a llama2.c training checkpoint (needs 'model_args' and 'model')")
     known = set(M.ModelArgs.__dataclass_fields__)
@@ -460,17 +466,6 @@ def load_hf(folder):
 # Meta's Llama 2 directories: params.json and consolidated.NN.pth, one shard per
 # model-parallel rank. Meta's names are model.py's, and its q/k rows are
 # already in interleaved-pair order.
-
-
-def load_torch_file(path):
-    """A pickled state dict (.pth, pytorch_model.bin) without running code."""
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            return load_weights_only(path)
-    except Exception as e:  # torch raises many types for a bad file
-        fail(f"{path}: cannot load: {e}")
 
 
 def shard_axis(name):

@@ -225,6 +225,15 @@ static Config read_config(const MappedFile& f, const char* path) {
     return c;
 }
 
+// The run state for `positions` (mostly the KV cache) must fit in this
+// machine's memory once filled: refused up front, with what to do about it.
+static void check_fits_in_memory(uint64_t bytes, int positions) {
+    const double gb = bytes / 1e9, ram = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE) / 1e9;
+    if (ram > 0 && gb > ram)
+        fatal("the KV cache for %d positions needs %.1f GB, more than this machine's %.1f GB: ask for fewer with -n",
+              positions, gb, ram);
+}
+
 // The file must be exactly as long as its header says: no more, no less.
 static void check_file_size(uint64_t expected, size_t size, const char* path) {
     if (expected != size)
@@ -366,10 +375,7 @@ static RunState make_run_state(const Config& c, int positions) {
     const uint64_t half = c.head_size() / 2, att = mul_ck(kBlock * c.n_heads, positions);
     const uint64_t dim = kBlock * c.dim, hidden = kBlock * c.hidden_dim, logits = kBlock * c.vocab_size;
     const uint64_t floats = 5 * dim + 2 * hidden + att + logits + 2 * cache + 2 * positions * half;
-    const double gb = floats * 4.0 / 1e9, ram = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE) / 1e9;
-    if (ram > 0 && gb > ram)
-        fatal("the KV cache for %d positions needs %.1f GB, more than this machine's %.1f GB: ask for fewer with -n",
-              positions, gb, ram);
+    check_fits_in_memory(floats * sizeof(float), positions);
     RunState s{alloc_floats(dim), alloc_floats(dim), alloc_floats(dim),
                alloc_floats(hidden), alloc_floats(hidden), alloc_floats(dim),
                alloc_floats(att), alloc_floats(logits), alloc_floats(cache), alloc_floats(cache),
