@@ -1,4 +1,6 @@
 # Build, test and benchmark run.cpp (fp32) and runq.cpp (int8).
+#   make run        build ./run and ./runq (portable), then tell a story with the project's
+#                   own model (trained on first use: models/README.md); PROMPT=... STEPS=...
 #   make            ./run and ./runq with OpenMP, tuned for this CPU (same as `make runomp`)
 #   make test       build every variant and run all tests (installs test packages if missing)
 #   make bench      fp32 against int8: tok/s, GB/s and the machine's memory bandwidth
@@ -31,12 +33,19 @@ SAN   = -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-o
 # else the copy in ../shared/models.
 TOKENIZER_MODEL ?= $(firstword $(wildcard tokenizer.model ../shared/models/llama2/tokenizer.model))
 
+# make run: the model, its tokenizer, the prompt and how many positions to run
+MODEL  ?= models/tinystories.bin
+TOK    ?= models/tinystories-tok.bin
+PROMPT ?= Once upon a time
+STEPS  ?= 256
+
 .PHONY: all run runfast runomp debug test unit e2e bench bench-kernels fuzz clean
 all: runomp
 
-run:                    # portable: any x86-64 or ARM, one thread
+run: $(MODEL) $(TOK)    # portable: any x86-64 or ARM, one thread; then a story
 	$(CXX) $(WARN) $(NOOMP) $(OPT) -o run run.cpp
 	$(CXX) $(WARN) $(NOOMP) $(OPT) -o runq runq.cpp
+	./run $(MODEL) -z $(TOK) -n $(STEPS) -i "$(PROMPT)"
 runfast:                # this CPU's full instruction set, one thread
 	$(CXX) $(WARN) $(NOOMP) $(OPT) $(NATIVE) -o run run.cpp
 	$(CXX) $(WARN) $(NOOMP) $(OPT) $(NATIVE) -o runq runq.cpp
@@ -50,6 +59,17 @@ debug:                  # address + undefined-behaviour sanitizers
 tokenizer.bin: export.py $(TOKENIZER_MODEL)
 	@test -n "$(TOKENIZER_MODEL)" || { echo "no tokenizer.model: download Llama 2's and put it here" >&2; exit 1; }
 	$(PYTHON) export.py --tokenizer $(TOKENIZER_MODEL) -o $@
+
+# The project's own model, trained by train.py on ../shared's TinyStories text
+# (about 10 minutes on two cores, the same bytes every time). Like every file
+# derived from ../shared it is generated, never committed; make clean keeps it.
+models/tinystories.bin: train.py | build/.deps-train
+	$(PYTHON) train.py --out-dir models
+models/tinystories-tok.bin models/tinystories-val.txt: models/tinystories.bin ;
+
+build/.deps-train: tests/install-deps.sh
+	@mkdir -p build
+	PYTHON="$(PYTHON)" sh tests/install-deps.sh train && touch $@
 
 # ---------------------------------------------------------------------------
 # Tests. Every variant is built with -Werror: the engine must be warning-free
@@ -97,7 +117,7 @@ unit: $(VARIANTS:%=build/test_run-%) $(VARIANTS:%=build/test_runq-%)
 	@for v in $(VARIANTS); do for t in test_run test_runq; do \
 	    echo "== $$t $$v"; ./build/$$t-$$v || exit 1; done; done
 
-e2e: build/.deps $(VARIANTS:%=build/run-%) $(VARIANTS:%=build/runq-%) build/tokenize_many
+e2e: build/.deps models/tinystories.bin $(VARIANTS:%=build/run-%) $(VARIANTS:%=build/runq-%) build/tokenize_many
 	RUN_BINARIES="$(VARIANTS:%=build/run-%)" RUNQ_BINARIES="$(VARIANTS:%=build/runq-%)" \
 	    $(PYTHON) -m pytest -q tests
 
