@@ -1,9 +1,9 @@
 """Write our .bin checkpoints and tokenizer.bin.
 
-  python3 export.py OUT.bin [--version 0|1|2] [--group-size N] --checkpoint model.pt  # llama2.c training checkpoint
-  python3 export.py OUT.bin [--version 0|1|2] [--group-size N] --bin IN.bin           # convert between our versions
-  python3 export.py OUT.bin [--version 0|1|2] [--group-size N] --hf DIR             # Hugging Face Llama
-  python3 export.py OUT.bin [--version 0|1|2] [--group-size N] --meta DIR --seq-len 4096  # Meta Llama 2
+  python3 export.py OUT.bin [--version 0|1|2|3] [--group-size N] --checkpoint model.pt  # llama2.c training checkpoint
+  python3 export.py OUT.bin [--version 0|1|2|3] [--group-size N] --bin IN.bin           # convert between our versions
+  python3 export.py OUT.bin [--version 0|1|2|3] [--group-size N] --hf DIR             # Hugging Face Llama
+  python3 export.py OUT.bin [--version 0|1|2|3] [--group-size N] --meta DIR --seq-len 4096  # Meta Llama 2
   python3 export.py --tokenizer tokenizer.model|tokenizer.json [-o tokenizer.bin]  # -> tokenizer.bin
 
 The layouts are documented byte by byte in README.md. Files are written to a
@@ -52,7 +52,7 @@ def header_bytes(args, version, group_size=0):
         return struct.pack("<7i", *fields, vocab, args.max_seq_len)
     head = struct.pack("<Ii7iB", M.MAGIC, version, *fields, args.vocab_size, args.max_seq_len,
                        int(args.shared_classifier))
-    if version == 2:
+    if version >= 2:
         head += struct.pack("<i", group_size)  # offset 37, unaligned as in llama2.c
     head = head.ljust(64, b"\0") + struct.pack("<2f", args.rope_theta, args.norm_eps)
     return head.ljust(M.HEADER_BYTES, b"\0")
@@ -84,6 +84,9 @@ def file_order(model, version):
     return out
 
 
+MAX_GROUP4 = 256  # runq unpacks a 4-bit group on the stack
+
+
 def quantize_q8(w, group_size):
     """Symmetric int8 per group of group_size consecutive values ("Q8_0"):
     scale = max|v| / 127, q = round(v / scale); a zero group gets scale 0.
@@ -94,6 +97,24 @@ def quantize_q8(w, group_size):
     q = torch.round(groups / safe[:, None]).clamp(-127, 127).to(torch.int8)
     err = (q.to(torch.float32) * scale[:, None] - groups).abs().max().item()
     return q.flatten(), scale, err
+
+
+def quantize_q4(w, group_size):
+    """Symmetric int4 per group of group_size consecutive values of a row, the
+    last group of a row shorter when group_size does not divide the row:
+    scale = max|v| / 7, q = round(v / scale) in [-7, 7]. Packed two per byte,
+    low nibble first, each row starting on a byte. Returns (packed uint8
+    (rows, (cols + 1) // 2), float32 scales (rows, groups), max error)."""
+    w = w.detach().to(torch.float32)
+    rows, cols = w.shape
+    groups = -(-cols // group_size)
+    padded = torch.nn.functional.pad(w, (0, groups * group_size - cols)).view(rows, groups, group_size)
+    scale = padded.abs().amax(dim=2) / 7.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(padded / safe[..., None]).clamp(-7, 7).view(rows, -1)[:, :cols].to(torch.int16)
+    err = (q.to(torch.float32) * scale.repeat_interleave(group_size, dim=1)[:, :cols] - w).abs().max().item()
+    nibbles = torch.nn.functional.pad(q, (0, cols % 2)) & 0xF  # two's complement, 4 bits
+    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).to(torch.uint8), scale, err
 
 
 def choose_group_size(args, wanted):
@@ -122,10 +143,18 @@ def write_atomically(path, chunks):
         raise
 
 
-def write_checkpoint(model, path, version, group_size=64):
-    if version not in (0, 1, 2):
-        fail(f"--version {version}: must be 0, 1 or 2")
-    gs = choose_group_size(model.args, group_size) if version == 2 else 0
+def write_checkpoint(model, path, version, group_size=None):
+    """group_size: versions 2 and 3, default 64 and 32. Version 2 backs off to a
+    divisor of dim and hidden_dim; version 3 ends a row in a shorter group."""
+    if version not in (0, 1, 2, 3):
+        fail(f"--version {version}: must be 0, 1, 2 or 3")
+    gs = 0
+    if version == 2:
+        gs = choose_group_size(model.args, group_size or 64)
+    elif version == 3:
+        gs = group_size or 32
+        if not 1 <= gs <= MAX_GROUP4:
+            fail(f"--group-size {gs}: version 3 needs 1..{MAX_GROUP4}")
     worst = 0.0
 
     def chunks():
@@ -133,8 +162,8 @@ def write_checkpoint(model, path, version, group_size=64):
         yield header_bytes(model.args, version, gs)
         for label, make in file_order(model, version):
             t = make()
-            if version == 2 and not label.startswith("rms_"):
-                q, scale, err = quantize_q8(t, gs)
+            if version >= 2 and not label.startswith("rms_"):
+                q, scale, err = quantize_q8(t, gs) if version == 2 else quantize_q4(t, gs)
                 worst = max(worst, err)
                 progress(f"  {label:16s} {tuple(t.shape)}  max quantization error {err:.3g}")
                 yield q.numpy().tobytes() + scale.numpy().astype("<f4").tobytes()
@@ -144,7 +173,7 @@ def write_checkpoint(model, path, version, group_size=64):
 
     progress(f"writing {path} (version {version}{f', group size {gs}' if gs else ''})")
     write_atomically(path, chunks())
-    if version == 2:
+    if version >= 2:
         progress(f"max quantization error over all tensors: {worst:.3g}")
     progress(f"wrote {path}: {os.path.getsize(path)} bytes")
 
@@ -668,9 +697,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", nargs="?", help="output checkpoint (.bin)")
     ap.add_argument("--version", type=int, default=0,
-                    help="0 (llama2.c legacy fp32, default), 1 (fp32) or 2 (int8 groups, for runq)")
-    ap.add_argument("--group-size", type=int, default=64,
-                    help="version 2: values per scale; backs off to a divisor of dim and hidden_dim (default 64)")
+                    help="0 (llama2.c legacy fp32, default), 1 (fp32), 2 (int8 groups) or 3 (int4 groups); "
+                         "2 and 3 run with runq")
+    ap.add_argument("--group-size", type=int,
+                    help="versions 2 and 3: values per scale. Version 2: default 64, backs off to a divisor "
+                         "of dim and hidden_dim; version 3: default 32, at most 256, a row's last group may be shorter")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="llama2.c training checkpoint (.pt)")
     src.add_argument("--bin", help="one of our .bin checkpoints, any version")

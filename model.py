@@ -1,5 +1,5 @@
 """The Llama 2 model in PyTorch, written to be read: the reference run.cpp is
-tested against, and a loader for our .bin checkpoints (versions 0, 1 and 2).
+tested against, and a loader for our .bin checkpoints (versions 0 to 3).
 
 Parameter names match llama2.c's training code, so its checkpoints load with
 load_state_dict. Shapes: B batch, T time, D dim, H heads, K kv heads, S head size.
@@ -199,16 +199,30 @@ class Reader:
         w = q.astype(np.float32).reshape(-1, group_size) * s[:, None]
         return torch.from_numpy(w).view(*shape)
 
+    def quantized4(self, group_size, rows, cols):
+        """Version 3: rows of (cols + 1) // 2 bytes, two 4-bit values each (low
+        nibble first, two's complement), then one float32 scale per group of a
+        row (the last shorter when group_size does not divide cols); dequantized."""
+        row_bytes, groups = (cols + 1) // 2, -(-cols // group_size)
+        b = np.frombuffer(self.data, dtype=np.uint8, count=rows * row_bytes, offset=self.offset)
+        s = np.frombuffer(self.data, dtype="<f4", count=rows * groups, offset=self.offset + rows * row_bytes)
+        self.offset += rows * row_bytes + 4 * rows * groups
+        b = b.reshape(rows, row_bytes).astype(np.int16)
+        q = np.stack([b & 15, b >> 4], axis=2).reshape(rows, -1)[:, :cols]
+        q = np.where(q >= 8, q - 16, q).astype(np.float32)
+        w = q * np.repeat(s.reshape(rows, groups), group_size, axis=1)[:, :cols]
+        return torch.from_numpy(w)
+
 
 def read_header(data):
     """(args, version, group_size, header_bytes) from the first bytes of a .bin."""
     if len(data) >= 4 and struct.unpack_from("<I", data, 0)[0] == MAGIC:
         version = struct.unpack_from("<i", data, 4)[0]
-        if version not in (1, 2):
+        if version not in (1, 2, 3):
             raise ValueError(f"unsupported checkpoint version {version}")
         dim, hidden, L, H, K, vocab, seq = struct.unpack_from("<7i", data, 8)
         shared = data[36] == 1
-        group_size = struct.unpack_from("<i", data, 37)[0] if version == 2 else 0
+        group_size = struct.unpack_from("<i", data, 37)[0] if version >= 2 else 0
         theta, eps = struct.unpack_from("<2f", data, 64)
         header = HEADER_BYTES
     else:
@@ -253,13 +267,15 @@ def load_checkpoint(path):
         sd["norm.weight"] = r.floats(D)
         if version == 1:
             weights = lambda *shape: r.floats(*shape)
-        else:
+        elif version == 2:
             weights = lambda *shape: r.quantized(group_size, *shape)
+        else:
+            weights = lambda *shape: r.quantized4(group_size, *shape)
         sd["tok_embeddings.weight"] = weights(args.vocab_size, D)
         for name, shape in layer_tensors(args):
             if version == 1:
                 per_layer(name, weights(L, *shape))
-            else:  # version 2 quantizes each layer's matrix separately
+            else:  # versions 2 and 3 quantize each layer's matrix separately
                 for i in range(L):
                     sd[f"layers.{i}.{name}"] = weights(*shape)
     sd["output.weight"] = sd["tok_embeddings.weight"] if args.shared_classifier else weights(args.vocab_size, D)

@@ -122,11 +122,11 @@ static uint64_t add_ck(uint64_t a, uint64_t b) {
 }
 
 // ----------------------------------------------------------------------------
-// Checkpoint header: the model's shape, read from any version (0, 1, 2) and
+// Checkpoint header: the model's shape, read from any version (0, 1, 2, 3) and
 // validated before a single size is computed from it.
 
 constexpr uint32_t kMagic = 0x616b3432;    // "ak42" in hex; on disk the bytes "24ka"
-constexpr size_t kHeaderBytes = 256;       // versions 1 and 2
+constexpr size_t kHeaderBytes = 256;       // versions 1, 2 and 3
 constexpr size_t kLegacyHeaderBytes = 28;  // version 0: seven int32
 constexpr int kBos = 1, kEos = 2;
 
@@ -141,8 +141,8 @@ struct Config {
     bool shared_classifier;  // classifier == token embedding
     float rope_theta;  // RoPE base (header offset 64; 0 in the file = 10000)
     float norm_eps;    // RMSNorm epsilon (header offset 68; 0 in the file = 1e-5)
-    int version;       // 0 (legacy), 1 (fp32) or 2 (int8)
-    int group_size;    // version 2: values per quantization scale (offset 37)
+    int version;       // 0 (legacy), 1 (fp32), 2 (int8) or 3 (int4)
+    int group_size;    // versions 2 and 3: values per quantization scale (offset 37)
     size_t header_bytes;
     int head_size() const { return dim / n_heads; }
     int kv_dim() const { return dim / n_heads * n_kv_heads; }
@@ -197,14 +197,14 @@ static Config read_config(const MappedFile& f, const char* path) {
     if (size >= 4 && read_at<uint32_t>(data, 0) == kMagic) {
         if (size < kHeaderBytes) fatal("%s: truncated header (%zu bytes)", path, size);
         c.version = read_at<int32_t>(data, 4);
-        if (c.version != 1 && c.version != 2)
+        if (c.version < 1 || c.version > 3)
             fatal("%s: unsupported checkpoint version %d", path, c.version);
         for (int i = 0; i < 7; i++) h[i] = read_at<int32_t>(data, 8 + 4 * i);
         c.vocab_size = h[5];
         const uint8_t shared = data[36];
         if (shared > 1) fatal("%s: bad header: shared_classifier = %d (must be 0 or 1)", path, shared);
         c.shared_classifier = shared == 1;
-        if (c.version == 2) c.group_size = read_at<int32_t>(data, 37);
+        if (c.version >= 2) c.group_size = read_at<int32_t>(data, 37);
         c.rope_theta = read_at<float>(data, 64);
         c.norm_eps = read_at<float>(data, 68);
         c.header_bytes = kHeaderBytes;
@@ -289,7 +289,8 @@ static Checkpoint load_checkpoint(const char* path) {
     Checkpoint ck;
     ck.file = MappedFile(path);
     const Config& c = ck.config = read_config(ck.file, path);
-    if (c.version == 2) fatal("%s: is a version 2 (int8) checkpoint: run it with runq", path);
+    if (c.version >= 2)
+        fatal("%s: is a version %d (%s) checkpoint: run it with runq", path, c.version, c.version == 2 ? "int8" : "int4");
 
     // The exact size the header promises, in floats.
     const uint64_t L = c.n_layers, dim = c.dim, hid = c.hidden_dim, kv = c.kv_dim();

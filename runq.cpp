@@ -1,6 +1,7 @@
-// runq.cpp: the same engine as run.cpp over int8 checkpoints (version 2), whose
-// weights are quantized in groups: every group_size consecutive values share
-// one float scale ("Q8_0"). A token still flows top to bottom:
+// runq.cpp: the same engine as run.cpp over quantized checkpoints: int8
+// (version 2, "Q8_0") or int4 (version 3) weights in groups, every group_size
+// consecutive values of a row sharing one float scale. Activations are
+// quantized to int8 in the same groups. A token still flows top to bottom:
 //
 //   checkpoint -> forward pass -> tokenizer -> sampler -> generate / chat -> CLI
 //
@@ -36,9 +37,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#if defined(__AVX2__) || defined(__AVX512BW__)
+#if defined(__SSE2__)  // every x86-64; AVX2 / AVX-512 paths are chosen inside
 #include <immintrin.h>
-#elif defined(__ARM_FEATURE_DOTPROD)
+#elif defined(__ARM_NEON)
 #include <arm_neon.h>
 #endif
 
@@ -133,11 +134,11 @@ static uint64_t add_ck(uint64_t a, uint64_t b) {
 }
 
 // ----------------------------------------------------------------------------
-// Checkpoint header: the model's shape, read from any version (0, 1, 2) and
+// Checkpoint header: the model's shape, read from any version (0, 1, 2, 3) and
 // validated before a single size is computed from it.
 
 constexpr uint32_t kMagic = 0x616b3432;    // "ak42" in hex; on disk the bytes "24ka"
-constexpr size_t kHeaderBytes = 256;       // versions 1 and 2
+constexpr size_t kHeaderBytes = 256;       // versions 1, 2 and 3
 constexpr size_t kLegacyHeaderBytes = 28;  // version 0: seven int32
 constexpr int kBos = 1, kEos = 2;
 
@@ -152,8 +153,8 @@ struct Config {
     bool shared_classifier;  // classifier == token embedding
     float rope_theta;  // RoPE base (header offset 64; 0 in the file = 10000)
     float norm_eps;    // RMSNorm epsilon (header offset 68; 0 in the file = 1e-5)
-    int version;       // 0 (legacy), 1 (fp32) or 2 (int8)
-    int group_size;    // version 2: values per quantization scale (offset 37)
+    int version;       // 0 (legacy), 1 (fp32), 2 (int8) or 3 (int4)
+    int group_size;    // versions 2 and 3: values per quantization scale (offset 37)
     size_t header_bytes;
     int head_size() const { return dim / n_heads; }
     int kv_dim() const { return dim / n_heads * n_kv_heads; }
@@ -208,14 +209,14 @@ static Config read_config(const MappedFile& f, const char* path) {
     if (size >= 4 && read_at<uint32_t>(data, 0) == kMagic) {
         if (size < kHeaderBytes) fatal("%s: truncated header (%zu bytes)", path, size);
         c.version = read_at<int32_t>(data, 4);
-        if (c.version != 1 && c.version != 2)
+        if (c.version < 1 || c.version > 3)
             fatal("%s: unsupported checkpoint version %d", path, c.version);
         for (int i = 0; i < 7; i++) h[i] = read_at<int32_t>(data, 8 + 4 * i);
         c.vocab_size = h[5];
         const uint8_t shared = data[36];
         if (shared > 1) fatal("%s: bad header: shared_classifier = %d (must be 0 or 1)", path, shared);
         c.shared_classifier = shared == 1;
-        if (c.version == 2) c.group_size = read_at<int32_t>(data, 37);
+        if (c.version >= 2) c.group_size = read_at<int32_t>(data, 37);
         c.rope_theta = read_at<float>(data, 64);
         c.norm_eps = read_at<float>(data, 68);
         c.header_bytes = kHeaderBytes;
@@ -267,17 +268,35 @@ static void fill_rope_tables(float* cos, float* sin, const Config& c, int positi
 }
 
 // ----------------------------------------------------------------------------
-// Weights: int8 tensors quantized in groups, used in place in the mapping.
+// Weights: int8 (version 2) or int4 (version 3) tensors quantized in groups,
+// used in place in the mapping.
 
-// QuantizedTensor: int8 values in groups of group_size consecutive values, each
-// group with one float scale, value ~ q * s. Symmetric ("Q8_0"): over a group,
-// s = max|v| / 127 and q = round(v / s), in [-127, 127]. Weights point into the
-// (read-only) mapping; activations into buffers of the run state.
+// QuantizedTensor: a matrix whose rows (n values each) are cut into groups of
+// group_size consecutive values, the last group of a row shorter when
+// group_size does not divide n; each group has one float scale, value ~ q * s.
+// Symmetric: s = max|v| / qmax and q = round(v / s), qmax = 127 for 8 bits
+// (version 2 weights, and every activation) and 7 for 4 bits (version 3).
+// 8 bits: one int8 per value. 4 bits: two values per byte, low nibble first,
+// two's complement in [-8, 7]; each row starts on a byte, (n + 1) / 2 bytes.
+// Weights point into the (read-only) mapping; activations into run-state buffers.
 struct QuantizedTensor {
-    int8_t* q;       // (numel,) values
-    float* s;        // (numel / group_size,) scales
+    int8_t* q;       // 8 bits: (rows, n) values; 4 bits: (rows, (n + 1) / 2) bytes
+    float* s;        // (rows, groups(n)) scales
     int group_size;  // a property of the tensor, not of the program
+    int bits = 8;    // 8 or 4
+    int groups(int n) const { return (n + group_size - 1) / group_size; }
+    size_t row_bytes(int n) const { return bits == 4 ? (n + 1) / 2 : n; }
+    // row i of a matrix with n columns, as a tensor of its own
+    QuantizedTensor row(size_t i, int n) const {
+        return {q + i * row_bytes(n), s + i * groups(n), group_size, bits};
+    }
 };
+
+// Value j of a 4-bit row: its nibble, sign-extended.
+static inline int nibble(const int8_t* row, int j) {
+    const int v = ((uint8_t)row[j / 2] >> (4 * (j % 2))) & 15;
+    return v >= 8 ? v - 16 : v;
+}
 
 struct TransformerWeights {
     QuantizedTensor token_embedding;  // (vocab_size, dim)
@@ -302,12 +321,12 @@ struct Checkpoint {
 };
 
 // Hands out the mapping's consecutive arrays in file order: fp32 vectors, then
-// quantized tensors, each numel int8 values followed by numel / group_size
-// float scales. Scales land at unaligned offsets once a tensor's numel is not a
+// quantized tensors, each its rows' values followed by their float scales.
+// Scales land at unaligned offsets once a tensor's value bytes are not a
 // multiple of 4 (possible when dim is not); those few are copied out.
 struct WeightCursor {
     const uint8_t* p;
-    int group_size;
+    QuantizedTensor shape;  // group size and bits of every tensor
     std::vector<std::vector<float>>& moved_scales;
 
     const float* floats(uint64_t n) {
@@ -315,66 +334,75 @@ struct WeightCursor {
         p += n * sizeof(float);
         return r;
     }
-    QuantizedTensor quantized(uint64_t numel) {
-        QuantizedTensor t{const_cast<int8_t*>(reinterpret_cast<const int8_t*>(p)), nullptr, group_size};
-        p += numel;
-        const uint64_t groups = numel / group_size;
+    QuantizedTensor quantized(uint64_t rows, int n) {
+        QuantizedTensor t = shape;
+        t.q = const_cast<int8_t*>(reinterpret_cast<const int8_t*>(p));
+        p += rows * t.row_bytes(n);
+        const uint64_t scales = rows * t.groups(n);
         if (reinterpret_cast<uintptr_t>(p) % alignof(float) == 0) {
             t.s = const_cast<float*>(reinterpret_cast<const float*>(p));
         } else {
-            moved_scales.emplace_back(groups);
-            std::memcpy(moved_scales.back().data(), p, groups * sizeof(float));
+            moved_scales.emplace_back(scales);
+            std::memcpy(moved_scales.back().data(), p, scales * sizeof(float));
             t.s = moved_scales.back().data();
         }
-        p += groups * sizeof(float);
+        p += scales * sizeof(float);
         return t;
     }
-    std::vector<QuantizedTensor> layers(int n_layers, uint64_t numel) {
+    std::vector<QuantizedTensor> layers(int n_layers, uint64_t rows, int n) {
         std::vector<QuantizedTensor> v;
-        for (int l = 0; l < n_layers; l++) v.push_back(quantized(numel));
+        for (int l = 0; l < n_layers; l++) v.push_back(quantized(rows, n));
         return v;
     }
 };
+
+// The largest group size version 3 allows: a group is unpacked on the stack.
+constexpr int kMaxGroup4 = 256;
 
 static Checkpoint load_checkpoint(const char* path) {
     Checkpoint ck;
     ck.file = MappedFile(path);
     const Config& c = ck.config = read_config(ck.file, path);
-    if (c.version != 2)
+    if (c.version < 2)
         fatal("%s: is a version %d (fp32) checkpoint: run it with run, or convert it with "
-              "export.py --version 2", path, c.version);
-    // Every matrix's rows are dim or hidden_dim long; groups must not straddle rows.
+              "export.py --version 2 (int8) or 3 (int4)", path, c.version);
     const int gs = c.group_size;
-    if (gs <= 0 || c.dim % gs != 0 || c.hidden_dim % gs != 0)
+    const QuantizedTensor shape{nullptr, nullptr, gs, c.version == 3 ? 4 : 8};
+    // Version 2 (llama2.c's layout) has no short groups: group_size divides every row.
+    if (c.version == 2 && (gs <= 0 || c.dim % gs != 0 || c.hidden_dim % gs != 0))
         fatal("%s: group_size %d does not divide both dim %d and hidden_dim %d; re-export it: "
               "python3 export.py OUT.bin --version 2 --bin <fp32 checkpoint>",
               path, gs, c.dim, c.hidden_dim);
+    if (c.version == 3 && (gs <= 0 || gs > kMaxGroup4))
+        fatal("%s: group_size %d is not in 1..%d", path, gs, kMaxGroup4);
 
     // The exact size the header promises, in bytes.
     const uint64_t L = c.n_layers, dim = c.dim, hid = c.hidden_dim, kv = c.kv_dim();
     const uint64_t vocab = c.vocab_size;
-    auto quantized = [&](uint64_t numel) { return add_ck(numel, mul_ck(numel / gs, sizeof(float))); };
+    auto quantized = [&](uint64_t rows, int n) {
+        return mul_ck(rows, add_ck(shape.row_bytes(n), mul_ck(shape.groups(n), sizeof(float))));
+    };
     uint64_t n = add_ck(c.header_bytes, mul_ck(add_ck(mul_ck(L, 2 * dim), dim), sizeof(float)));  // norms
-    n = add_ck(n, quantized(mul_ck(vocab, dim)));                                       // token_embedding
-    n = add_ck(n, mul_ck(L, add_ck(mul_ck(2, quantized(dim * dim)), mul_ck(2, quantized(kv * dim)))));  // wq wk wv wo
-    n = add_ck(n, mul_ck(L, mul_ck(3, quantized(mul_ck(hid, dim)))));                  // w1 w2 w3
-    if (!c.shared_classifier) n = add_ck(n, quantized(mul_ck(vocab, dim)));            // wcls
+    n = add_ck(n, quantized(vocab, c.dim));                                             // token_embedding
+    n = add_ck(n, mul_ck(L, add_ck(mul_ck(2, quantized(dim, c.dim)), mul_ck(2, quantized(kv, c.dim)))));  // wq wk wv wo
+    n = add_ck(n, mul_ck(L, add_ck(mul_ck(2, quantized(hid, c.dim)), quantized(dim, c.hidden_dim))));  // w1 w2 w3
+    if (!c.shared_classifier) n = add_ck(n, quantized(vocab, c.dim));                  // wcls
     check_file_size(n, ck.file.size(), path);
 
     TransformerWeights& w = ck.w;
-    WeightCursor cur{ck.file.data() + c.header_bytes, gs, ck.moved_scales};
+    WeightCursor cur{ck.file.data() + c.header_bytes, shape, ck.moved_scales};
     w.rms_att = cur.floats(L * dim);
     w.rms_ffn = cur.floats(L * dim);
     w.rms_final = cur.floats(dim);
-    w.token_embedding = cur.quantized(vocab * dim);
-    w.wq = cur.layers(L, dim * dim);
-    w.wk = cur.layers(L, kv * dim);
-    w.wv = cur.layers(L, kv * dim);
-    w.wo = cur.layers(L, dim * dim);
-    w.w1 = cur.layers(L, hid * dim);
-    w.w2 = cur.layers(L, dim * hid);
-    w.w3 = cur.layers(L, hid * dim);
-    w.wcls = c.shared_classifier ? w.token_embedding : cur.quantized(vocab * dim);
+    w.token_embedding = cur.quantized(vocab, c.dim);
+    w.wq = cur.layers(L, dim, c.dim);
+    w.wk = cur.layers(L, kv, c.dim);
+    w.wv = cur.layers(L, kv, c.dim);
+    w.wo = cur.layers(L, dim, c.dim);
+    w.w1 = cur.layers(L, hid, c.dim);
+    w.w2 = cur.layers(L, dim, c.hidden_dim);
+    w.w3 = cur.layers(L, hid, c.dim);
+    w.wcls = c.shared_classifier ? w.token_embedding : cur.quantized(vocab, c.dim);
     return ck;
 }
 
@@ -396,14 +424,16 @@ static FloatBuffer alloc_floats(uint64_t n) {
     return FloatBuffer(p);
 }
 
-// Storage for an activation vector in int8: a matmul's input is quantized here.
+// Storage for activation rows in int8: a matmul's input is quantized here, in
+// the weights' groups (so a row of n values has t.groups(n) scales).
 struct QuantizedBuffer {
     std::vector<int8_t> q;
     std::vector<float> s;
     QuantizedTensor t{};  // points into q and s (which keep their storage when moved)
     QuantizedBuffer() = default;
-    QuantizedBuffer(int n, int group_size)
-        : q(n), s(n / group_size), t{q.data(), s.data(), group_size} {}
+    QuantizedBuffer(int rows, int n, int group_size)
+        : q((size_t)rows * n), s((size_t)rows * ((n + group_size - 1) / group_size)),
+          t{q.data(), s.data(), group_size} {}
     QuantizedBuffer(QuantizedBuffer&&) = default;
     QuantizedBuffer& operator=(QuantizedBuffer&&) = default;
     QuantizedBuffer(const QuantizedBuffer&) = delete;  // a copy's t would point into the original
@@ -436,7 +466,7 @@ static RunState make_run_state(const Config& c, int positions) {
     check_fits_in_memory(floats * sizeof(float), positions);
     RunState s{alloc_floats(dim), alloc_floats(dim), alloc_floats(dim),
                alloc_floats(hidden), alloc_floats(hidden),
-               QuantizedBuffer(dim, c.group_size), QuantizedBuffer(hidden, c.group_size),
+               QuantizedBuffer(kBlock, c.dim, c.group_size), QuantizedBuffer(kBlock, c.hidden_dim, c.group_size),
                alloc_floats(dim), alloc_floats(att), alloc_floats(logits), alloc_floats(cache), alloc_floats(cache),
                alloc_floats(positions * half), alloc_floats(positions * half), positions};
     fill_rope_tables(s.rope_cos.get(), s.rope_sin.get(), c, positions);
@@ -623,29 +653,64 @@ static void accum(float* x, const float* y, int n) {
 // time, on int8. The activations are quantized first, so each group's dot
 // product is exact integer arithmetic, scaled once by the two groups' scales.
 
-// quantize: n floats (n a multiple of qx.group_size) -> qx.
+// quantize: rows of n floats -> qx (8 bits), group by group, the last group of
+// a row shorter when group_size does not divide n.
 // Error: |q * s - x| <= s / 2 + |x| u per element, s = max|group| / 127.
-static void quantize(QuantizedTensor& qx, const float* x, int n) {
-    const int gs = qx.group_size;
-    for (int g = 0; g < n / gs; g++) {
-        const float* v = x + (size_t)g * gs;
-        float vmax = 0.0f;
-        bool finite = true;
-        for (int i = 0; i < gs; i++) vmax = std::max(vmax, std::fabs(v[i])), finite = finite && std::isfinite(v[i]);
-        // NaN or infinity must stay visible (check_logits stops on it): the group
-        // gets scale NaN and values 0. The clamp is for subnormal groups, whose
-        // scale vmax / 127 is rounded so coarsely that v / scale can pass 127.
-        const float scale = finite ? vmax / 127.0f : NAN;
-        qx.s[g] = scale;
-        for (int i = 0; i < gs; i++)  // a group of zeros gets scale 0 and zeros, not NaN
-            qx.q[(size_t)g * gs + i] =
-                scale == 0.0f || !finite ? 0 : (int8_t)std::clamp(std::round(v[i] / scale), -127.0f, 127.0f);
-    }
+static void quantize(QuantizedTensor& qx, const float* x, int rows, int n) {
+    const int gs = qx.group_size, groups = qx.groups(n);
+    for (size_t r = 0; r < (size_t)rows; r++)
+        for (int g = 0; g < groups; g++) {
+            const int len = std::min(gs, n - g * gs);
+            const float* v = x + r * n + g * gs;
+            int8_t* q = qx.q + r * n + g * gs;
+            float vmax = 0.0f;
+            bool finite = true;
+            for (int i = 0; i < len; i++) vmax = std::max(vmax, std::fabs(v[i])), finite = finite && std::isfinite(v[i]);
+            // NaN or infinity must stay visible (check_logits stops on it): the group
+            // gets scale NaN and values 0. The clamp is for subnormal groups, whose
+            // scale vmax / 127 is rounded so coarsely that v / scale can pass 127.
+            const float scale = finite ? vmax / 127.0f : NAN;
+            qx.s[r * groups + g] = scale;
+            for (int i = 0; i < len; i++)  // a group of zeros gets scale 0 and zeros, not NaN
+                q[i] = scale == 0.0f || !finite ? 0 : (int8_t)std::clamp(std::round(v[i] / scale), -127.0f, 127.0f);
+        }
 }
 
-// dequantize: qx -> n floats, x[i] = q[i] * s[i / group_size].
+// dequantize: one row of n values (8 or 4 bits) -> x[j] = q[j] * s[j / group_size].
 static void dequantize(const QuantizedTensor& qx, float* x, int n) {
-    for (int i = 0; i < n; i++) x[i] = qx.q[i] * qx.s[i / qx.group_size];
+    for (int j = 0; j < n; j++) x[j] = (qx.bits == 4 ? nibble(qx.q, j) : qx.q[j]) * qx.s[j / qx.group_size];
+}
+
+// unpack4: values first .. first + len - 1 of a 4-bit row -> out as int8, so
+// that the int8 dot products below serve int4 weights too. The SIMD paths
+// take 32 values (16 bytes) at a time: split each byte's nibbles, interleave
+// them back into order (low nibble first), and sign-extend: (v ^ 8) - 8.
+static inline const int8_t* unpack4(int8_t* out, const int8_t* row, int first, int len) {
+    int j = 0;
+    if (first % 2 == 0) {  // byte-aligned
+        const int8_t* bytes = row + first / 2;
+#if defined(__SSE2__)
+        const __m128i low4 = _mm_set1_epi8(0x0F), k8 = _mm_set1_epi8(8);
+        for (; j + 32 <= len; j += 32) {
+            const __m128i b = _mm_loadu_si128((const __m128i*)(bytes + j / 2));
+            const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+            _mm_storeu_si128((__m128i*)(out + j), _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), k8), k8));
+            _mm_storeu_si128((__m128i*)(out + j + 16), _mm_sub_epi8(_mm_xor_si128(_mm_unpackhi_epi8(lo, hi), k8), k8));
+        }
+#elif defined(__ARM_NEON)
+        const uint8x16_t low4 = vdupq_n_u8(0x0F);
+        const int8x16_t k8 = vdupq_n_s8(8);
+        for (; j + 32 <= len; j += 32) {
+            const uint8x16_t b = vld1q_u8((const uint8_t*)bytes + j / 2);
+            const uint8x16_t lo = vandq_u8(b, low4), hi = vshrq_n_u8(b, 4);
+            const auto sign = [&](uint8x16_t v) { return vsubq_s8(veorq_s8(vreinterpretq_s8_u8(v), k8), k8); };
+            vst1q_s8(out + j, sign(vzip1q_u8(lo, hi)));
+            vst1q_s8(out + j + 16, sign(vzip2q_u8(lo, hi)));
+        }
+#endif
+    }
+    for (; j < len; j++) out[j] = (int8_t)nibble(row, first + j);
+    return out;
 }
 
 // dot_i8: sum of a[i] * b[i] over n int8 pairs, exact in int32 (|sum| < 2^31
@@ -762,18 +827,19 @@ static inline float add_group(float acc, int32_t dot, float sx, float sw) {
 
 // matmul_reference: out[b, i] = sum over groups g of dot(x_bg, w_ig) * sx_bg * sw_ig
 // for each of the nb tokens b: the plain loops, kept as the specification of
-// matmul (the tests use it).
+// matmul (the tests use it). Weights of 8 or 4 bits; groups as in quantize.
 [[maybe_unused]] static void matmul_reference(float* out, const QuantizedTensor& x, const QuantizedTensor& w,
                                               int n, int d, int nb) {
-    const int gs = w.group_size, groups = n / gs;
+    const int gs = w.group_size, groups = w.groups(n);
     for (int b = 0; b < nb; b++)
         for (int i = 0; i < d; i++) {
+            const QuantizedTensor xb = x.row(b, n), wi = w.row(i, n);
             float acc = 0.0f;
             for (int g = 0; g < groups; g++) {
                 int32_t dot = 0;
-                for (int j = g * gs; j < (g + 1) * gs; j++)
-                    dot += (int32_t)x.q[(size_t)b * n + j] * w.q[(size_t)i * n + j];
-                acc = add_group(acc, dot, x.s[(size_t)b * groups + g], w.s[(size_t)i * groups + g]);
+                for (int j = g * gs; j < std::min(n, (g + 1) * gs); j++)
+                    dot += (int32_t)xb.q[j] * (w.bits == 4 ? nibble(wi.q, j) : wi.q[j]);
+                acc = add_group(acc, dot, xb.s[g], wi.s[g]);
             }
             out[(size_t)b * d + i] = acc;
         }
@@ -784,14 +850,20 @@ static inline float add_group(float acc, int32_t dot, float sx, float sw) {
 // unrolls completely), or 0 to read it from w. Each weight row is read from
 // memory once and, while it sits in cache, used for all nb tokens (1 when
 // generating, up to kBlock when reading a prompt, four at a time). A row's
-// result does not depend on nb.
+// result does not depend on nb. 4-bit groups are unpacked to int8 first (on
+// the stack: at most kMaxGroup4 values), then take the int8 path.
 template <int GS>
 static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
                         int begin, int end) {
-    const int gs = GS ? GS : w.group_size, groups = n / gs;
+    const int gs = GS ? GS : w.group_size, groups = w.groups(n);
+    alignas(64) int8_t unpacked[kMaxGroup4];
     for (int i = begin; i < end; i++) {
-        const int8_t* row = w.q + (size_t)i * n;
-        const float* row_s = w.s + (size_t)i * groups;
+        const QuantizedTensor row = w.row(i, n);
+        // group g of this row as int8, and its length (the last may be short)
+        const auto group = [&](int g) {
+            return w.bits == 4 ? unpack4(unpacked, row.q, g * gs, std::min(gs, n - g * gs)) : row.q + g * gs;
+        };
+        const auto len = [&](int g) { return GS && n % GS == 0 ? GS : std::min(gs, n - g * gs); };
         int b = 0;
         for (; b + 4 <= nb; b += 4) {  // four tokens of a prompt block at a time
             const int8_t* xq = x.q + (size_t)b * n;
@@ -803,17 +875,17 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
             __m128 acc4 = _mm_setzero_ps();
             for (int g = 0; g < groups; g++) {
                 int32_t dots[4];
-                dot_i8_x4(row + g * gs, xq + g * gs, n, gs, dots);
+                dot_i8_x4(group(g), xq + g * gs, n, len(g), dots);
                 const __m128 sx = _mm_set_ps(xs[3 * groups + g], xs[2 * groups + g], xs[groups + g], xs[g]);
                 const __m128 dx = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)dots)), sx);
-                acc4 = _mm_fmadd_ps(dx, _mm_set1_ps(row_s[g]), acc4);
+                acc4 = _mm_fmadd_ps(dx, _mm_set1_ps(row.s[g]), acc4);
             }
             _mm_storeu_ps(acc, acc4);
 #else
             for (int g = 0; g < groups; g++) {
                 int32_t dots[4];
-                dot_i8_x4(row + g * gs, xq + g * gs, n, gs, dots);
-                for (int t = 0; t < 4; t++) acc[t] = add_group(acc[t], dots[t], xs[t * groups + g], row_s[g]);
+                dot_i8_x4(group(g), xq + g * gs, n, len(g), dots);
+                for (int t = 0; t < 4; t++) acc[t] = add_group(acc[t], dots[t], xs[t * groups + g], row.s[g]);
             }
 #endif
             for (int t = 0; t < 4; t++) out[(size_t)(b + t) * d + i] = acc[t];
@@ -823,7 +895,7 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
             const float* xs = x.s + (size_t)b * groups;
             float acc = 0.0f;
             for (int g = 0; g < groups; g++)
-                acc = add_group(acc, dot_i8(xq + g * gs, row + g * gs, gs), xs[g], row_s[g]);
+                acc = add_group(acc, dot_i8(xq + g * gs, group(g), len(g)), xs[g], row.s[g]);
             out[(size_t)b * d + i] = acc;
         }
     }
@@ -835,9 +907,9 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
 static inline int tiles(int d) { return (d + 3) / 4; }
 
 // matmul_tile: tile t of W (d, n) @ x (nb, n) -> out (nb, d), x and w quantized
-// with the same group size, which divides n. Error against the exact product
+// with the same group size (version 2: it divides n). Error against the exact product
 // of the dequantized values: the dot products are exact; the float side adds
-// (n / group_size + 2) u sum_g |dot_g sx_g sw_g| per output.
+// (groups + 2) u sum_g |dot_g sx_g sw_g| per output.
 static void matmul_tile(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
                         int t) {
     const int begin = 4 * t, end = std::min(d, begin + 4);
@@ -908,7 +980,7 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
     // x = self.tok_embeddings(tokens): dequantize just these rows of the table
     const QuantizedTensor& e = w.token_embedding;
     for (int b = 0; b < n; b++)
-        dequantize({e.q + tokens[b] * dim, e.s + tokens[b] * dim / e.group_size, e.group_size}, x + b * dim, dim);
+        dequantize(e.row(tokens[b], dim), x + b * dim, dim);
 
     for (size_t l = 0; l < (size_t)c.n_layers; l++) {
         // h = self.attention_norm(x)
@@ -917,7 +989,7 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
         // q, k, v = wq(h), wk(h), wv(h) on the int8 h; k and v go straight into the cache
         float* k = s.key_cache.get() + (l * s.positions + pos) * kv_dim;
         float* v = s.value_cache.get() + (l * s.positions + pos) * kv_dim;
-        quantize(xq, s.xb.get(), n * dim);
+        quantize(xq, s.xb.get(), n, dim);
         {
             Stopwatch clock{tr.matmul_seconds};
             matmul_qkv(s.q.get(), k, v, xq, w.wq[l], w.wk[l], w.wv[l], dim, dim, kv_dim, n);
@@ -930,7 +1002,7 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
         }
 
         // x = x + self.attention.wo(out)
-        quantize(xq, s.xb.get(), n * dim);
+        quantize(xq, s.xb.get(), n, dim);
         {
             Stopwatch clock{tr.matmul_seconds};
             matmul(s.xb2.get(), xq, w.wo[l], dim, dim, n);
@@ -939,12 +1011,12 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
 
         // h = self.ffn_norm(x); x = x + w2(silu(w1(h)) * w3(h))
         for (int b = 0; b < n; b++) rmsnorm(s.xb.get() + b * dim, x + b * dim, w.rms_ffn + l * dim, dim, c.norm_eps);
-        quantize(xq, s.xb.get(), n * dim);
+        quantize(xq, s.xb.get(), n, dim);
         {
             Stopwatch clock{tr.matmul_seconds};
             matmul_swiglu(s.hb.get(), s.hb2.get(), xq, w.w1[l], w.w3[l], dim, hidden, n);
         }
-        quantize(s.hq.t, s.hb.get(), n * hidden);
+        quantize(s.hq.t, s.hb.get(), n, hidden);
         {
             Stopwatch clock{tr.matmul_seconds};
             matmul(s.xb.get(), s.hq.t, w.w2[l], hidden, dim, n);
@@ -955,7 +1027,7 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
     // logits = self.output(self.norm(x)), for the tokens whose logits are wanted
     const int first = all_logits ? 0 : n - 1;
     for (int b = first; b < n; b++) rmsnorm(x + b * dim, x + b * dim, w.rms_final, dim, c.norm_eps);
-    quantize(xq, x + first * dim, (n - first) * dim);
+    quantize(xq, x + first * dim, n - first, dim);
     {
         Stopwatch clock{tr.matmul_seconds};
         matmul(s.logits.get(), xq, w.wcls, dim, c.vocab_size, n - first);

@@ -1,10 +1,11 @@
-"""make bench: how much faster is int8 (runq) than fp32 (run) on this machine,
-and at what cost in accuracy. A benchmark, not a test.
+"""make bench: how much faster are int8 and int4 (runq) than fp32 (run) on this
+machine, and at what cost in accuracy. A benchmark, not a test.
 
 Models: the real stories260K, and random-weight checkpoints with the shapes of
 stories15M, stories110M and a two-layer slice of Llama 2 7B (speed depends on
-shapes, not on values), each in fp32 (version 0) and int8 (version 2, group size
-64 or the largest divisor below it), made once into build/bench/ and reused.
+shapes, not on values), each in fp32 (version 0), int8 (version 2, group size
+64 or the largest divisor below it) and int4 (version 3, group size 32), made
+once into build/bench/ and reused.
 Each run reads a 128-token prompt (prompt tok/s: processed in blocks, many
 tokens per pass over the weights) and then generates (decode tok/s). Every configuration gets a
 warm-up run; then all configurations run in turn, --repeats rounds, so the drift
@@ -61,26 +62,24 @@ def quiet(*_):
 
 
 def checkpoints(name):
-    """(fp32 path, int8 path, tokenizer), made on first use."""
+    """(fp32 path, int8 path, int4 path, tokenizer), made on first use."""
     args, _ = SHAPES[name]
-    fp32, q8 = CACHE / f"{name}-fp32.bin", CACHE / f"{name}-q8.bin"
-    if args is None:  # stories260K: the real fp32 file, exported to int8 here
-        fp32 = MODELS / "stories260K" / "stories260K.bin"
-        if not q8.exists():
-            CACHE.mkdir(parents=True, exist_ok=True)
-            E.progress = quiet
-            E.write_checkpoint(M.load_checkpoint(str(fp32)), str(q8), 2, 64)
-        return fp32, q8, MODELS / "stories260K" / "tok512.bin"
-    if not (fp32.exists() and q8.exists()):
+    fp32, q8, q4 = CACHE / f"{name}-fp32.bin", CACHE / f"{name}-q8.bin", CACHE / f"{name}-q4.bin"
+    tok = ROOT / "tokenizer.bin"
+    if args is None:  # stories260K: the real fp32 file, quantized here
+        fp32, tok = MODELS / "stories260K" / "stories260K.bin", MODELS / "stories260K" / "tok512.bin"
+    if not (fp32.exists() and q8.exists() and q4.exists()):
         CACHE.mkdir(parents=True, exist_ok=True)
-        print(f"making {fp32.name} and {q8.name} (random weights, once)", file=sys.stderr, flush=True)
+        print(f"making {name}'s checkpoints (once)", file=sys.stderr, flush=True)
         torch.manual_seed(0)
         with torch.no_grad():
-            m = M.Transformer(M.ModelArgs(**args))
+            m = M.load_checkpoint(str(fp32)) if args is None else M.Transformer(M.ModelArgs(**args))
         E.progress = quiet
-        E.write_checkpoint(m, str(fp32), 0)
+        if args is not None:
+            E.write_checkpoint(m, str(fp32), 0)
         E.write_checkpoint(m, str(q8), 2, 64)
-    return fp32, q8, ROOT / "tokenizer.bin"
+        E.write_checkpoint(m, str(q4), 3, 32)
+    return fp32, q8, q4, tok
 
 
 def prompt_of(n_tokens, binary, model, tokenizer):
@@ -96,7 +95,7 @@ def weight_bytes(path):
     kv = args.n_kv_heads * args.head_size
     matrices = args.n_layers * (2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.hidden_dim)
     matrices += args.vocab_size * args.dim  # classifier
-    per_value = 1 + 4 / gs if version == 2 else 4
+    per_value = {2: 1 + 4 / gs, 3: 0.5 + 4 / gs}.get(version, 4)  # ignoring short groups
     return matrices * per_value + 4 * (2 * args.n_layers + 1) * args.dim + per_value * args.dim
 
 
@@ -148,12 +147,13 @@ def main():
     threads = sorted({int(t) for t in a.threads.split(",")})
     configs = []
     for name in names:
-        fp32, q8, tok = checkpoints(name)
+        fp32, q8, q4, tok = checkpoints(name)
         steps = SHAPES[name][1]
         prompt = prompt_of(PROMPT_TOKENS, run_bin, fp32, tok)
         for t in threads:
             configs += [(name, "run (fp32)", run_bin, fp32, tok, prompt, steps, t),
-                        (name, "runq (int8)", runq_bin, q8, tok, prompt, steps, t)]
+                        (name, "runq (int8)", runq_bin, q8, tok, prompt, steps, t),
+                        (name, "runq (int4)", runq_bin, q4, tok, prompt, steps, t)]
 
     print("warming up", file=sys.stderr, flush=True)
     for _, _, b, model, tok, prompt, steps, t in configs:
@@ -174,8 +174,8 @@ def main():
           ", ".join(f"{t} thread{'s' * (t > 1)} {bw[t]:.1f} GB/s (range {min(m[t] for m in bws):.1f}-"
                     f"{max(m[t] for m in bws):.1f})" for t in sorted(bw)) + "\n")
     print("| model | engine | threads | prompt tok/s | decode tok/s | prompt / decode | weight MB/token | GB/s "
-          "| % of bandwidth | decode time outside matmuls (attention) | int8 speed-up |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| % of bandwidth | decode time outside matmuls (attention) | decode vs fp32 | int4 vs int8 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     decode = {}
     for i, (name, engine, b, model, tok, prompt, steps, t) in enumerate(configs):
         prompt_tps = statistics.median(r[0] for r in results[i])
@@ -186,12 +186,13 @@ def main():
         mb = weight_bytes(model) / 1e6
         gbs = mb * dec / 1e3
         speedup = f"{dec / decode[name, 'run (fp32)', t]:.2f}x" if engine.startswith("runq") else ""
+        vs8 = f"{dec / decode[name, 'runq (int8)', t]:.2f}x" if engine == "runq (int4)" else ""
         ref_bw = bw.get(t, max(bw.values()))
         print(f"| {name} | {engine} | {t} | {prompt_tps:.1f} | {dec:.1f} | {prompt_tps / dec:.1f}x | {mb:.2f} | "
-              f"{gbs:.1f} | {100 * gbs / ref_bw:.0f}% | {outside:.0f}% ({att:.0f}%) | {speedup} |")
+              f"{gbs:.1f} | {100 * gbs / ref_bw:.0f}% | {outside:.0f}% ({att:.0f}%) | {speedup} | {vs8} |")
 
     if "110M" in names:  # where decode time goes as the context grows
-        fp32, q8, tok = checkpoints("110M")
+        fp32, q8, _, tok = checkpoints("110M")
         t = max(threads)
         print(f"\n## Where decode time goes: 110M, {t} threads, a one-word prompt, decoding to n positions\n")
         print("| engine | positions | decode tok/s | matmuls | attention | everything else |")
@@ -201,17 +202,18 @@ def main():
                 _, dec, _, outside, att = run_once(b, model, tok, steps, t, "Once")
                 print(f"| {engine} | {steps} | {dec:.1f} | {100 - outside}% | {att}% | {outside - att}% |")
 
-    print("\n## Accuracy of int8: one prompt read by both engines (teacher forcing)\n")
-    print("| model | positions | top-1 agreement | max logit difference / logit std |")
-    print("|---|---:|---:|---:|")
+    print("\n## Accuracy against fp32: one prompt read by both engines (teacher forcing)\n")
+    print("| model | format | positions | top-1 agreement | max logit difference / logit std |")
+    print("|---|---|---:|---:|---:|")
     for name in names:
-        fp32, q8, tok = checkpoints(name)
+        fp32, q8, q4, tok = checkpoints(name)
         args, *_ = M.read_header(open(fp32, "rb").read(256))
         n_prompt = min(args.max_seq_len, 256)
-        n, top1, rel = agreement([(run_bin, fp32), (runq_bin, q8)], tok, prompt_of(n_prompt, run_bin, fp32, tok),
-                                 n_prompt, args.vocab_size)
-        kind = "real, group size 4" if SHAPES[name][0] is None else "random weights"
-        print(f"| {name} ({kind}) | {n} | {top1:.1%} | {rel:.3f} |")
+        prompt = prompt_of(n_prompt, run_bin, fp32, tok)
+        for label, qpath in (("int8", q8), ("int4", q4)):
+            n, top1, rel = agreement([(run_bin, fp32), (runq_bin, qpath)], tok, prompt, n_prompt, args.vocab_size)
+            kind = "real" if SHAPES[name][0] is None else "random weights"
+            print(f"| {name} ({kind}) | {label} | {n} | {top1:.1%} | {rel:.3f} |")
 
 
 if __name__ == "__main__":

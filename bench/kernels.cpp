@@ -106,9 +106,9 @@ int main() {
     std::normal_distribution<float> normal(0.0f, 1.0f);
     for (float& v : xf) v = normal(rng);
     for (float& v : wf) v = normal(rng) * 0.02f;
-    QuantizedBuffer x(kBlock * kN, kGS), w(kD * kN, kGS);
-    quantize(x.t, xf.data(), kBlock * kN);
-    quantize(w.t, wf.data(), kD * kN);
+    QuantizedBuffer x(kBlock, kN, kGS), w(kD, kN, kGS);
+    quantize(x.t, xf.data(), kBlock, kN);
+    quantize(w.t, wf.data(), kD, kN);
 
     std::vector<float> ref(kD), out((size_t)kBlock * kD);
     matmul_reference(ref.data(), x.t, w.t, kN, kD, 1);
@@ -146,7 +146,7 @@ int main() {
             // token b of a batch has its own activations; check token 0 exactly,
             // the others against the one-token kernel
             std::vector<float> one(kD);
-            const QuantizedTensor xb{x.t.q + (size_t)b * kN, x.t.s + (size_t)b * (kN / kGS), kGS};
+            const QuantizedTensor xb = x.t.row(b, kN);
             if (b == 0) one = ref;
             else matmul_reference(one.data(), xb, wt, kN, kD, 1);
             if (std::memcmp(one.data(), out.data() + (size_t)b * kD, kD * sizeof(float)) != 0)

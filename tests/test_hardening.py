@@ -27,13 +27,14 @@ PIECES = ["<unk>", "<s>", "</s>", " ", "a", "b", " a", "ab"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random model in versions 0, 1, 2 (unshared classifier) and its tokenizer."""
+    """A tiny random model in versions 0 to 3 (unshared classifier) and its
+    tokenizer. Group size 8, and 6 for version 3 (so its rows end in short groups)."""
     d = tmp_path_factory.mktemp("tiny")
     m = random_model(3, **ARGS, shared_classifier=False)
     E.progress = lambda *_: None
-    files = {v: d / f"v{v}.bin" for v in (0, 1, 2)}
+    files = {v: d / f"v{v}.bin" for v in (0, 1, 2, 3)}
     for v, path in files.items():
-        E.write_checkpoint(m, str(path), v, 8)
+        E.write_checkpoint(m, str(path), v, 6 if v == 3 else 8)
     return m, files, write_tokenizer(d / "tok.bin", PIECES)
 
 
@@ -44,12 +45,15 @@ def checkpoint_of(engine, tiny, version=None):
 
 def region_ends(m, version):
     """Byte offsets where the file's regions end: the header, then every tensor
-    (version 2: the int8 values and the scales of each matrix separately)."""
+    (versions 2 and 3: the values and the scales of each matrix separately)."""
     ends = [len(E.header_bytes(m.args, version, 8))]
     for label, make in E.file_order(m, version):
         t = make()
         if version == 2 and not label.startswith("rms_"):
             ends += [ends[-1] + t.numel(), ends[-1] + t.numel() + t.numel() // 8 * 4]
+        elif version == 3 and not label.startswith("rms_"):
+            rows, cols = t.shape  # 4-bit rows of (cols + 1) // 2 bytes, then ceil(cols / 6) scales per row
+            ends += [ends[-1] + rows * ((cols + 1) // 2), ends[-1] + rows * ((cols + 1) // 2 + -(-cols // 6) * 4)]
         else:
             ends.append(ends[-1] + 4 * t.numel())
     return ends
@@ -70,6 +74,25 @@ def test_cut_at_every_region(engine, tiny, tmp_path, version):
         expect_error(engine, path, "-z", tok, "-n", 4, mentions=path)
 
 
+def test_cut_at_every_region_int4(qbinary, tiny, tmp_path):
+    m, files, tok = tiny
+    data = files[3].read_bytes()
+    ends = region_ends(m, 3)
+    assert ends[-1] == len(data)
+    for cut in sorted({c for e in ends for c in (e - 1, e, e + 1) if 0 < c < len(data)} | {len(data) + 1}):
+        path = tmp_path / f"cut{cut}.bin"
+        path.write_bytes(data[:cut] if cut <= len(data) else data + b"\0")
+        p = run(qbinary, path, "-z", tok, "-n", 4, check=False)
+        assert p.returncode == 1 and p.stderr.count(b"\n") == 1 and str(path).encode() in p.stderr and not p.stdout
+
+
+def test_int4_runs_and_run_refuses_it(binary, qbinary, tiny):
+    _, files, tok = tiny
+    assert run(qbinary, files[3], "-z", tok, "-n", 8, "-s", 1).returncode == 0
+    p = run(binary, files[3], "-z", tok, check=False)
+    assert p.returncode == 1 and b"version 3 (int4)" in p.stderr and b"runq" in p.stderr
+
+
 # Header fields: (offset in a version 1/2 header, name) and the values each must refuse.
 FIELDS = [(8, "dim"), (12, "hidden_dim"), (16, "n_layers"), (20, "n_heads"), (24, "n_kv_heads"),
           (28, "vocab_size"), (32, "seq_len")]
@@ -85,9 +108,12 @@ def test_header_field_out_of_range(engine, tiny, tmp_path, offset, name, value):
     expect_error(engine, path, "-z", tiny[2], "-n", 4, mentions=path)
 
 
-@pytest.mark.parametrize("group_size", [0, -8, 3, 7, 2**31 - 1])
-def test_bad_group_size(qbinary, tiny, tmp_path, group_size):
-    b = bytearray(tiny[1][2].read_bytes())
+@pytest.mark.parametrize("version, group_size", [(2, g) for g in (0, -8, 3, 7, 2**31 - 1)] +
+                         [(3, g) for g in (0, -8, 5, 257, 2**31 - 1)])
+def test_bad_group_size(qbinary, tiny, tmp_path, version, group_size):
+    """Version 2 needs a divisor of dim and hidden_dim; version 3 any size in
+    1..256, but a different one describes a different file size."""
+    b = bytearray(tiny[1][version].read_bytes())
     struct.pack_into("<i", b, 37, group_size)
     path = tmp_path / "bad.bin"
     path.write_bytes(bytes(b))

@@ -1,5 +1,5 @@
-"""runq (int8) against run (fp32) on the same weights, the version 2 export,
-and runq's own file checks."""
+"""runq (int8 and int4) against run (fp32) on the same weights, the version 2
+and 3 exports, and runq's own file checks."""
 
 import re
 import struct
@@ -45,13 +45,16 @@ def long_prompt(binary, ckpt, tok, T):
     return fit_prompt(words, T, binary, ckpt, tok)
 
 
-def group_error(t, gs):
-    """Half a quantization step for every element of t (..., n): max|group| / 254."""
-    groups = t.reshape(*t.shape[:-1], -1, gs)
-    return (groups.abs().amax(-1, keepdim=True) / 254).expand_as(groups).reshape(t.shape)
+def group_error(t, gs, qmax=127):
+    """Half a quantization step for every element of t (..., n): max|group| / (2 qmax),
+    groups of gs along the last axis, the last one shorter if gs does not divide n."""
+    n = t.shape[-1]
+    padded = torch.nn.functional.pad(t, (0, -n % gs))
+    groups = padded.reshape(*t.shape[:-1], -1, gs)
+    return (groups.abs().amax(-1, keepdim=True) / (2 * qmax)).expand_as(groups).reshape(padded.shape)[..., :n]
 
 
-def quantization_bound(m, gs, tokens):
+def quantization_bound(m, gs, tokens, exact_weights=False):
     """Per-logit bound on |runq - run|, from the quantization error.
 
     The classifier's own error is exact to bound: with its input h (the final
@@ -61,12 +64,13 @@ def quantization_bound(m, gs, tokens):
     error of the same relative size into the residual stream, at most the
     classifier's worst ratio r = max_v bound_v / sum_k |W[v,k] h_k|; to first
     order (no amplification through the layers, as in the fp32 test) those
-    reach the logits as 4 * n_layers * r * sum_k |W[v,k] h_k|."""
+    reach the logits as 4 * n_layers * r * sum_k |W[v,k] h_k|. exact_weights:
+    m's weights are the quantized file's own (only activations are rounded)."""
     m = m.double()
     with torch.no_grad():
         h = m.hidden(torch.tensor([tokens]))[0]  # (T, dim)
         W = m.output.weight  # (vocab, dim)
-        e_h, e_W = group_error(h, gs), group_error(W, gs)
+        e_h, e_W = group_error(h, gs), torch.zeros_like(W) if exact_weights else group_error(W, gs)
         own = h.abs() @ e_W.T + e_h @ W.abs().T + e_h @ e_W.T
         magnitude = h.abs() @ W.abs().T
         r = (own / magnitude).max()
@@ -75,12 +79,50 @@ def quantization_bound(m, gs, tokens):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_close_to_fp32(pair, tmp_path, name, report):
-    binary, qbinary = pair
     m, gs, fp32, q8, tok = setup_pair(tmp_path, name)
+    compare_logits(pair, m, gs, fp32, q8, tok, tmp_path, report, f"int8, {name}")
+
+
+# int4: rows that end in short groups (dim 30 and hidden 70 with group size 8,
+# hidden 200 with 48), an odd hidden_dim (w2's rows end in half a byte), and
+# tensors whose scales sit at unaligned offsets.
+CONFIGS4 = {
+    "gqa-separate-gs32": CONFIGS["gqa-separate-gs32"],
+    "short-groups-gs48": (dict(dim=96, hidden_dim=200, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300,
+                               max_seq_len=256), 48),
+    "dim30-gs8": (CONFIGS["dim30-gs10"][0], 8),
+    "odd-hidden-gs32": (dict(dim=32, hidden_dim=75, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=270,
+                             max_seq_len=256), 32),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS4)
+def test_int4_logits_close_to_its_weights_in_fp32(pair, tmp_path, name, report):
+    """runq on a version 3 file against run on the same 4-bit weights dequantized
+    (model.py reads them; export.py writes them as fp32): only the activations'
+    int8 rounding separates the two, so a misread nibble or scale shows."""
+    cfg, gs = CONFIGS4[name]
+    m = random_model(sum(map(ord, name)), **cfg)
+    with torch.no_grad():  # columns of different sizes: groups get different scales, so a wrong one shows
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(torch.exp(0.5 * torch.randn(p.shape[1])))
+    q4 = tmp_path / "q4.bin"
+    E.write_checkpoint(m, str(q4), 3, gs)
+    m4 = M.load_checkpoint(str(q4))
+    fp32 = save_model(m4, tmp_path / "fp32.bin", 1)  # version 1: the header keeps norm_eps as read
+    tok = write_tokenizer(tmp_path / "tok.bin", vocab_of_size(cfg["vocab_size"]))
+    compare_logits(pair, m4, gs, fp32, q4, tok, tmp_path, report, f"int4, {name}", exact_weights=True)
+
+
+def compare_logits(pair, m, gs, fp32, qfile, tok, tmp_path, report, label, exact_weights=False):
+    """Both engines read one long prompt; runq's logits within quantization_bound
+    of run's at every position, and the same top token at 98% of them."""
+    binary, qbinary = pair
     T = m.args.max_seq_len
     prompt = long_prompt(binary, fp32, tok, T)
     dumps = []
-    for b, ckpt in [(binary, fp32), (qbinary, q8)]:
+    for b, ckpt in [(binary, fp32), (qbinary, qfile)]:
         dump = tmp_path / f"{ckpt.stem}.logits"
         run(b, ckpt, "-z", tok, "-t", "0", "-n", T, "-i", prompt, env={"RUN_DUMP_LOGITS": str(dump)})
         dumps.append(read_dump(dump, m.args.vocab_size))
@@ -88,11 +130,11 @@ def test_logits_close_to_fp32(pair, tmp_path, name, report):
     n = len(run(binary, fp32, "-z", tok, "-m", "tokenize", "-i", prompt).stdout.split())  # prompt positions
     tok32, z32, zq = tok32[:n], z32[:n], zq[:n]
     assert tok32 == tokq[:n] and n >= T - 6, "both must read the same prompt at (nearly) every position"
-    bound = quantization_bound(m, gs, tok32)
+    bound = quantization_bound(m, gs, tok32, exact_weights)
     worst = ((zq - z32).abs() / bound).max().item()
-    assert worst <= 1.0, f"int8 logits are {worst:.2f} x the bound away from fp32"
+    assert worst <= 1.0, f"{label}: logits are {worst:.2f} x the bound away from fp32"
     agree = (zq.argmax(-1) == z32.argmax(-1)).double().mean().item()
-    report(f"int8 top-1 agreement with fp32, {name} ({qbinary.split('/')[-1]}): {agree:.1%} of {n} positions")
+    report(f"{label} ({qbinary.split('/')[-1]}): top-1 agreement with fp32 {agree:.1%} of {n} positions")
     assert agree >= 0.98, f"top-1 agreement {agree:.1%}"
 
 
@@ -132,6 +174,38 @@ def test_model_py_reads_version2(stories_q8):
             assert torch.equal(q[k], v)
         else:
             assert ((q[k] - v).abs() <= group_error(v, 4) * (1 + 1e-6)).all(), k
+
+
+def test_version3_round_trip(tmp_path):
+    """Integer weights whose every group (of 8, rows of 30 and 70: short last
+    groups) reaches |7| have scale 1, so the file must give them back exactly:
+    export.py's packing and model.py's unpacking agree on every nibble."""
+    m = random_model(5, **CONFIGS["dim30-gs10"][0])
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randint(-7, 8, p.shape, generator=g).float())
+                p[:, ::8] = 7.0 * torch.sign(torch.randn(p.shape[0], 1, generator=g))  # each group's first value
+    path = tmp_path / "q4.bin"
+    E.write_checkpoint(m, str(path), 3, 8)
+    back = M.load_checkpoint(str(path)).state_dict()
+    for k, v in m.state_dict().items():
+        assert torch.equal(back[k], v), k
+    a = m.args  # size: norms, then per matrix (rows, cols): rows * ((cols + 1) // 2 + 4 * ceil(cols / 8))
+    q = lambda rows, cols: rows * ((cols + 1) // 2 + 4 * -(-cols // 8))
+    kv = a.n_kv_heads * a.head_size
+    size = 256 + 4 * (2 * a.n_layers + 1) * a.dim + 2 * q(a.vocab_size, a.dim) + a.n_layers * (
+        2 * q(a.dim, a.dim) + 2 * q(kv, a.dim) + 2 * q(a.hidden_dim, a.dim) + q(a.dim, a.hidden_dim))
+    assert path.stat().st_size == size
+
+
+def test_model_py_unpacks_every_byte():
+    """Two's complement nibbles, low first: byte 0x8F is 15 -> -1, then 8 -> -8."""
+    data = bytes(range(256)) + struct.pack("<2f", 1.0, 0.5)
+    w = M.Reader(data, 0).quantized4(256, 1, 512)[0]
+    expect = [((b >> s) & 15) - 16 * (((b >> s) & 15) >= 8) for b in range(256) for s in (0, 4)]
+    assert w[:256].tolist() == expect[:256] and (w[256:] * 2).tolist() == expect[256:]
 
 
 def q8_header(gs, dim=64, hidden=172, version=2):
