@@ -681,38 +681,6 @@ static void dequantize(const QuantizedTensor& qx, float* x, int n) {
     for (int j = 0; j < n; j++) x[j] = (qx.bits == 4 ? nibble(qx.q, j) : qx.q[j]) * qx.s[j / qx.group_size];
 }
 
-// unpack4: values first .. first + len - 1 of a 4-bit row -> out as int8, so
-// that the int8 dot products below serve int4 weights too. The SIMD paths
-// take 32 values (16 bytes) at a time: split each byte's nibbles, interleave
-// them back into order (low nibble first), and sign-extend: (v ^ 8) - 8.
-static inline const int8_t* unpack4(int8_t* out, const int8_t* row, int first, int len) {
-    int j = 0;
-    if (first % 2 == 0) {  // byte-aligned
-        const int8_t* bytes = row + first / 2;
-#if defined(__SSE2__)
-        const __m128i low4 = _mm_set1_epi8(0x0F), k8 = _mm_set1_epi8(8);
-        for (; j + 32 <= len; j += 32) {
-            const __m128i b = _mm_loadu_si128((const __m128i*)(bytes + j / 2));
-            const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-            _mm_storeu_si128((__m128i*)(out + j), _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), k8), k8));
-            _mm_storeu_si128((__m128i*)(out + j + 16), _mm_sub_epi8(_mm_xor_si128(_mm_unpackhi_epi8(lo, hi), k8), k8));
-        }
-#elif defined(__ARM_NEON)
-        const uint8x16_t low4 = vdupq_n_u8(0x0F);
-        const int8x16_t k8 = vdupq_n_s8(8);
-        for (; j + 32 <= len; j += 32) {
-            const uint8x16_t b = vld1q_u8((const uint8_t*)bytes + j / 2);
-            const uint8x16_t lo = vandq_u8(b, low4), hi = vshrq_n_u8(b, 4);
-            const auto sign = [&](uint8x16_t v) { return vsubq_s8(veorq_s8(vreinterpretq_s8_u8(v), k8), k8); };
-            vst1q_s8(out + j, sign(vzip1q_u8(lo, hi)));
-            vst1q_s8(out + j + 16, sign(vzip2q_u8(lo, hi)));
-        }
-#endif
-    }
-    for (; j < len; j++) out[j] = (int8_t)nibble(row, first + j);
-    return out;
-}
-
 // dot_i8: sum of a[i] * b[i] over n int8 pairs, exact in int32 (|sum| < 2^31
 // for n <= 2^17). The x86 SIMD paths widen int8 to int16 and multiply-add
 // adjacent pairs into int32 lanes; ARM's dot-product instruction adds four
@@ -819,6 +787,92 @@ static inline void dot_i8_x4(const int8_t* w, const int8_t* x, size_t stride, in
         for (int t = 0; t < 4; t++) out[t] += dot_i8(w + i, x + t * stride + i, n - i);
 }
 
+// 4-bit weights. nibbles32: the 32 values in 16 bytes of a 4-bit row, in
+// order, as int8: each byte's nibbles split, interleaved back (low first) and
+// sign-extended, (v ^ 8) - 8.
+#if defined(__SSE2__)
+static inline void nibbles32(const int8_t* bytes, __m128i& v0, __m128i& v1) {
+    const __m128i low4 = _mm_set1_epi8(0x0F), k8 = _mm_set1_epi8(8);
+    const __m128i b = _mm_loadu_si128((const __m128i*)bytes);
+    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+    v0 = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), k8), k8);
+    v1 = _mm_sub_epi8(_mm_xor_si128(_mm_unpackhi_epi8(lo, hi), k8), k8);
+}
+#elif defined(__ARM_NEON)
+static inline void nibbles32(const int8_t* bytes, int8x16_t& v0, int8x16_t& v1) {
+    const uint8x16_t b = vld1q_u8((const uint8_t*)bytes), lo = vandq_u8(b, vdupq_n_u8(0x0F)), hi = vshrq_n_u8(b, 4);
+    const int8x16_t k8 = vdupq_n_s8(8);
+    v0 = vsubq_s8(veorq_s8(vreinterpretq_s8_u8(vzip1q_u8(lo, hi)), k8), k8);
+    v1 = vsubq_s8(veorq_s8(vreinterpretq_s8_u8(vzip2q_u8(lo, hi)), k8), k8);
+}
+#endif
+
+// unpack4: values first .. first + len - 1 of a 4-bit row -> out as int8, for
+// the four-token dot product (dot_i8_x4) to read.
+static inline const int8_t* unpack4(int8_t* out, const int8_t* row, int first, int len) {
+    int j = 0;
+#if defined(__SSE2__) || defined(__ARM_NEON)
+    for (; first % 2 == 0 && j + 32 <= len; j += 32) {  // byte-aligned
+#if defined(__SSE2__)
+        __m128i v0, v1;
+        nibbles32(row + (first + j) / 2, v0, v1);
+        _mm_storeu_si128((__m128i*)(out + j), v0);
+        _mm_storeu_si128((__m128i*)(out + j + 16), v1);
+#else
+        int8x16_t v0, v1;
+        nibbles32(row + (first + j) / 2, v0, v1);
+        vst1q_s8(out + j, v0);
+        vst1q_s8(out + j + 16, v1);
+#endif
+    }
+#endif
+    for (; j < len; j++) out[j] = (int8_t)nibble(row, first + j);
+    return out;
+}
+
+// dot_i4: sum of w[j] * x[j] over n values, w being values first .. first + n - 1
+// of a 4-bit row; exact. The SIMD paths unpack 32 values in registers (storing
+// them for dot_i8 to reload would stall every load on store forwarding), then
+// multiply-add like dot_i8.
+static inline int32_t dot_i4(const int8_t* row, int first, const int8_t* x, int n) {
+    int32_t sum = 0;
+    int j = 0;
+    if (first % 2 == 0) {  // byte-aligned
+#if defined(__AVX512BW__)
+        __m512i acc = _mm512_setzero_si512();
+        for (; j + 32 <= n; j += 32) {
+            __m128i v0, v1;
+            nibbles32(row + (first + j) / 2, v0, v1);
+            const __m512i w = _mm512_cvtepi8_epi16(_mm256_set_m128i(v1, v0));
+            const __m512i xv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(x + j)));
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(w, xv));
+        }
+        sum = hsum_8(fold_16_to_8(acc));
+#elif defined(__AVX2__)
+        __m256i acc = _mm256_setzero_si256();
+        for (; j + 32 <= n; j += 32) {
+            __m128i v0, v1;
+            nibbles32(row + (first + j) / 2, v0, v1);
+            const __m256i x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(x + j)));
+            const __m256i x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(x + j + 16)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepi8_epi16(v0), x0));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepi8_epi16(v1), x1));
+        }
+        sum = hsum_8(acc);
+#elif defined(__ARM_FEATURE_DOTPROD)
+        int32x4_t acc = vdupq_n_s32(0);
+        for (; j + 32 <= n; j += 32) {
+            int8x16_t v0, v1;
+            nibbles32(row + (first + j) / 2, v0, v1);
+            acc = vdotq_s32(vdotq_s32(acc, v0, vld1q_s8(x + j)), v1, vld1q_s8(x + j + 16));
+        }
+        sum = vaddvq_s32(acc);
+#endif
+    }
+    for (; j < n; j++) sum += nibble(row, first + j) * x[j];
+    return sum;
+}
+
 // The float side of one group, shared by both matmuls so that they round
 // alike (madd: an explicit fused multiply-add where the CPU has one).
 static inline float add_group(float acc, int32_t dot, float sx, float sw) {
@@ -850,8 +904,9 @@ static inline float add_group(float acc, int32_t dot, float sx, float sw) {
 // unrolls completely), or 0 to read it from w. Each weight row is read from
 // memory once and, while it sits in cache, used for all nb tokens (1 when
 // generating, up to kBlock when reading a prompt, four at a time). A row's
-// result does not depend on nb. 4-bit groups are unpacked to int8 first (on
-// the stack: at most kMaxGroup4 values), then take the int8 path.
+// result does not depend on nb. 4-bit weights: one token's dot products
+// unpack them in registers (dot_i4); four tokens' unpack each group to int8
+// once (on the stack: at most kMaxGroup4 values) and take the int8 path.
 template <int GS>
 static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
                         int begin, int end) {
@@ -895,7 +950,8 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
             const float* xs = x.s + (size_t)b * groups;
             float acc = 0.0f;
             for (int g = 0; g < groups; g++)
-                acc = add_group(acc, dot_i8(xq + g * gs, group(g), len(g)), xs[g], row.s[g]);
+                acc = add_group(acc, w.bits == 4 ? dot_i4(row.q, g * gs, xq + g * gs, len(g))
+                                                 : dot_i8(xq + g * gs, row.q + g * gs, len(g)), xs[g], row.s[g]);
             out[(size_t)b * d + i] = acc;
         }
     }
