@@ -2,6 +2,7 @@
 
   python3 export.py OUT.bin [--version 0|1|2|3] [--group-size N] --checkpoint model.pt  # llama2.c training checkpoint
   python3 export.py OUT.bin [--version 0|1|2|3] [--group-size N] --bin IN.bin           # convert between our versions
+  python3 export.py OUT.bin --version 3 --awq CALIB.txt --awq-tokenizer tok.bin --bin IN.bin  # with AWQ
   python3 export.py OUT.bin [--version 0|1|2|3] [--group-size N] --hf DIR             # Hugging Face Llama
   python3 export.py OUT.bin [--version 0|1|2|3] [--group-size N] --meta DIR --seq-len 4096  # Meta Llama 2
   python3 export.py --tokenizer tokenizer.model|tokenizer.json [-o tokenizer.bin]  # -> tokenizer.bin
@@ -13,6 +14,7 @@ temporary name and renamed, so a failed export never leaves a half-written file.
 import argparse
 import collections.abc
 import glob
+import heapq
 import io
 import json
 import math
@@ -87,34 +89,38 @@ def file_order(model, version):
 MAX_GROUP4 = 256  # runq unpacks a 4-bit group on the stack
 
 
-def quantize_q8(w, group_size):
-    """Symmetric int8 per group of group_size consecutive values ("Q8_0"):
-    scale = max|v| / 127, q = round(v / scale); a zero group gets scale 0.
-    Returns (int8 values, float32 scales, max |dequantized - w|)."""
-    groups = w.detach().to(torch.float32).reshape(-1, group_size)
-    scale = groups.abs().amax(dim=1) / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(groups / safe[:, None]).clamp(-127, 127).to(torch.int8)
-    err = (q.to(torch.float32) * scale[:, None] - groups).abs().max().item()
-    return q.flatten(), scale, err
-
-
-def quantize_q4(w, group_size):
-    """Symmetric int4 per group of group_size consecutive values of a row, the
-    last group of a row shorter when group_size does not divide the row:
-    scale = max|v| / 7, q = round(v / scale) in [-7, 7]. Packed two per byte,
-    low nibble first, each row starting on a byte. Returns (packed uint8
-    (rows, (cols + 1) // 2), float32 scales (rows, groups), max error)."""
+def quantize_groups(w, group_size, qmax):
+    """Symmetric quantization of each row of w (rows, cols) in groups of
+    group_size consecutive values, the last group of a row shorter when
+    group_size does not divide cols: scale = max|v| / qmax, q = round(v / scale)
+    in [-qmax, qmax]; a zero group gets scale 0. Returns (q as int16 (rows, cols),
+    float32 scales (rows, groups), the dequantized values)."""
     w = w.detach().to(torch.float32)
     rows, cols = w.shape
     groups = -(-cols // group_size)
     padded = torch.nn.functional.pad(w, (0, groups * group_size - cols)).view(rows, groups, group_size)
-    scale = padded.abs().amax(dim=2) / 7.0
+    scale = padded.abs().amax(dim=2) / qmax
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(padded / safe[..., None]).clamp(-7, 7).view(rows, -1)[:, :cols].to(torch.int16)
-    err = (q.to(torch.float32) * scale.repeat_interleave(group_size, dim=1)[:, :cols] - w).abs().max().item()
-    nibbles = torch.nn.functional.pad(q, (0, cols % 2)) & 0xF  # two's complement, 4 bits
-    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).to(torch.uint8), scale, err
+    q = torch.round(padded / safe[..., None]).clamp(-qmax, qmax)
+    back = (q * scale[..., None]).view(rows, -1)[:, :cols]
+    return q.view(rows, -1)[:, :cols].to(torch.int16), scale, back
+
+
+def quantize_q8(w, group_size):
+    """Version 2 ("Q8_0"): int8 in groups of group_size (which divides the rows),
+    qmax 127. Returns (int8 values, float32 scales, max |dequantized - w|)."""
+    q, scale, back = quantize_groups(w.reshape(-1, group_size), group_size, 127)
+    return q.to(torch.int8).flatten(), scale.flatten(), (back - w.reshape(-1, group_size)).abs().max().item()
+
+
+def quantize_q4(w, group_size):
+    """Version 3: int4 in groups of a row (qmax 7), packed two per byte, low
+    nibble first, each row starting on a byte. Returns (packed uint8
+    (rows, (cols + 1) // 2), float32 scales (rows, groups), max error)."""
+    q, scale, back = quantize_groups(w, group_size, 7)
+    nibbles = torch.nn.functional.pad(q, (0, q.shape[1] % 2)) & 0xF  # two's complement, 4 bits
+    packed = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).to(torch.uint8)
+    return packed, scale, (back - w.detach().float()).abs().max().item()
 
 
 def choose_group_size(args, wanted):
@@ -143,18 +149,22 @@ def write_atomically(path, chunks):
         raise
 
 
-def write_checkpoint(model, path, version, group_size=None):
-    """group_size: versions 2 and 3, default 64 and 32. Version 2 backs off to a
-    divisor of dim and hidden_dim; version 3 ends a row in a shorter group."""
+def group_size_for(args, version, wanted=None):
+    """Versions 2 and 3: default 64 and 32. Version 2 backs off to a divisor of
+    dim and hidden_dim; version 3 ends a row in a shorter group. 0 otherwise."""
     if version not in (0, 1, 2, 3):
         fail(f"--version {version}: must be 0, 1, 2 or 3")
-    gs = 0
     if version == 2:
-        gs = choose_group_size(model.args, group_size or 64)
-    elif version == 3:
-        gs = group_size or 32
-        if not 1 <= gs <= MAX_GROUP4:
-            fail(f"--group-size {gs}: version 3 needs 1..{MAX_GROUP4}")
+        return choose_group_size(args, wanted or 64)
+    if version == 3:
+        if not 1 <= (wanted or 32) <= MAX_GROUP4:
+            fail(f"--group-size {wanted}: version 3 needs 1..{MAX_GROUP4}")
+        return wanted or 32
+    return 0
+
+
+def write_checkpoint(model, path, version, group_size=None):
+    gs = group_size_for(model.args, version, group_size)
     worst = 0.0
 
     def chunks():
@@ -177,6 +187,198 @@ def write_checkpoint(model, path, version, group_size=None):
         progress(f"max quantization error over all tensors: {worst:.3g}")
     progress(f"wrote {path}: {os.path.getsize(path)} bytes")
 
+# ----------------------------------------------------------------------------
+# Activation-aware scaling (AWQ, Lin et al. 2023): before quantizing, scale each
+# matrix's input channels up where the calibration activations are large, and
+# fold the inverse into the operation that produces those activations, so the
+# fp32 model computes the same function while its salient weights lose less to
+# rounding. For a layer group sharing an input X (N, n) and one scale s (n,):
+#   y = X W^T = (X / s) (W s)^T   and the quantized model computes (X / s) Q(W s)^T.
+# s = mean|X|^alpha (normalized), alpha from a grid in [0, 1] minimising the
+# group's output error on the calibration activations; alpha = 0 is plain
+# rounding, so the chosen scale is never worse than it there.
+
+
+def read_tokenizer_bin(path):
+    """tokenizer.bin -> (pieces as bytes, scores)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    off, pieces, scores = 4, [], []
+    while off < len(data):
+        score, n = struct.unpack_from("<fi", data, off)
+        pieces.append(data[off + 8:off + 8 + n])
+        scores.append(score)
+        off += 8 + n
+    return pieces, scores
+
+
+def encode(pieces, scores, text):
+    """run.cpp's encode(text, bos=false): a leading space, each UTF-8 character
+    its piece (or its bytes' byte pieces), then merges of the adjacent pair whose
+    concatenation scores highest, leftmost first, through a heap of candidates."""
+    ids = {p: i for i, p in enumerate(pieces)}
+    sym = []
+    for ch in " " + text:
+        b = ch.encode("utf-8")
+        sym += [ids[b]] if b in ids else [c + 3 for c in b]
+    nxt, prv, alive = list(range(1, len(sym))) + [-1], list(range(-1, len(sym) - 1)), [True] * len(sym)
+    heap = []
+
+    def consider(i):
+        j = nxt[i] if i >= 0 else -1
+        if i >= 0 and j >= 0 and pieces[sym[i]] + pieces[sym[j]] in ids:
+            merged = ids[pieces[sym[i]] + pieces[sym[j]]]
+            heapq.heappush(heap, (-scores[merged], i, j, sym[i], sym[j], merged))
+
+    for i in range(len(sym) - 1):
+        consider(i)
+    while heap:
+        _, i, j, a, b, merged = heapq.heappop(heap)
+        if not (alive[i] and alive[j] and nxt[i] == j and sym[i] == a and sym[j] == b):
+            continue  # stale: a neighbour was merged since
+        sym[i], alive[j] = merged, False
+        nxt[i] = nxt[j]
+        if nxt[i] >= 0:
+            prv[nxt[i]] = i
+        consider(prv[i])
+        consider(i)
+    return [sym[i] for i in range(len(sym)) if alive[i]]
+
+
+def layer_inputs(model, windows):
+    """Per layer, the inputs of wq (= wk, wv), wo, w1 (= w3) and w2 over the
+    calibration windows, as (tokens, width) float32 matrices; and the classifier's."""
+    captured = [{k: [] for k in ("qkv", "o", "ffn", "w2")} for _ in model.layers]  # per layer
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        for key, module in (("qkv", layer.attention.wq), ("o", layer.attention.wo),
+                            ("ffn", layer.feed_forward.w1), ("w2", layer.feed_forward.w2)):
+            hooks.append(module.register_forward_hook(
+                lambda _m, inp, _out, i=i, key=key: captured[i][key].append(inp[0].reshape(-1, inp[0].shape[-1]))))
+    final = []  # the classifier's input
+    hooks.append(model.output.register_forward_hook(lambda _m, inp, _out: final.append(inp[0].reshape(-1, inp[0].shape[-1]))))
+    with torch.no_grad():
+        for w in windows:
+            model(torch.tensor([w]))
+    for h in hooks:
+        h.remove()
+    return [{k: torch.cat(v) for k, v in c.items()} for c in captured], torch.cat(final)
+
+
+def search_scale(X, weights, group_size, qmax, tie=None):
+    """The AWQ search for one layer group: (alpha, s, relative output error with
+    plain rounding, with the chosen scale). tie = (kv_heads, rep, head_size):
+    wo's input, where rep query heads read one value head, so those channels
+    must share a scale (it is folded into that value head's rows of wv)."""
+    mean = X.abs().mean(0)
+    if tie:
+        kv, rep, hs = tie
+        mean = mean.view(kv, rep, hs).mean(1, keepdim=True).expand(kv, rep, hs).reshape(-1)
+    Y = [X @ W.T for W in weights]
+    norm = sum((y * y).sum() for y in Y)
+    best, plain = None, None
+    for alpha in [i / 20 for i in range(21)]:
+        s = mean.clamp(min=1e-5) ** alpha
+        s = s / torch.sqrt(s.max() * s.min())
+        err = sum(((X / s) @ quantize_groups(W * s, group_size, qmax)[2].T - y).pow(2).sum()
+                  for W, y in zip(weights, Y))
+        plain = err if plain is None else plain
+        if best is None or err < best[1]:
+            best = (alpha, err, s)
+    return best[0], best[2], (plain / norm).item(), (best[1] / norm).item()
+
+
+def apply_awq(model, windows, group_size, qmax):
+    """Searches every layer's four scales on the calibration windows, then folds
+    them in: 1/s into the RMSNorm weights (for wq/wk/wv and w1/w3), into wv's
+    rows (for wo) and into w3's rows (for w2); s into the matrices' columns.
+    The fp32 model's function is unchanged; only its rounding moves."""
+    a = model.args
+    kv, rep, hs = a.n_kv_heads, a.n_heads // a.n_kv_heads, a.head_size
+    inputs, _ = layer_inputs(model, windows)
+    total = {"plain": 0.0, "awq": 0.0}
+    with torch.no_grad():
+        for i, (layer, X) in enumerate(zip(model.layers, inputs)):
+            att, ffn = layer.attention, layer.feed_forward
+            found = {
+                "wq/wk/wv": search_scale(X["qkv"], [att.wq.weight, att.wk.weight, att.wv.weight], group_size, qmax),
+                "wo": search_scale(X["o"], [att.wo.weight], group_size, qmax, tie=(kv, rep, hs)),
+                "w1/w3": search_scale(X["ffn"], [ffn.w1.weight, ffn.w3.weight], group_size, qmax),
+                "w2": search_scale(X["w2"], [ffn.w2.weight], group_size, qmax),
+            }
+            s = {k: v[1] for k, v in found.items()}
+            layer.attention_norm.weight /= s["wq/wk/wv"]
+            for W in (att.wq.weight, att.wk.weight, att.wv.weight):
+                W *= s["wq/wk/wv"]
+            att.wv.weight /= s["wo"].view(kv, rep, hs)[:, 0, :].reshape(-1, 1)
+            att.wo.weight *= s["wo"]
+            layer.ffn_norm.weight /= s["w1/w3"]
+            ffn.w1.weight *= s["w1/w3"]
+            ffn.w3.weight *= s["w1/w3"]
+            ffn.w3.weight /= s["w2"].reshape(-1, 1)
+            ffn.w2.weight *= s["w2"]
+            progress(f"  layer {i}: " + "; ".join(f"{k} alpha {v[0]:.2f}, error {v[2]:.3g} -> {v[3]:.3g}"
+                                                  for k, v in found.items()))
+            total["plain"] += sum(v[2] for v in found.values())
+            total["awq"] += sum(v[3] for v in found.values())
+    n = 4 * len(model.layers)
+    progress(f"AWQ: mean relative output error over the {n} layer groups {total['plain'] / n:.3g} with plain "
+             f"rounding, {total['awq'] / n:.3g} with the chosen scales")
+
+
+def search_clip(X, W, group_size, qmax):
+    """AWQ's second half: for every group of every row, the clipping ratio r
+    (scale = r max|v| / qmax, outliers clamped) minimising that group's share
+    of the output error on the calibration input X (N, n). Returns W clamped to
+    r max|v| per group, which export then quantizes with that scale."""
+    rows, n = W.shape
+    groups = -(-n // group_size)
+    pad = groups * group_size - n
+    Wg = torch.nn.functional.pad(W, (0, pad)).view(rows, groups, group_size)
+    Xg = torch.nn.functional.pad(X, (0, pad)).view(X.shape[0], groups, group_size)
+    top = Wg.abs().amax(2, keepdim=True)
+    best_err, best = None, Wg
+    for r in [1.0 - i / 20 for i in range(11)]:  # 1.0 down to 0.5
+        clipped = torch.maximum(torch.minimum(Wg, r * top), -r * top)
+        scale = (r * top / qmax).clamp(min=1e-30)
+        delta = torch.round(clipped / scale) * scale - Wg  # (rows, groups, gs)
+        err = torch.einsum("ngk,rgk->rgn", Xg, delta).pow(2).sum(2)  # (rows, groups)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better[..., None], clipped, best)
+    return best.reshape(rows, -1)[:, :n]
+
+
+def clip_awq(model, windows, group_size, qmax):
+    """search_clip for every matrix of every layer and the classifier (the
+    embedding too, when it is the same table), on the scaled model's inputs."""
+    inputs, final = layer_inputs(model, windows)
+    with torch.no_grad():
+        model.output.weight.copy_(search_clip(final, model.output.weight, group_size, qmax))
+        for layer, X in zip(model.layers, inputs):
+            att, ffn = layer.attention, layer.feed_forward
+            for key, W in (("qkv", att.wq.weight), ("qkv", att.wk.weight), ("qkv", att.wv.weight),
+                           ("o", att.wo.weight), ("ffn", ffn.w1.weight), ("ffn", ffn.w3.weight),
+                           ("w2", ffn.w2.weight)):
+                W.copy_(search_clip(X[key], W, group_size, qmax))
+
+
+def calibration_windows(text_path, tokenizer_path, seq_len, n_tokens):
+    """The calibration text's tokens in windows as run reads them (BOS, then up
+    to 255 tokens, or seq_len - 1 if shorter), n_tokens in all at most."""
+    for p in (text_path, tokenizer_path):
+        if not os.path.isfile(p):
+            fail(f"{p}: no such file")
+    with open(text_path, encoding="utf-8", errors="replace") as f:
+        text = f.read(16 * n_tokens)  # far more characters than tokens needed
+    ids = encode(*read_tokenizer_bin(tokenizer_path), text)[:n_tokens]
+    if not ids:
+        fail(f"{text_path}: no calibration text")
+    T = min(seq_len, 256)
+    return [[1] + ids[i:i + T - 1] for i in range(0, len(ids), T - 1)]
 
 def load_weights_only(path):
     """torch.save's zip format read by an unpickler that builds tensors, dicts
@@ -709,6 +911,10 @@ def main():
     src.add_argument("--meta", metavar="DIR", help="Meta Llama directory (params.json + consolidated.*.pth)")
     src.add_argument("--tokenizer", help="sentencepiece tokenizer.model, or a Hugging Face tokenizer.json")
     ap.add_argument("--seq-len", type=int, help="--meta: the context length (Llama 2: 4096)")
+    ap.add_argument("--awq", metavar="CALIB.txt",
+                    help="versions 2 and 3: activation-aware scaling, calibrated on this text")
+    ap.add_argument("--awq-tokenizer", default="tokenizer.bin", help="--awq: the model's tokenizer.bin")
+    ap.add_argument("--awq-tokens", type=int, default=4096, help="--awq: calibration tokens (default 4096)")
     ap.add_argument("-o", dest="tokenizer_out", default="tokenizer.bin", help="tokenizer output (default tokenizer.bin)")
     a = ap.parse_args()
     out = a.tokenizer_out if a.tokenizer else a.out
@@ -733,6 +939,17 @@ def main():
             model = M.load_checkpoint(a.bin)
         except (ValueError, RuntimeError, struct.error) as e:
             fail(f"{a.bin}: not a valid checkpoint ({e})")
+    if a.awq:
+        if a.version not in (2, 3):
+            fail("--awq scales weights for quantization: use it with --version 2 or 3")
+        if not isinstance(model, M.Transformer):  # a lazy model: AWQ needs every weight in memory
+            lazy, model = model, M.Transformer(model.args)
+            model.load_state_dict(dict(lazy.state_dict().items()))
+        gs = group_size_for(model.args, a.version, a.group_size)
+        windows = calibration_windows(a.awq, a.awq_tokenizer, model.args.max_seq_len, a.awq_tokens)
+        progress(f"AWQ: calibrating on {sum(len(w) - 1 for w in windows)} tokens of {a.awq}")
+        apply_awq(model, windows, gs, 7 if a.version == 3 else 127)
+        clip_awq(model, windows, gs, 7 if a.version == 3 else 127)
     write_checkpoint(model, a.out, a.version, a.group_size)
 
 

@@ -1,0 +1,94 @@
+"""export.py --awq: the folded scales leave the fp32 model's function alone,
+the calibration encoder is run's, and on the real stories260K model AWQ
+lowers int4's held-out perplexity."""
+
+import copy
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import MODELS, ROOT, STORIES, TOK512, E, M, random_model, run, save_model
+from test_model import U, reference_logits, rounding_depth
+from test_tokenizer import llama_tok, varied_strings  # noqa: F401 (a fixture)
+
+CONFIGS = {  # grouped-query (wo's scales tied across the query heads of a value head), and plain
+    "gqa": dict(dim=48, hidden_dim=100, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=300, max_seq_len=64),
+    "mha-separate": dict(dim=32, hidden_dim=72, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=270,
+                         max_seq_len=64, shared_classifier=False),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_scaling_keeps_fp32_logits(name):
+    """Folding perturbs each weight by at most three float32 roundings (times s,
+    divided by another s, or an RMSNorm weight divided by s), far fewer than the
+    n roundings per dot product behind rounding_depth's bound: the scaled
+    model's float64 logits stay within that bound of the original's."""
+    m = random_model(7, **CONFIGS[name])
+    with torch.no_grad():  # channels of very different sizes, so the scales are far from 1
+        for layer in m.layers:
+            layer.attention_norm.weight.mul_(torch.exp(2 * torch.randn(m.args.dim)))
+            layer.ffn_norm.weight.mul_(torch.exp(2 * torch.randn(m.args.dim)))
+    g = torch.Generator().manual_seed(3)
+    windows = [[1] + torch.randint(3, m.args.vocab_size, (40,), generator=g).tolist() for _ in range(4)]
+    scaled = copy.deepcopy(m)
+    E.progress = lambda *_: None
+    E.apply_awq(scaled, windows, 8, 7)
+    moved = max((a - b).abs().max().item() for a, b in zip(m.state_dict().values(), scaled.state_dict().values()))
+    assert moved > 0.1, "the scales should have changed the weights"
+    tokens = windows[0]
+    ref, magnitude = reference_logits(m, tokens)
+    got, _ = reference_logits(scaled, tokens)
+    bound = rounding_depth(m.args, len(tokens)) * U * magnitude
+    assert ((got - ref).abs() <= bound).all(), ((got - ref).abs() / bound).max().item()
+
+
+def test_encoder_is_runs(binary, llama_tok):
+    """export.encode (calibration text -> ids) against run -m tokenize, on two vocabularies."""
+    for tok, model in ((TOK512, STORIES), llama_tok):
+        pieces, scores = E.read_tokenizer_bin(tok)
+        for text in varied_strings(150, seed=5):
+            ids = [int(t) for t in run(binary, model, "-z", tok, "-m", "tokenize", "-i", text).stdout.split()]
+            assert E.encode(pieces, scores, text) == ids[1:], text
+
+
+def export(*args):
+    return subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, args)], capture_output=True)
+
+
+def perplexity(qbinary, path, text):
+    out = run(qbinary, path, "-z", TOK512, "-m", "perplexity", "-f", text).stdout.decode()
+    return float(re.match(r"perplexity (\S+)", out)[1])
+
+
+def test_awq_lowers_int4_perplexity(qbinary, tmp_path, report):
+    """stories260K, calibrated on one part of the TinyStories sample and measured
+    on another: int4 with AWQ has a lower perplexity than plain int4."""
+    sample = (MODELS / "tinystories" / "tinystories_sample_2MiB.txt").read_bytes()
+    (tmp_path / "calib.txt").write_bytes(sample[:60000])
+    (tmp_path / "heldout.txt").write_bytes(sample[-40000:])
+    plain, awq = tmp_path / "q4.bin", tmp_path / "q4-awq.bin"
+    assert export(plain, "--version", 3, "--bin", STORIES).returncode == 0
+    p = export(awq, "--version", 3, "--bin", STORIES, "--awq", tmp_path / "calib.txt", "--awq-tokenizer", TOK512)
+    assert p.returncode == 0, p.stderr.decode()
+    assert len(re.findall(rb"layer \d+: wq/wk/wv alpha", p.stderr)) == 5  # alpha and errors printed per layer
+    a, b = perplexity(qbinary, plain, tmp_path / "heldout.txt"), perplexity(qbinary, awq, tmp_path / "heldout.txt")
+    report(f"stories260K int4 held-out perplexity ({qbinary.split('/')[-1]}): plain {a:.3f}, AWQ {b:.3f}")
+    assert b < a
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--version", "0", "--awq", "CALIB"], "--version 2 or 3"),
+    (["--version", "3", "--awq", "missing.txt"], "missing.txt"),
+    (["--version", "3", "--awq", "CALIB", "--awq-tokenizer", "missing.bin"], "missing.bin"),
+])
+def test_awq_errors(tmp_path, args, message):
+    (tmp_path / "calib.txt").write_text("Once upon a time")
+    args = [str(tmp_path / "calib.txt") if a == "CALIB" else a for a in args]
+    p = export(tmp_path / "out.bin", "--bin", STORIES, *args)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out.bin").exists()
