@@ -5,6 +5,7 @@
 #   make test       build every variant and run all tests (installs test packages if missing)
 #   make bench      fp32 against int8: tok/s, GB/s and the machine's memory bandwidth
 #   make bench-kernels  one int8 matmul: what unrolling, threads and SIMD each buy
+#   make quality    fp32 / int8 / int4 / int4 + AWQ: perplexity, size and speed
 # As in llama2.c, run / runfast / runomp / debug all write ./run (and ./runq).
 
 CXX   ?= g++
@@ -39,7 +40,7 @@ TOK    ?= models/tinystories-tok.bin
 PROMPT ?= Once upon a time
 STEPS  ?= 256
 
-.PHONY: all run runfast runomp debug test unit e2e bench bench-kernels fuzz clean
+.PHONY: all run runfast runomp debug test unit e2e bench bench-kernels quality fuzz clean
 all: runomp
 
 run: $(MODEL) $(TOK)    # portable: any x86-64 or ARM, one thread; then a story
@@ -132,6 +133,11 @@ build/bandwidth: bench/bandwidth.cpp
 
 bench: build/.deps runomp tokenizer.bin build/bandwidth
 	$(PYTHON) bench/bench.py
+
+# fp32, int8, int4 and int4 + AWQ: held-out perplexity, file size and decode speed, for
+# stories260K, the project's own model and MODEL (with TOK) if it is another one
+quality: build/.deps runomp models/tinystories.bin
+	$(PYTHON) bench/quality.py --model $(MODEL) --tokenizer $(TOK)
 
 build/bench_kernels: bench/kernels.cpp runq.cpp
 	@mkdir -p build
