@@ -873,6 +873,34 @@ static inline int32_t dot_i4(const int8_t* row, int first, const int8_t* x, int 
     return sum;
 }
 
+#if defined(__AVX512VNNI__)
+// dot_i4_x4: the dot products of four consecutive 32-value groups of a 4-bit
+// row (64 bytes) with x (128 int8), exact: the decode kernel for group size 32.
+// Each 128-bit lane of the bytes holds one group: split into nibbles and
+// interleaved within the lane, they give the group's values 0-15 (unpacklo)
+// and 16-31 (unpackhi), so x's lanes are gathered to match (shuffle_i64x2) and
+// every lane is summed on its own. The nibbles are kept unsigned, v + 8 (the
+// bytes ^ 0x88), for vpdpbusd; 8 sum(x), from two more, is subtracted.
+static inline void dot_i4_x4(const int8_t* bytes, const int8_t* x, int32_t out[4]) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F), k8 = _mm512_set1_epi8(8);
+    const __m512i b = _mm512_xor_si512(_mm512_loadu_si512(bytes), _mm512_set1_epi8((char)0x88));
+    const __m512i lo = _mm512_and_si512(b, low4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
+    const __m512i x01 = _mm512_loadu_si512(x), x23 = _mm512_loadu_si512(x + 64);
+    // (maskz forms for GCC 12's warnings, as in fold_16_to_8)
+    const __m512i xa = _mm512_maskz_shuffle_i64x2(0xFF, x01, x23, 0x88);  // x 0-15 of each group
+    const __m512i xb = _mm512_maskz_shuffle_i64x2(0xFF, x01, x23, 0xDD);  // x 16-31
+    __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_unpacklo_epi8(lo, hi), xa);
+    acc = _mm512_dpbusd_epi32(acc, _mm512_unpackhi_epi8(lo, hi), xb);
+    const __m512i sum_x8 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), k8, xa), k8, xb);
+    acc = _mm512_sub_epi32(acc, sum_x8);
+    acc = _mm512_add_epi32(acc, _mm512_maskz_shuffle_epi32(0xFFFF, acc, (_MM_PERM_ENUM)0x4E));  // + other half
+    acc = _mm512_add_epi32(acc, _mm512_maskz_shuffle_epi32(0xFFFF, acc, (_MM_PERM_ENUM)0xB1));  // + neighbour
+    const __m512i first_of_each = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i sums = _mm512_maskz_permutexvar_epi32(0xFFFF, first_of_each, acc);
+    _mm_storeu_si128((__m128i*)out, _mm512_maskz_extracti32x4_epi32(0xF, sums, 0));
+}
+#endif
+
 // The float side of one group, shared by both matmuls so that they round
 // alike (madd: an explicit fused multiply-add where the CPU has one).
 static inline float add_group(float acc, int32_t dot, float sx, float sw) {
@@ -949,7 +977,16 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
             const int8_t* xq = x.q + (size_t)b * n;
             const float* xs = x.s + (size_t)b * groups;
             float acc = 0.0f;
-            for (int g = 0; g < groups; g++)
+            int g = 0;
+#if defined(__AVX512VNNI__)
+            if (GS == 32 && w.bits == 4)
+                for (; g + 4 <= n / 32; g += 4) {  // four whole groups at a time
+                    int32_t dots[4];
+                    dot_i4_x4(row.q + g * 16, xq + g * 32, dots);
+                    for (int k = 0; k < 4; k++) acc = add_group(acc, dots[k], xs[g + k], row.s[g + k]);
+                }
+#endif
+            for (; g < groups; g++)
                 acc = add_group(acc, w.bits == 4 ? dot_i4(row.q, g * gs, xq + g * gs, len(g))
                                                  : dot_i8(xq + g * gs, row.q + g * gs, len(g)), xs[g], row.s[g]);
             out[(size_t)b * d + i] = acc;
