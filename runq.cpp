@@ -952,13 +952,29 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
             const int8_t* xq = x.q + (size_t)b * n;
             const float* xs = x.s + (size_t)b * groups;
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            // group g's dot products with the four tokens; 4-bit weights in groups
+            // of 32 take four groups at a time through the decode kernel
+#if defined(__AVX512VNNI__)
+            int32_t block[4][4];
+#endif
+            const auto dots_of = [&](int g, int32_t dots[4]) {
+#if defined(__AVX512VNNI__)
+                if (GS == 32 && w.bits == 4 && (g & ~3) + 4 <= n / 32) {
+                    if (g % 4 == 0)
+                        for (int t = 0; t < 4; t++) dot_i4_x4(row.q + g * 16, xq + (size_t)t * n + g * 32, block[t]);
+                    for (int t = 0; t < 4; t++) dots[t] = block[t][g % 4];
+                    return;
+                }
+#endif
+                dot_i8_x4(group(g), xq + g * gs, n, len(g), dots);
+            };
 #if defined(__AVX512BW__) && defined(FP_FAST_FMAF)
             // add_group for the four tokens in the four lanes of one register: the
             // same multiply and fused multiply-add per lane, so the same result
             __m128 acc4 = _mm_setzero_ps();
             for (int g = 0; g < groups; g++) {
                 int32_t dots[4];
-                dot_i8_x4(group(g), xq + g * gs, n, len(g), dots);
+                dots_of(g, dots);
                 const __m128 sx = _mm_set_ps(xs[3 * groups + g], xs[2 * groups + g], xs[groups + g], xs[g]);
                 const __m128 dx = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)dots)), sx);
                 acc4 = _mm_fmadd_ps(dx, _mm_set1_ps(row.s[g]), acc4);
@@ -967,7 +983,7 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
 #else
             for (int g = 0; g < groups; g++) {
                 int32_t dots[4];
-                dot_i8_x4(group(g), xq + g * gs, n, len(g), dots);
+                dots_of(g, dots);
                 for (int t = 0; t < 4; t++) acc[t] = add_group(acc[t], dots[t], xs[t * groups + g], row.s[g]);
             }
 #endif
