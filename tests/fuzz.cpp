@@ -5,7 +5,7 @@
 // crash, sanitizer report, leak or hang is a finding.
 //
 //   checkpoint  the bytes are a checkpoint file: load it (version 0/1 in run,
-//               2 in runq), then run one forward pass on it if it loads
+//               2 or 3 in runq), then run one forward pass on it if it loads
 //   tokenizer   the bytes are a tokenizer.bin for a 512-token model: load it,
 //               then encode and decode a sample text with it
 //   encode      the bytes are a prompt for stories260K's tokenizer

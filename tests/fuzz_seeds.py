@@ -25,6 +25,7 @@ for i, args in enumerate(shapes):
     for v in (0, 1):
         E.write_checkpoint(m, str(dirs["checkpoint"] / f"m{i}-v{v}.bin"), v)
     E.write_checkpoint(m, str(dirs["checkpoint-q8"] / f"m{i}-v2.bin"), 2, 8)
+    E.write_checkpoint(m, str(dirs["checkpoint-q8"] / f"m{i}-v3.bin"), 3, 6)  # int4, short last groups
 
 (dirs["tokenizer"] / "tok512.bin").write_bytes(TOK512.read_bytes())
 write_tokenizer(dirs["tokenizer"] / "bytes512.bin", vocab_of_size(512))
