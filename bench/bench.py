@@ -95,7 +95,7 @@ def weight_bytes(path):
     kv = args.n_kv_heads * args.head_size
     matrices = args.n_layers * (2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.hidden_dim)
     matrices += args.vocab_size * args.dim  # classifier
-    per_value = {2: 1 + 4 / gs, 3: 0.5 + 4 / gs}.get(version, 4)  # ignoring short groups
+    per_value = 4 if version < 2 else (1 if version == 2 else 0.5) + 4 / gs  # ignoring short groups
     return matrices * per_value + 4 * (2 * args.n_layers + 1) * args.dim + per_value * args.dim
 
 
