@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from conftest import BINARIES, E, M, ROOT, decode_text, existing, read_tokenizer, run
+from conftest import BINARIES, QBINARIES, E, M, ROOT, decode_text, existing, read_tokenizer, run
 from test_model import U, prompt_tokens, rounding_depth
 
 MODEL = ROOT / "models" / "tinystories.bin"
@@ -90,9 +90,12 @@ def pooled_perplexity(binary, model, tmp_path):
     return total, count
 
 
-def test_perplexity_mode_matches_card(binary, reference, tmp_path, report):
+def test_perplexity_mode_matches_card(reference, tmp_path, report):
     """run's float32 perplexity, pooled story by story, is model.py's float64
-    one within the rounding bound (each story's mean is printed to 5 decimals)."""
+    one within the rounding bound (each story's mean is printed to 5 decimals).
+    One build only: 164 runs per engine are too slow under the sanitizers and
+    qemu, and test_perplexity.py already runs the mode in every build."""
+    binary = existing(BINARIES[0])
     total, count, bounds = reference
     got, n = pooled_perplexity(binary, MODEL, tmp_path)
     assert n == count
@@ -132,6 +135,8 @@ def test_int8_generates_and_keeps_quality(qbinary, own, own_q8, reference, tmp_p
     activations to 8 bits costs under 1% in perplexity."""
     out = run(qbinary, own_q8, "-z", TOK, "-t", "0", "-n", 200, "-i", PROMPT).stdout.decode()
     assert out.startswith(PROMPT) and len(out) > 300
+    if qbinary != existing(QBINARIES[0]):
+        return  # the perplexity below in one build only, as above
     total, count, _ = reference
     got, n = pooled_perplexity(qbinary, own_q8, tmp_path)
     assert n == count
