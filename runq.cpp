@@ -705,6 +705,17 @@ static inline __m256i fold_16_to_8(__m512i v) {
 static inline __m512i load_i8x64(const int8_t* p, int i, int n) {
     return n - i >= 64 ? _mm512_loadu_si512(p + i) : _mm512_maskz_loadu_epi8(~0ULL >> (64 - (n - i)), p + i);
 }
+// Four int32 vectors' sums, 128-bit block by block: block k of the result is
+// [sum of block k of a[0], ... of a[1], ... of a[2], ... of a[3]]. A transpose as
+// it adds: interleave a[0]/a[1] and a[2]/a[3] (each block then holds partial
+// sums of both), then the pairs. (maskz forms for GCC 12's warnings.)
+static inline __m512i sum_lanes4(const __m512i a[4]) {
+    const auto pairs = [](__m512i x, __m512i y) {
+        return _mm512_add_epi32(_mm512_maskz_unpacklo_epi32(0xFFFF, x, y), _mm512_maskz_unpackhi_epi32(0xFFFF, x, y));
+    };
+    const __m512i s01 = pairs(a[0], a[1]), s23 = pairs(a[2], a[3]);
+    return _mm512_add_epi32(_mm512_maskz_unpacklo_epi64(0xFF, s01, s23), _mm512_maskz_unpackhi_epi64(0xFF, s01, s23));
+}
 #endif
 
 static inline int32_t dot_i8(const int8_t* a, const int8_t* b, int n) {
@@ -771,16 +782,8 @@ static inline void dot_i8_x4(const int8_t* w, const int8_t* x, size_t stride, in
         }
     }
 #endif
-    // the four sums together, a transpose as it adds: interleave tokens 0/1 and 2/3
-    // (each 128-bit block then holds partial sums of both), then the pairs, so
-    // that every block holds [t0 t1 t2 t3]; finally add the four blocks. (maskz
-    // forms for GCC 12's warnings, as in fold_16_to_8.)
-    const auto pairs = [](__m512i a, __m512i b) {
-        return _mm512_add_epi32(_mm512_maskz_unpacklo_epi32(0xFFFF, a, b), _mm512_maskz_unpackhi_epi32(0xFFFF, a, b));
-    };
-    const __m512i s01 = pairs(acc[0], acc[1]), s23 = pairs(acc[2], acc[3]);
-    const __m256i s8 = fold_16_to_8(
-        _mm512_add_epi32(_mm512_maskz_unpacklo_epi64(0xFF, s01, s23), _mm512_maskz_unpackhi_epi64(0xFF, s01, s23)));
+    // every 128-bit block of sum_lanes4 holds [t0 t1 t2 t3]: add the four blocks
+    const __m256i s8 = fold_16_to_8(sum_lanes4(acc));
     _mm_storeu_si128((__m128i*)out, _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1)));
 #endif
     if (i < n)  // what the SIMD loop leaves (and all of it without SIMD)
@@ -873,31 +876,53 @@ static inline int32_t dot_i4(const int8_t* row, int first, const int8_t* x, int 
     return sum;
 }
 
-#if defined(__AVX512VNNI__)
-// dot_i4_x4: the dot products of four consecutive 32-value groups of a 4-bit
-// row (64 bytes) with x (128 int8), exact: the decode kernel for group size 32.
-// Each 128-bit lane of the bytes holds one group: split into nibbles and
-// interleaved within the lane, they give the group's values 0-15 (unpacklo)
-// and 16-31 (unpackhi), so x's lanes are gathered to match (shuffle_i64x2) and
-// every lane is summed on its own. The nibbles are kept unsigned, v + 8 (the
-// bytes ^ 0x88), for vpdpbusd; 8 sum(x), from two more, is subtracted.
-static inline void dot_i4_x4(const int8_t* bytes, const int8_t* x, int32_t out[4]) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F), k8 = _mm512_set1_epi8(8);
+#if defined(__AVX512VNNI__) && defined(FP_FAST_FMAF)
+// 4-bit weights in groups of 32, four groups at a time: 64 bytes of a row hold
+// groups g .. g + 3, one per 128-bit block. Split into nibbles and interleaved
+// within the block, they give a group's values 0-15 (unpacklo) and 16-31
+// (unpackhi), so x's 128 values are gathered to match (X4: a, b). The nibbles
+// stay unsigned, v + 8 (the bytes ^ 0x88), for vpdpbusd; the 8 sum(x) this adds
+// is taken off by starting from minus8sum, made once per x.
+struct X4 {
+    __m512i a, b, minus8sum;
+};
+static inline X4 x4_of(const int8_t* x) {
+    const __m512i x01 = _mm512_loadu_si512(x), x23 = _mm512_loadu_si512(x + 64), k8 = _mm512_set1_epi8(8);
+    X4 v;  // (maskz forms for GCC 12's warnings, as in fold_16_to_8)
+    v.a = _mm512_maskz_shuffle_i64x2(0xFF, x01, x23, 0x88);  // x 0-15 of each group
+    v.b = _mm512_maskz_shuffle_i64x2(0xFF, x01, x23, 0xDD);  // x 16-31
+    v.minus8sum = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                   _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), k8, v.a), k8, v.b));
+    return v;
+}
+// Partial sums of the four groups' dot products with x: the four int32 lanes
+// of block k add up to group k's, exactly.
+static inline __m512i dot_i4_lanes(const int8_t* bytes, const X4& x) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
     const __m512i b = _mm512_xor_si512(_mm512_loadu_si512(bytes), _mm512_set1_epi8((char)0x88));
     const __m512i lo = _mm512_and_si512(b, low4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
-    const __m512i x01 = _mm512_loadu_si512(x), x23 = _mm512_loadu_si512(x + 64);
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(x.minus8sum, _mm512_unpacklo_epi8(lo, hi), x.a),
+                               _mm512_unpackhi_epi8(lo, hi), x.b);
+}
+// Block k = [p[0][g + k], p[1][g + k], p[2][g + k], p[3][g + k]]: four pairs'
+// scales of groups g .. g + 3, laid out as sum_lanes4 lays out their sums.
+static inline __m512 scales4x4(const float* const p[4], int g) {
+    __m512 v = _mm512_zextps128_ps512(_mm_loadu_ps(p[0] + g));
+    v = _mm512_insertf32x4(v, _mm_loadu_ps(p[1] + g), 1);
+    v = _mm512_insertf32x4(v, _mm_loadu_ps(p[2] + g), 2);
+    v = _mm512_insertf32x4(v, _mm_loadu_ps(p[3] + g), 3);
+    return _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), v);
+}
+// add_group (below) for four sums at once: lane l of acc takes groups k = 0..3
+// in order, from lane l of block k of dots, sx and sw. The same multiply and
+// fused multiply-add per lane, so the same result.
+static inline __m128 add_groups4(__m128 acc, __m512i dots, __m512 sx, __m512 sw) {
     // (maskz forms for GCC 12's warnings, as in fold_16_to_8)
-    const __m512i xa = _mm512_maskz_shuffle_i64x2(0xFF, x01, x23, 0x88);  // x 0-15 of each group
-    const __m512i xb = _mm512_maskz_shuffle_i64x2(0xFF, x01, x23, 0xDD);  // x 16-31
-    __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_unpacklo_epi8(lo, hi), xa);
-    acc = _mm512_dpbusd_epi32(acc, _mm512_unpackhi_epi8(lo, hi), xb);
-    const __m512i sum_x8 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), k8, xa), k8, xb);
-    acc = _mm512_sub_epi32(acc, sum_x8);
-    acc = _mm512_add_epi32(acc, _mm512_maskz_shuffle_epi32(0xFFFF, acc, (_MM_PERM_ENUM)0x4E));  // + other half
-    acc = _mm512_add_epi32(acc, _mm512_maskz_shuffle_epi32(0xFFFF, acc, (_MM_PERM_ENUM)0xB1));  // + neighbour
-    const __m512i first_of_each = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i sums = _mm512_maskz_permutexvar_epi32(0xFFFF, first_of_each, acc);
-    _mm_storeu_si128((__m128i*)out, _mm512_maskz_extracti32x4_epi32(0xF, sums, 0));
+    const __m512 dx = _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, dots), sx);
+    acc = _mm_fmadd_ps(_mm512_maskz_extractf32x4_ps(0xF, dx, 0), _mm512_maskz_extractf32x4_ps(0xF, sw, 0), acc);
+    acc = _mm_fmadd_ps(_mm512_maskz_extractf32x4_ps(0xF, dx, 1), _mm512_maskz_extractf32x4_ps(0xF, sw, 1), acc);
+    acc = _mm_fmadd_ps(_mm512_maskz_extractf32x4_ps(0xF, dx, 2), _mm512_maskz_extractf32x4_ps(0xF, sw, 2), acc);
+    return _mm_fmadd_ps(_mm512_maskz_extractf32x4_ps(0xF, dx, 3), _mm512_maskz_extractf32x4_ps(0xF, sw, 3), acc);
 }
 #endif
 
@@ -927,85 +952,97 @@ static inline float add_group(float acc, int32_t dot, float sx, float sw) {
         }
 }
 
-// matmul_rows: rows begin .. end - 1 of matmul_reference's result exactly,
-// faster. GS is the group size fixed at compile time (so the group's loop
-// unrolls completely), or 0 to read it from w. Each weight row is read from
-// memory once and, while it sits in cache, used for all nb tokens (1 when
-// generating, up to kBlock when reading a prompt, four at a time). A row's
-// result does not depend on nb. 4-bit weights: one token's dot products
-// unpack them in registers (dot_i4); four tokens' unpack each group to int8
-// once (on the stack: at most kMaxGroup4 values) and take the int8 path.
+// matmul_rows: rows begin .. end - 1 (a tile: at most four) of
+// matmul_reference's result exactly, faster. GS is the group size fixed at
+// compile time (so the group's loop unrolls completely), or 0 to read it from
+// w. The tile's rows are read from memory once and, while they sit in cache,
+// used for all nb tokens (1 when generating, up to kBlock when reading a
+// prompt): four tokens at a time row by row, then one token at a time over the
+// tile's rows. A row's result does not depend on nb. 4-bit weights: one token's
+// dot products unpack them in registers (dot_i4); four tokens' unpack each
+// group to int8 once (on the stack: at most kMaxGroup4 values) and take the
+// int8 path. With AVX-512 VNNI, 4-bit groups of 32 go four at a time for four
+// (row, token) pairs, so that four running sums advance together where one
+// would wait on each fused multiply-add: one row with four tokens, or the
+// tile's four rows with one token.
 template <int GS>
 static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
                         int begin, int end) {
-    const int gs = GS ? GS : w.group_size, groups = w.groups(n);
+    const int gs = GS ? GS : w.group_size, groups = w.groups(n), rows = end - begin;
+    const auto len = [&](int g) { return GS && n % GS == 0 ? GS : std::min(gs, n - g * gs); };
+    QuantizedTensor row[4];  // the tile's rows; missing ones repeat the first (computed, never stored)
+    for (int r = 0; r < 4; r++) row[r] = w.row(begin + (r < rows ? r : 0), n);
+#if defined(__AVX512VNNI__) && defined(FP_FAST_FMAF)
+    const int by4 = GS == 32 && w.bits == 4 ? 4 * (n / 128) : 0;  // the groups taken four at a time
+#endif
     alignas(64) int8_t unpacked[kMaxGroup4];
-    for (int i = begin; i < end; i++) {
-        const QuantizedTensor row = w.row(i, n);
-        // group g of this row as int8, and its length (the last may be short)
-        const auto group = [&](int g) {
-            return w.bits == 4 ? unpack4(unpacked, row.q, g * gs, std::min(gs, n - g * gs)) : row.q + g * gs;
-        };
-        const auto len = [&](int g) { return GS && n % GS == 0 ? GS : std::min(gs, n - g * gs); };
-        int b = 0;
-        for (; b + 4 <= nb; b += 4) {  // four tokens of a prompt block at a time
-            const int8_t* xq = x.q + (size_t)b * n;
-            const float* xs = x.s + (size_t)b * groups;
+    int b = 0;
+    for (; b + 4 <= nb; b += 4)  // four tokens of a prompt block, row by row
+        for (int r = 0; r < rows; r++) {
+            const int8_t* xq = x.q + (size_t)b * n;  // token t at xq + t n
+            const float* xs[4];
+            for (int t = 0; t < 4; t++) xs[t] = x.s + (size_t)(b + t) * groups;
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            // group g's dot products with the four tokens; 4-bit weights in groups
-            // of 32 take four groups at a time through the decode kernel
-#if defined(__AVX512VNNI__)
-            int32_t block[4][4];
-#endif
-            const auto dots_of = [&](int g, int32_t dots[4]) {
-#if defined(__AVX512VNNI__)
-                if (GS == 32 && w.bits == 4 && (g & ~3) + 4 <= n / 32) {
-                    if (g % 4 == 0)
-                        for (int t = 0; t < 4; t++) dot_i4_x4(row.q + g * 16, xq + (size_t)t * n + g * 32, block[t]);
-                    for (int t = 0; t < 4; t++) dots[t] = block[t][g % 4];
-                    return;
+            int g = 0;
+#if defined(__AVX512VNNI__) && defined(FP_FAST_FMAF)
+            if (by4) {
+                const float* ws[4] = {row[r].s, row[r].s, row[r].s, row[r].s};
+                __m128 acc4 = _mm_setzero_ps();
+                for (; g < by4; g += 4) {
+                    __m512i lanes[4];
+                    for (int t = 0; t < 4; t++) lanes[t] = dot_i4_lanes(row[r].q + g * 16, x4_of(xq + (size_t)t * n + g * 32));
+                    acc4 = add_groups4(acc4, sum_lanes4(lanes), scales4x4(xs, g), scales4x4(ws, g));
                 }
+                _mm_storeu_ps(acc, acc4);
+            }
 #endif
-                dot_i8_x4(group(g), xq + g * gs, n, len(g), dots);
-            };
-#if defined(__AVX512BW__) && defined(FP_FAST_FMAF)
-            // add_group for the four tokens in the four lanes of one register: the
-            // same multiply and fused multiply-add per lane, so the same result
-            __m128 acc4 = _mm_setzero_ps();
-            for (int g = 0; g < groups; g++) {
+            for (; g < groups; g++) {
+                const int8_t* wg = w.bits == 4 ? unpack4(unpacked, row[r].q, g * gs, len(g)) : row[r].q + g * gs;
                 int32_t dots[4];
-                dots_of(g, dots);
-                const __m128 sx = _mm_set_ps(xs[3 * groups + g], xs[2 * groups + g], xs[groups + g], xs[g]);
+                dot_i8_x4(wg, xq + g * gs, n, len(g), dots);
+#if defined(__AVX512BW__) && defined(FP_FAST_FMAF)
+                // add_group for the four tokens in the four lanes of one register
+                const __m128 sx = _mm_set_ps(xs[3][g], xs[2][g], xs[1][g], xs[0][g]);
                 const __m128 dx = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)dots)), sx);
-                acc4 = _mm_fmadd_ps(dx, _mm_set1_ps(row.s[g]), acc4);
+                _mm_storeu_ps(acc, _mm_fmadd_ps(dx, _mm_set1_ps(row[r].s[g]), _mm_loadu_ps(acc)));
+#else
+                for (int t = 0; t < 4; t++) acc[t] = add_group(acc[t], dots[t], xs[t][g], row[r].s[g]);
+#endif
+            }
+            for (int t = 0; t < 4; t++) out[(size_t)(b + t) * d + begin + r] = acc[t];
+        }
+    for (; b < nb; b++) {  // one token over the tile's rows
+        const int8_t* xq = x.q + (size_t)b * n;
+        const float* xs = x.s + (size_t)b * groups;
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        int g = 0;
+#if defined(__AVX512VNNI__) && defined(FP_FAST_FMAF)
+        if (by4) {
+            // Four rows read side by side are eight short streams (values and
+            // scales) that the hardware prefetcher does not follow: without help
+            // this loop ran at half its in-cache speed. Each step asks for the
+            // same bytes two tiles on, into L2.
+            const float *xs4[4] = {xs, xs, xs, xs}, *ws[4] = {row[0].s, row[1].s, row[2].s, row[3].s};
+            __m128 acc4 = _mm_setzero_ps();
+            for (; g < by4; g += 4) {
+                const X4 xg = x4_of(xq + g * 32);
+                __m512i lanes[4];
+                for (int r = 0; r < 4; r++) {
+                    lanes[r] = dot_i4_lanes(row[r].q + g * 16, xg);
+                    _mm_prefetch((const char*)(row[r].q + 8 * w.row_bytes(n) + g * 16), _MM_HINT_T1);
+                    _mm_prefetch((const char*)(row[r].s + 8 * groups + g), _MM_HINT_T1);
+                }
+                acc4 = add_groups4(acc4, sum_lanes4(lanes), scales4x4(xs4, g), scales4x4(ws, g));
             }
             _mm_storeu_ps(acc, acc4);
-#else
-            for (int g = 0; g < groups; g++) {
-                int32_t dots[4];
-                dots_of(g, dots);
-                for (int t = 0; t < 4; t++) acc[t] = add_group(acc[t], dots[t], xs[t * groups + g], row.s[g]);
-            }
-#endif
-            for (int t = 0; t < 4; t++) out[(size_t)(b + t) * d + i] = acc[t];
         }
-        for (; b < nb; b++) {
-            const int8_t* xq = x.q + (size_t)b * n;
-            const float* xs = x.s + (size_t)b * groups;
-            float acc = 0.0f;
-            int g = 0;
-#if defined(__AVX512VNNI__)
-            if (GS == 32 && w.bits == 4)
-                for (; g + 4 <= n / 32; g += 4) {  // four whole groups at a time
-                    int32_t dots[4];
-                    dot_i4_x4(row.q + g * 16, xq + g * 32, dots);
-                    for (int k = 0; k < 4; k++) acc = add_group(acc, dots[k], xs[g + k], row.s[g + k]);
-                }
 #endif
-            for (; g < groups; g++)
-                acc = add_group(acc, w.bits == 4 ? dot_i4(row.q, g * gs, xq + g * gs, len(g))
-                                                 : dot_i8(xq + g * gs, row.q + g * gs, len(g)), xs[g], row.s[g]);
-            out[(size_t)b * d + i] = acc;
+        for (int r = 0; r < rows; r++) {
+            for (int k = g; k < groups; k++)
+                acc[r] = add_group(acc[r], w.bits == 4 ? dot_i4(row[r].q, k * gs, xq + k * gs, len(k))
+                                                       : dot_i8(xq + k * gs, row[r].q + k * gs, len(k)),
+                                   xs[k], row[r].s[k]);
+            out[(size_t)b * d + begin + r] = acc[r];
         }
     }
 }

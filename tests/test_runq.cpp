@@ -145,7 +145,7 @@ static void fill_random(std::vector<int8_t>& q, std::vector<float>& s) {
 static void test_matmul() {
     for (int bits : {8, 4})
         for (int gs : kGroupSizes)
-            for (int groups : {1, 2, 3, 7})
+            for (int groups : {1, 2, 3, 7, 9})
                 for (int tail : {0, gs / 2 + 1}) {  // the values past the full groups
                     if (tail >= gs) continue;
                     const int n = gs * groups + tail, G = groups + (tail > 0);
