@@ -194,9 +194,18 @@ def write_checkpoint(model, path, version, group_size=None):
 # fp32 model computes the same function while its salient weights lose less to
 # rounding. For a layer group sharing an input X (N, n) and one scale s (n,):
 #   y = X W^T = (X / s) (W s)^T   and the quantized model computes (X / s) Q(W s)^T.
-# s = mean|X|^alpha (normalized), alpha from a grid in [0, 1] minimising the
-# group's output error on the calibration activations; alpha = 0 is plain
-# rounding, so the chosen scale is never worse than it there.
+# s = mean|X|^alpha (normalized), or that over mean|W|^(1 - alpha) as AutoAWQ
+# does, alpha from a grid in [0, 1] minimising the group's output error on the
+# calibration activations; alpha = 0 is plain rounding, so the chosen scale is
+# never worse than it there.
+
+
+def write_tokenizer_bin(path, pieces, scores):
+    """tokenizer.bin: the longest piece's length (int32), then per id its score
+    (float32), length (int32) and bytes; written atomically."""
+    chunks = [struct.pack("<i", max(len(p) for p in pieces))]
+    chunks += [struct.pack("<fi", s, len(p)) + p for p, s in zip(pieces, scores)]
+    write_atomically(path, chunks)
 
 
 def read_tokenizer_bin(path):
@@ -266,25 +275,38 @@ def layer_inputs(model, windows):
 
 
 def search_scale(X, weights, group_size, qmax, tie=None):
-    """The AWQ search for one layer group: (alpha, s, relative output error with
-    plain rounding, with the chosen scale). tie = (kv_heads, rep, head_size):
-    wo's input, where rep query heads read one value head, so those channels
-    must share a scale (it is folded into that value head's rows of wv)."""
-    mean = X.abs().mean(0)
+    """The AWQ search for one layer group: (the candidate chosen, e.g. "0.35"
+    or "0.35/w", s, relative output error with plain rounding, with s).
+    Candidates: s = mean|x|^alpha, and s = mean|x|^alpha / mean|w|^(1 - alpha)
+    (|w| relative to its group's largest, so channels whose weights already
+    fill the grid are scaled up less), alpha in 0..1 by 0.05. tie = (kv_heads,
+    rep, head_size): wo's input, where rep query heads read one value head, so
+    those channels must share a scale (it is folded into that value head's rows
+    of wv)."""
+    W = torch.cat([w.detach().float() for w in weights])
+    rows, n = W.shape
+    groups = -(-n // group_size)
+    Wg = torch.nn.functional.pad(W.abs(), (0, groups * group_size - n)).view(rows, groups, group_size)
+    w_mean = (Wg / Wg.amax(2, keepdim=True).clamp(min=1e-30)).view(rows, -1)[:, :n].mean(0)
+    x_mean = X.abs().mean(0)
     if tie:
         kv, rep, hs = tie
-        mean = mean.view(kv, rep, hs).mean(1, keepdim=True).expand(kv, rep, hs).reshape(-1)
-    Y = [X @ W.T for W in weights]
+        tied = lambda v: v.view(kv, rep, hs).mean(1, keepdim=True).expand(kv, rep, hs).reshape(-1)
+        x_mean, w_mean = tied(x_mean), tied(w_mean)
+    Y = [X @ w.T for w in weights]
     norm = sum((y * y).sum() for y in Y)
     best, plain = None, None
-    for alpha in [i / 20 for i in range(21)]:
-        s = mean.clamp(min=1e-5) ** alpha
-        s = s / torch.sqrt(s.max() * s.min())
-        err = sum(((X / s) @ quantize_groups(W * s, group_size, qmax)[2].T - y).pow(2).sum()
-                  for W, y in zip(weights, Y))
-        plain = err if plain is None else plain
-        if best is None or err < best[1]:
-            best = (alpha, err, s)
+    for with_w in (False, True):
+        for alpha in [i / 20 for i in range(21)]:
+            s = x_mean.clamp(min=1e-5) ** alpha
+            if with_w:
+                s = s / w_mean.clamp(min=1e-5) ** (1 - alpha)
+            s = s / torch.sqrt(s.max() * s.min())
+            err = sum(((X / s) @ quantize_groups(w * s, group_size, qmax)[2].T - y).pow(2).sum()
+                      for w, y in zip(weights, Y))
+            plain = err if plain is None else plain
+            if best is None or err < best[1]:
+                best = (f"{alpha:.2f}" + "/w" * with_w, err, s)
     return best[0], best[2], (plain / norm).item(), (best[1] / norm).item()
 
 
@@ -317,7 +339,7 @@ def apply_awq(model, windows, group_size, qmax):
             ffn.w3.weight *= s["w1/w3"]
             ffn.w3.weight /= s["w2"].reshape(-1, 1)
             ffn.w2.weight *= s["w2"]
-            progress(f"  layer {i}: " + "; ".join(f"{k} alpha {v[0]:.2f}, error {v[2]:.3g} -> {v[3]:.3g}"
+            progress(f"  layer {i}: " + "; ".join(f"{k} alpha {v[0]}, error {v[2]:.3g} -> {v[3]:.3g}"
                                                   for k, v in found.items()))
             total["plain"] += sum(v[2] for v in found.values())
             total["awq"] += sum(v[3] for v in found.values())
@@ -881,15 +903,8 @@ def export_tokenizer(model_path, out_path):
         tokens.append((piece.replace("\u2581".encode(), b" "), score))
     if any(not p for p, _ in tokens):
         fail(f"{model_path}: contains an empty piece")
-    max_len = max(len(p) for p, _ in tokens)
-
-    def chunks():
-        yield struct.pack("<i", max_len)
-        for piece, score in tokens:
-            yield score + struct.pack("<i", len(piece)) + piece
-
-    write_atomically(out_path, chunks())
-    progress(f"wrote {out_path}: {len(tokens)} tokens, max_token_length {max_len}")
+    write_tokenizer_bin(out_path, [p for p, _ in tokens], [struct.unpack("<f", s)[0] for _, s in tokens])
+    progress(f"wrote {out_path}: {len(tokens)} tokens, max_token_length {max(len(p) for p, _ in tokens)}")
 
 
 # ----------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import ctypes
 import math
 import os
 import re
-import struct
 import sys
 import time
 
@@ -130,8 +129,7 @@ class Tokenizer:
         """tokenizer.bin: max piece length, then (score, length, bytes) per id."""
         pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{b:02X}>".encode() for b in range(256)]
         pieces += [p.encode("utf-8") for p in self.pieces]
-        body = [struct.pack("<fi", s, len(p)) + p for s, p in zip(self.scores, pieces)]
-        export.write_atomically(path, [struct.pack("<i", max(map(len, pieces)))] + body)
+        export.write_tokenizer_bin(path, pieces, self.scores)
 
 
 def train_tokenizer(stories, vocab_size):

@@ -158,10 +158,7 @@ def write_tokenizer(path, pieces, scores=None):
     """tokenizer.bin from a list of str/bytes pieces (scores default to -id)."""
     pieces = [p.encode() if isinstance(p, str) else p for p in pieces]
     scores = scores or [-float(i) for i in range(len(pieces))]
-    with open(path, "wb") as f:
-        f.write(struct.pack("<i", max(len(p) for p in pieces)))
-        for p, s in zip(pieces, scores):
-            f.write(struct.pack("<fi", s, len(p)) + p)
+    E.write_tokenizer_bin(path, pieces, scores)
     return path
 
 
@@ -192,10 +189,4 @@ def decode_text(pieces, tokens):
 
 
 def read_tokenizer(path, vocab):
-    raw = Path(path).read_bytes()
-    off, pieces = 4, []
-    for _ in range(vocab):
-        _, n = struct.unpack_from("<fi", raw, off)
-        pieces.append(raw[off + 8:off + 8 + n])
-        off += 8 + n
-    return pieces
+    return E.read_tokenizer_bin(path)[0][:vocab]
