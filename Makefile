@@ -4,7 +4,7 @@
 #   make            ./run and ./runq with OpenMP, tuned for this CPU (same as `make runomp`)
 #   make test       build every variant and run all tests (installs test packages if missing)
 #   make bench      fp32 against int8: tok/s, GB/s and the machine's memory bandwidth
-#   make bench-kernels  one int8 matmul: what unrolling, threads and SIMD each buy
+#   make bench-kernels  one matmul (int8, then int4): what unrolling, threads and SIMD each buy
 #   make quality    fp32 / int8 / int4 / int4 + AWQ: perplexity, size and speed
 # As in llama2.c, run / runfast / runomp / debug all write ./run (and ./runq).
 
@@ -143,7 +143,7 @@ build/bench_kernels: bench/kernels.cpp runq.cpp
 	@mkdir -p build
 	$(CXX) $(WARN) $(OPT) $(NATIVE) $(OMP) -o $@ bench/kernels.cpp
 
-bench-kernels: build/bench_kernels   # one int8 matmul, technique by technique
+bench-kernels: build/bench_kernels   # one matmul (int8, then int4), technique by technique
 	./build/bench_kernels
 
 # ---------------------------------------------------------------------------

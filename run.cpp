@@ -422,8 +422,12 @@ static inline float hsum16(const f32x16& v) {
 // a * b + c: one rounding where the CPU has a fused multiply-add, else two.
 // Explicit, because the compiler may fuse a * b + c in one inlined copy of a
 // loop and not in another, and then a result would depend on the call site.
+// g++ announces the instruction with FP_FAST_FMAF, clang++ only with __FMA__.
+#if defined(FP_FAST_FMAF) || defined(__FMA__)
+#define HAS_FMA 1
+#endif
 static inline float madd(float a, float b, float c) {
-#ifdef FP_FAST_FMAF
+#ifdef HAS_FMA
     return std::fma(a, b, c);
 #else
     return a * b + c;

@@ -510,8 +510,12 @@ static inline float hsum16(const f32x16& v) {
 // a * b + c: one rounding where the CPU has a fused multiply-add, else two.
 // Explicit, because the compiler may fuse a * b + c in one inlined copy of a
 // loop and not in another, and then a result would depend on the call site.
+// g++ announces the instruction with FP_FAST_FMAF, clang++ only with __FMA__.
+#if defined(FP_FAST_FMAF) || defined(__FMA__)
+#define HAS_FMA 1
+#endif
 static inline float madd(float a, float b, float c) {
-#ifdef FP_FAST_FMAF
+#ifdef HAS_FMA
     return std::fma(a, b, c);
 #else
     return a * b + c;
@@ -876,7 +880,7 @@ static inline int32_t dot_i4(const int8_t* row, int first, const int8_t* x, int 
     return sum;
 }
 
-#if defined(__AVX512VNNI__) && defined(FP_FAST_FMAF)
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
 // 4-bit weights in groups of 32, four groups at a time: 64 bytes of a row hold
 // groups g .. g + 3, one per 128-bit block. Split into nibbles and interleaved
 // within the block, they give a group's values 0-15 (unpacklo) and 16-31
@@ -972,7 +976,7 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
     const auto len = [&](int g) { return GS && n % GS == 0 ? GS : std::min(gs, n - g * gs); };
     QuantizedTensor row[4];  // the tile's rows; missing ones repeat the first (computed, never stored)
     for (int r = 0; r < 4; r++) row[r] = w.row(begin + (r < rows ? r : 0), n);
-#if defined(__AVX512VNNI__) && defined(FP_FAST_FMAF)
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
     const int by4 = GS == 32 && w.bits == 4 ? 4 * (n / 128) : 0;  // the groups taken four at a time
 #endif
     alignas(64) int8_t unpacked[kMaxGroup4];
@@ -984,7 +988,7 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
             for (int t = 0; t < 4; t++) xs[t] = x.s + (size_t)(b + t) * groups;
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             int g = 0;
-#if defined(__AVX512VNNI__) && defined(FP_FAST_FMAF)
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
             if (by4) {
                 const float* ws[4] = {row[r].s, row[r].s, row[r].s, row[r].s};
                 __m128 acc4 = _mm_setzero_ps();
@@ -1000,7 +1004,7 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
                 const int8_t* wg = w.bits == 4 ? unpack4(unpacked, row[r].q, g * gs, len(g)) : row[r].q + g * gs;
                 int32_t dots[4];
                 dot_i8_x4(wg, xq + g * gs, n, len(g), dots);
-#if defined(__AVX512BW__) && defined(FP_FAST_FMAF)
+#if defined(__AVX512BW__) && defined(HAS_FMA)
                 // add_group for the four tokens in the four lanes of one register
                 const __m128 sx = _mm_set_ps(xs[3][g], xs[2][g], xs[1][g], xs[0][g]);
                 const __m128 dx = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)dots)), sx);
@@ -1016,7 +1020,7 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
         const float* xs = x.s + (size_t)b * groups;
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         int g = 0;
-#if defined(__AVX512VNNI__) && defined(FP_FAST_FMAF)
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
         if (by4) {
             // Four rows read side by side are eight short streams (values and
             // scales) that the hardware prefetcher does not follow: without help

@@ -7,7 +7,9 @@
 // the table gives total and per-call time, GOP/s (2 n d operations per token)
 // and the weight bytes streamed per second. The "all techniques" row is
 // runq.cpp's own matmul, not a copy; "batched" is the same call on a block of
-// 32 tokens, as when a prompt is read, per token.
+// 32 tokens, as when a prompt is read, per token. Then the same matrix with
+// int4 weights (version 3, group size 32): one row at a time, and runq's
+// matmul, which runs a tile's four rows side by side.
 
 #define RUN_NO_MAIN
 #pragma GCC diagnostic ignored "-Wunused-function"
@@ -100,6 +102,13 @@ static void matmul_simd(float* out, const QuantizedTensor& x, const QuantizedTen
     }
 }
 
+// int4, one row at a time: runq's generic path (the group size read at run
+// time: dot_i4 per group, each group's multiply-add waiting on the last).
+static void matmul_i4_row_by_row(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d) {
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles(d); t++) matmul_rows<0>(out, x, w, n, d, 1, 4 * t, std::min(d, 4 * t + 4));
+}
+
 int main() {
     std::mt19937 rng(7);
     std::vector<float> xf(kBlock * (size_t)kN), wf((size_t)kD * kN);
@@ -110,32 +119,50 @@ int main() {
     quantize(x.t, xf.data(), kBlock, kN);
     quantize(w.t, wf.data(), kD, kN);
 
-    std::vector<float> ref(kD), out((size_t)kBlock * kD);
-    matmul_reference(ref.data(), x.t, w.t, kN, kD, 1);
+    // int4 weights: random nibbles and scales (the speed does not depend on the values)
+    constexpr int kGS4 = 32;
+    QuantizedBuffer x4(kBlock, kN, kGS4);
+    quantize(x4.t, xf.data(), kBlock, kN);
+    std::vector<int8_t> w4q((size_t)kD * kN / 2);
+    std::vector<float> w4s((size_t)kD * kN / kGS4);
+    for (int8_t& b : w4q) b = (int8_t)rng();
+    for (float& v : w4s) v = 0.003f * (1.0f + normal(rng) * 0.1f);
+    const QuantizedTensor w4{w4q.data(), w4s.data(), kGS4, 4};
+    std::vector<float> out((size_t)kBlock * kD);
 
     struct Technique {
         const char* name;
         std::function<void(float*)> run;
-        int tokens;  // per call
+        int tokens;                          // per call
+        const QuantizedTensor *x, *w;  // for the check and the bytes
     };
-    const QuantizedTensor &xt = x.t, &wt = w.t;
+    const QuantizedTensor &xt = x.t, &wt = w.t, &x4t = x4.t;
+    const auto int8 = [&](const char* name, std::function<void(float*)> run, int tokens = 1) {
+        return Technique{name, run, tokens, &xt, &wt};
+    };
+    const auto int4 = [&](const char* name, std::function<void(float*)> run, int tokens = 1) {
+        return Technique{name, run, tokens, &x4t, &w4};
+    };
     const Technique techniques[] = {
-        {"reference (plain loops, no SIMD, one thread)", [&](float* o) { matmul_scalar(o, xt, wt, kN, kD); }, 1},
-        {"loop unrolling", [&](float* o) { matmul_unrolled(o, xt, wt, kN, kD); }, 1},
-        {"multithreading", [&](float* o) { on_all_cores(matmul_scalar, o, xt, wt, kN, kD); }, 1},
-        {"multithreading + unrolling", [&](float* o) { on_all_cores(matmul_unrolled, o, xt, wt, kN, kD); }, 1},
-        {"SIMD (explicit, one thread)", [&](float* o) { matmul_simd(o, xt, wt, kN, kD); }, 1},
-        {"plain loops as the compiler vectorizes them", [&](float* o) { matmul_reference(o, xt, wt, kN, kD, 1); }, 1},
-        {"all: runq's matmul (threads, SIMD, unrolled fixed-size groups)", [&](float* o) { matmul(o, xt, wt, kN, kD, 1); }, 1},
-        {"all, batched: 32 tokens per call", [&](float* o) { matmul(o, xt, wt, kN, kD, kBlock); }, kBlock},
+        int8("reference (plain loops, no SIMD, one thread)", [&](float* o) { matmul_scalar(o, xt, wt, kN, kD); }),
+        int8("loop unrolling", [&](float* o) { matmul_unrolled(o, xt, wt, kN, kD); }),
+        int8("multithreading", [&](float* o) { on_all_cores(matmul_scalar, o, xt, wt, kN, kD); }),
+        int8("multithreading + unrolling", [&](float* o) { on_all_cores(matmul_unrolled, o, xt, wt, kN, kD); }),
+        int8("SIMD (explicit, one thread)", [&](float* o) { matmul_simd(o, xt, wt, kN, kD); }),
+        int8("plain loops as the compiler vectorizes them", [&](float* o) { matmul_reference(o, xt, wt, kN, kD, 1); }),
+        int8("all: runq's matmul (threads, SIMD, unrolled fixed-size groups)", [&](float* o) { matmul(o, xt, wt, kN, kD, 1); }),
+        int8("all, batched: 32 tokens per call", [&](float* o) { matmul(o, xt, wt, kN, kD, kBlock); }, kBlock),
+        int4("int4: one row at a time (threads, SIMD)", [&](float* o) { matmul_i4_row_by_row(o, x4t, w4, kN, kD); }),
+        int4("int4: runq's matmul (four rows side by side, prefetch)", [&](float* o) { matmul(o, x4t, w4, kN, kD, 1); }),
+        int4("int4, batched: 32 tokens per call", [&](float* o) { matmul(o, x4t, w4, kN, kD, kBlock); }, kBlock),
     };
 
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    std::printf("int8 matmul %d x %d, group size %d; %d threads; each checked against the reference\n\n", kD, kN,
-                kGS, threads);
+    std::printf("matmul %d x %d, int8 (group size %d), then int4 (group size %d); %d threads; each checked against "
+                "the reference\n\n", kD, kN, kGS, kGS4, threads);
     std::printf("| technique | calls | total ms | ms per token | GOP/s | weight GB/s | speed-up |\n");
     std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
     double base = 0;
@@ -143,12 +170,9 @@ int main() {
         std::fill(out.begin(), out.end(), 0.0f);
         t.run(out.data());  // also the warm-up
         for (int b = 0; b < t.tokens; b++) {
-            // token b of a batch has its own activations; check token 0 exactly,
-            // the others against the one-token kernel
+            // token b of a batch has its own activations
             std::vector<float> one(kD);
-            const QuantizedTensor xb = x.t.row(b, kN);
-            if (b == 0) one = ref;
-            else matmul_reference(one.data(), xb, wt, kN, kD, 1);
+            matmul_reference(one.data(), t.x->row(b, kN), *t.w, kN, kD, 1);
             if (std::memcmp(one.data(), out.data() + (size_t)b * kD, kD * sizeof(float)) != 0)
                 fatal("%s: token %d differs from the reference", t.name, b);
         }
@@ -164,7 +188,8 @@ int main() {
         if (base == 0) base = per_token;
         std::printf("| %s | %d | %.0f | %.3f | %.1f | %.1f | %.1fx |\n", t.name, calls, elapsed * 1e3,
                     per_token * 1e3, 2.0 * kN * kD / per_token / 1e9,
-                    ((double)kN * kD + 4.0 * kN * kD / kGS) / (elapsed / calls) / 1e9, base / per_token);
+                    (double)kD * (t.w->row_bytes(kN) + 4.0 * t.w->groups(kN)) / (elapsed / calls) / 1e9,
+                    base / per_token);
     }
     return 0;
 }
