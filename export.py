@@ -360,7 +360,7 @@ def search_clip(X, W, group_size, qmax):
     Xg = torch.nn.functional.pad(X, (0, pad)).view(X.shape[0], groups, group_size)
     top = Wg.abs().amax(2, keepdim=True)
     best_err, best = None, Wg
-    for r in [1.0 - i / 20 for i in range(11)]:  # 1.0 down to 0.5
+    for r in [1.0 - i / 40 for i in range(21)]:  # 1.0 down to 0.5 by 0.025
         clipped = torch.maximum(torch.minimum(Wg, r * top), -r * top)
         scale = (r * top / qmax).clamp(min=1e-30)
         delta = torch.round(clipped / scale) * scale - Wg  # (rows, groups, gs)
