@@ -89,6 +89,14 @@ def file_order(model, version):
 MAX_GROUP4 = 256  # runq unpacks a 4-bit group on the stack
 
 
+def in_groups(w, group_size):
+    """(rows, cols) -> (rows, groups, group_size): each row cut into its groups,
+    the last one padded with zeros when group_size does not divide cols."""
+    rows, cols = w.shape
+    groups = -(-cols // group_size)
+    return torch.nn.functional.pad(w, (0, groups * group_size - cols)).view(rows, groups, group_size)
+
+
 def quantize_groups(w, group_size, qmax):
     """Symmetric quantization of each row of w (rows, cols) in groups of
     group_size consecutive values, the last group of a row shorter when
@@ -97,8 +105,7 @@ def quantize_groups(w, group_size, qmax):
     float32 scales (rows, groups), the dequantized values)."""
     w = w.detach().to(torch.float32)
     rows, cols = w.shape
-    groups = -(-cols // group_size)
-    padded = torch.nn.functional.pad(w, (0, groups * group_size - cols)).view(rows, groups, group_size)
+    padded = in_groups(w, group_size)
     scale = padded.abs().amax(dim=2) / qmax
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(padded / safe[..., None]).clamp(-qmax, qmax)
@@ -200,27 +207,6 @@ def write_checkpoint(model, path, version, group_size=None):
 # never worse than it there.
 
 
-def write_tokenizer_bin(path, pieces, scores):
-    """tokenizer.bin: the longest piece's length (int32), then per id its score
-    (float32), length (int32) and bytes; written atomically."""
-    chunks = [struct.pack("<i", max(len(p) for p in pieces))]
-    chunks += [struct.pack("<fi", s, len(p)) + p for p, s in zip(pieces, scores)]
-    write_atomically(path, chunks)
-
-
-def read_tokenizer_bin(path):
-    """tokenizer.bin -> (pieces as bytes, scores)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    off, pieces, scores = 4, [], []
-    while off < len(data):
-        score, n = struct.unpack_from("<fi", data, off)
-        pieces.append(data[off + 8:off + 8 + n])
-        scores.append(score)
-        off += 8 + n
-    return pieces, scores
-
-
 def encode(pieces, scores, text):
     """run.cpp's encode(text, bos=false): a leading space, each UTF-8 character
     its piece (or its bytes' byte pieces), then merges of the adjacent pair whose
@@ -285,8 +271,7 @@ def search_scale(X, weights, group_size, qmax, tie=None):
     of wv)."""
     W = torch.cat([w.detach().float() for w in weights])
     rows, n = W.shape
-    groups = -(-n // group_size)
-    Wg = torch.nn.functional.pad(W.abs(), (0, groups * group_size - n)).view(rows, groups, group_size)
+    Wg = in_groups(W.abs(), group_size)
     w_mean = (Wg / Wg.amax(2, keepdim=True).clamp(min=1e-30)).view(rows, -1)[:, :n].mean(0)
     x_mean = X.abs().mean(0)
     if tie:
@@ -354,10 +339,7 @@ def search_clip(X, W, group_size, qmax):
     of the output error on the calibration input X (N, n). Returns W clamped to
     r max|v| per group, which export then quantizes with that scale."""
     rows, n = W.shape
-    groups = -(-n // group_size)
-    pad = groups * group_size - n
-    Wg = torch.nn.functional.pad(W, (0, pad)).view(rows, groups, group_size)
-    Xg = torch.nn.functional.pad(X, (0, pad)).view(X.shape[0], groups, group_size)
+    Wg, Xg = in_groups(W, group_size), in_groups(X, group_size)
     top = Wg.abs().amax(2, keepdim=True)
     best_err, best = None, Wg
     for r in [1.0 - i / 40 for i in range(21)]:  # 1.0 down to 0.5 by 0.025
@@ -885,6 +867,27 @@ def read_tokenizer_json(path):
         rank.setdefault(left + right, r)
     pieces = [(p.encode(), struct.pack("<f", -float(rank[p]) if p in rank else 0.0), 1) for p in by_id]
     return pieces, 1, 2
+
+
+def write_tokenizer_bin(path, pieces, scores):
+    """tokenizer.bin: the longest piece's length (int32), then per id its score
+    (float32), length (int32) and bytes; written atomically."""
+    chunks = [struct.pack("<i", max(len(p) for p in pieces))]
+    chunks += [struct.pack("<fi", s, len(p)) + p for p, s in zip(pieces, scores)]
+    write_atomically(path, chunks)
+
+
+def read_tokenizer_bin(path):
+    """tokenizer.bin -> (pieces as bytes, scores)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    off, pieces, scores = 4, [], []
+    while off < len(data):
+        score, n = struct.unpack_from("<fi", data, off)
+        pieces.append(data[off + 8:off + 8 + n])
+        scores.append(score)
+        off += 8 + n
+    return pieces, scores
 
 
 def export_tokenizer(model_path, out_path):

@@ -133,7 +133,7 @@ int main() {
     struct Technique {
         const char* name;
         std::function<void(float*)> run;
-        int tokens;                          // per call
+        int tokens;                    // per call
         const QuantizedTensor *x, *w;  // for the check and the bytes
     };
     const QuantizedTensor &xt = x.t, &wt = w.t, &x4t = x4.t;
