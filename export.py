@@ -357,8 +357,15 @@ def search_clip(X, W, group_size, qmax):
 
 
 def clip_awq(model, windows, group_size, qmax):
-    """search_clip for every matrix of every layer and the classifier (the
-    embedding too, when it is the same table), on the scaled model's inputs."""
+    """search_clip for every matrix of every layer and the classifier, on the
+    scaled model's inputs. A classifier that shares the embedding table is
+    stored apart first: clipped for its inputs, the table would lose rows'
+    outliers the embedding lookup needs. (Held-out perplexity, make quality's
+    text: stories260K 5.370 -> 5.352, the own model 15.776 -> 15.741; it costs
+    vocab x dim / 2 bytes more at int4. The fp32 function is unchanged.)"""
+    if model.args.shared_classifier:
+        model.output.weight = torch.nn.Parameter(model.tok_embeddings.weight.detach().clone())
+        model.args.shared_classifier = False
     inputs, final = layer_inputs(model, windows)
     with torch.no_grad():
         model.output.weight.copy_(search_clip(final, model.output.weight, group_size, qmax))

@@ -46,6 +46,24 @@ def test_scaling_keeps_fp32_logits(name):
     assert ((got - ref).abs() <= bound).all(), ((got - ref).abs() / bound).max().item()
 
 
+def test_clipping_leaves_the_embedding_table():
+    """A shared table is untied before clipping: the lookups keep the exact
+    float32 rows, the classifier is clipped (every value within its row group's
+    old range, some moved), and the header then says so (shared flag 0)."""
+    m = random_model(5, **CONFIGS["gqa"])
+    table = m.tok_embeddings.weight.detach().clone()
+    g = torch.Generator().manual_seed(4)
+    windows = [[1] + torch.randint(3, m.args.vocab_size, (40,), generator=g).tolist() for _ in range(4)]
+    E.progress = lambda *_: None
+    E.clip_awq(m, windows, 8, 7)
+    assert not m.args.shared_classifier
+    assert torch.equal(m.tok_embeddings.weight, table)
+    cls = m.output.weight.detach()
+    assert not torch.equal(cls, table), "some classifier group should have been clipped"
+    assert (cls.abs() <= table.abs().view(-1, 6, 8).amax(2, keepdim=True).expand(-1, 6, 8).reshape(cls.shape)).all()
+    assert E.header_bytes(m.args, 3, 8)[36] == 0  # magic, version, seven ints, then the flag
+
+
 def test_encoder_is_runs(binary, llama_tok):
     """export.encode (calibration text -> ids) against run -m tokenize, on two vocabularies."""
     for tok, model in ((TOK512, STORIES), llama_tok):
