@@ -364,6 +364,7 @@ def clip_awq(model, windows, group_size, qmax):
     text: stories260K 5.370 -> 5.352, the own model 15.776 -> 15.741; it costs
     vocab x dim / 2 bytes more at int4. The fp32 function is unchanged.)"""
     if model.args.shared_classifier:
+        progress("AWQ: storing the classifier apart from the embedding table it shares")
         model.output.weight = torch.nn.Parameter(model.tok_embeddings.weight.detach().clone())
         model.args.shared_classifier = False
     inputs, final = layer_inputs(model, windows)
