@@ -811,7 +811,7 @@ def protobuf_fields(buf):
 
 
 def read_sentencepiece(path):
-    """[(piece bytes, score float32 bytes, type)], bos_id, eos_id."""
+    """[(piece bytes, score, type)], bos_id, eos_id."""
     try:
         with open(path, "rb") as f:
             buf = f.read()
@@ -821,12 +821,12 @@ def read_sentencepiece(path):
     try:
         for field, wire, value in protobuf_fields(buf):
             if field == 1 and wire == 2:
-                piece, score, kind = b"", struct.pack("<f", 0.0), 1
+                piece, score, kind = b"", 0.0, 1
                 for f2, w2, v2 in protobuf_fields(value):
                     if f2 == 1 and w2 == 2:
                         piece = bytes(v2)
                     elif f2 == 2 and w2 == 5:
-                        score = bytes(v2)
+                        score = struct.unpack("<f", v2)[0]
                     elif f2 == 3 and w2 == 0:
                         kind = v2
                 pieces.append((piece, score, kind))
@@ -873,7 +873,7 @@ def read_tokenizer_json(path):
     for r, merge in enumerate(merges):
         left, right = merge.split(" ") if isinstance(merge, str) else merge
         rank.setdefault(left + right, r)
-    pieces = [(p.encode(), struct.pack("<f", -float(rank[p]) if p in rank else 0.0), 1) for p in by_id]
+    pieces = [(p.encode(), -float(rank[p]) if p in rank else 0.0, 1) for p in by_id]
     return pieces, 1, 2
 
 
@@ -914,7 +914,7 @@ def export_tokenizer(model_path, out_path):
         tokens.append((piece.replace("\u2581".encode(), b" "), score))
     if any(not p for p, _ in tokens):
         fail(f"{model_path}: contains an empty piece")
-    write_tokenizer_bin(out_path, [p for p, _ in tokens], [struct.unpack("<f", s)[0] for _, s in tokens])
+    write_tokenizer_bin(out_path, [p for p, _ in tokens], [s for _, s in tokens])
     progress(f"wrote {out_path}: {len(tokens)} tokens, max_token_length {max(len(p) for p, _ in tokens)}")
 
 

@@ -263,7 +263,7 @@ def tokenizer_json_from_model(path, out):
     import export as E
     pieces, _, _ = E.read_sentencepiece(str(path))
     vocab = {p.decode(): i for i, (p, _, _) in enumerate(pieces)}
-    score = [struct.unpack("<f", s)[0] for _, s, _ in pieces]
+    score = [s for _, s, _ in pieces]
     merges = []
     for piece, i in vocab.items():
         if i < 259:
