@@ -1,11 +1,12 @@
 # Build, test and benchmark run.cpp (fp32) and runq.cpp (int8).
 #   make run        build ./run and ./runq (portable), then tell a story with the project's
-#                   own model (trained on first use: models/README.md); PROMPT=... STEPS=...
+#                   own model (committed in models/: models/README.md); PROMPT=... STEPS=...
 #   make            ./run and ./runq with OpenMP, tuned for this CPU (same as `make runomp`)
 #   make test       build every variant and run all tests (installs test packages if missing)
 #   make bench      fp32 against int8: tok/s, GB/s and the machine's memory bandwidth
 #   make bench-kernels  one matmul (int8, then int4): what unrolling, threads and SIMD each buy
 #   make quality    fp32 / int8 / int4 / int4 + AWQ: perplexity, size and speed
+#   make check-model  retrain the own model with train.py and compare it with models/
 # As in llama2.c, run / runfast / runomp / debug all write ./run (and ./runq).
 
 CXX   ?= g++
@@ -15,7 +16,10 @@ CLANG ?= clang++
 PYTHON ?= $(or $(shell for p in python3 /usr/bin/python3; do $$p -c "import torch" 2>/dev/null && { echo $$p; break; }; done),/usr/bin/python3)
 
 # -std=c++17: the language level; -Wall -Wextra: all the usual warnings.
-WARN  = -std=c++17 -Wall -Wextra
+# -ffp-contract=off: never fuse a * b + c behind our back (g++ does by default, clang++
+# within an expression), so every build for one instruction set rounds alike; the
+# fused multiply-adds the kernels want are written out (madd in run.cpp).
+WARN  = -std=c++17 -Wall -Wextra -ffp-contract=off
 # Without -fopenmp the omp pragmas are ignored on purpose: do not warn about them.
 NOOMP = -Wno-unknown-pragmas
 # -O3: full optimisation, including the vectorizer that maps matmul's lanes onto SIMD.
@@ -40,10 +44,10 @@ TOK    ?= models/tinystories-tok.bin
 PROMPT ?= Once upon a time
 STEPS  ?= 256
 
-.PHONY: all run runfast runomp debug test unit e2e bench bench-kernels quality fuzz clean
+.PHONY: all run runfast runomp debug test unit e2e bench bench-kernels quality check-model fuzz clean
 all: runomp
 
-run: $(MODEL) $(TOK)    # portable: any x86-64 or ARM, one thread; then a story
+run:                    # portable: any x86-64 or ARM, one thread; then a story
 	$(CXX) $(WARN) $(NOOMP) $(OPT) -o run run.cpp
 	$(CXX) $(WARN) $(NOOMP) $(OPT) -o runq runq.cpp
 	./run $(MODEL) -z $(TOK) -n $(STEPS) -i "$(PROMPT)"
@@ -61,12 +65,18 @@ tokenizer.bin: export.py $(TOKENIZER_MODEL)
 	@test -n "$(TOKENIZER_MODEL)" || { echo "no tokenizer.model: download Llama 2's and put it here" >&2; exit 1; }
 	$(PYTHON) export.py --tokenizer $(TOKENIZER_MODEL) -o $@
 
-# The project's own model, trained by train.py on ../shared's TinyStories text
-# (about 10 minutes on two cores, the same bytes every time). Like every file
-# derived from ../shared it is generated, never committed; make clean keeps it.
-models/tinystories.bin: train.py | build/.deps-train
-	$(PYTHON) train.py --out-dir models
-models/tinystories-tok.bin models/tinystories-val.txt: models/tinystories.bin ;
+# The project's own model is committed (models/tinystories*.bin, made by train.py:
+# models/README.md). Its held-out text is cut from ../shared's sample when a test needs it.
+models/tinystories-val.txt: train.py
+	$(PYTHON) train.py --val-only --out-dir models
+
+# Retrains the model (about 12 minutes on two idle cores) and compares it with the
+# committed one: the bytes (equal on a machine like the one that made it), and the
+# validation loss against the model card's (within the tolerance the card derives).
+check-model: build/.deps-train
+	@mkdir -p build/retrain
+	$(PYTHON) train.py --out-dir build/retrain | tee build/retrain/train.log
+	$(PYTHON) tests/check_model.py build/retrain
 
 build/.deps-train: tests/install-deps.sh
 	@mkdir -p build
@@ -85,6 +95,12 @@ CXX_debug     = $(CXX)   $(WARN) -Werror $(NOOMP) $(SAN)
 # ARM: cross-compiled for 64-bit ARM with the dot-product instructions, linked
 # statically and run under qemu's user-mode emulation (build/X-arm is a wrapper).
 CXX_arm       = aarch64-linux-gnu-g++ $(WARN) -Werror $(NOOMP) $(OPT) -march=armv8.2-a+dotprod -static
+
+# The unit tests also build for two older x86 instruction sets, so the AVX2-only and
+# AVX-512-without-VNNI kernel branches are compiled and run on a newer CPU as well.
+UNIT_VARIANTS = $(VARIANTS) haswell skx
+CXX_haswell   = $(CXX)   $(WARN) -Werror $(NOOMP) $(OPT) -march=haswell
+CXX_skx       = $(CXX)   $(WARN) -Werror $(NOOMP) $(OPT) -march=skylake-avx512
 
 ARM_WRAPPERS = build/run-arm build/runq-arm build/test_run-arm build/test_runq-arm
 $(ARM_WRAPPERS): %: %.elf
@@ -114,12 +130,16 @@ build/.deps: tests/install-deps.sh
 	@mkdir -p build
 	PYTHON="$(PYTHON)" sh tests/install-deps.sh && touch $@
 
-unit: $(VARIANTS:%=build/test_run-%) $(VARIANTS:%=build/test_runq-%)
-	@for v in $(VARIANTS); do for t in test_run test_runq; do \
+unit: $(UNIT_VARIANTS:%=build/test_run-%) $(UNIT_VARIANTS:%=build/test_runq-%)
+	@for v in $(UNIT_VARIANTS); do for t in test_run test_runq; do \
 	    echo "== $$t $$v"; ./build/$$t-$$v || exit 1; done; done
 
-e2e: build/.deps models/tinystories.bin $(VARIANTS:%=build/run-%) $(VARIANTS:%=build/runq-%) build/tokenize_many
-	RUN_BINARIES="$(VARIANTS:%=build/run-%)" RUNQ_BINARIES="$(VARIANTS:%=build/runq-%)" \
+# Variants that target one instruction set and so must give the same bits
+# (comma-separated groups): the portable x86-64 ones, and the native ones.
+SAME_ISA = gcc,clang-omp,debug gcc-omp,clang
+
+e2e: build/.deps models/tinystories-val.txt $(VARIANTS:%=build/run-%) $(VARIANTS:%=build/runq-%) build/tokenize_many
+	RUN_BINARIES="$(VARIANTS:%=build/run-%)" RUNQ_BINARIES="$(VARIANTS:%=build/runq-%)" SAME_ISA="$(SAME_ISA)" \
 	    $(PYTHON) -m pytest -q tests
 
 test: build/.deps unit e2e build/bench_kernels build/bandwidth  # the benchmarks must at least build
@@ -136,7 +156,7 @@ bench: build/.deps runomp tokenizer.bin build/bandwidth
 
 # fp32, int8, int4 and int4 + AWQ: held-out perplexity, file size and decode speed, for
 # stories260K, the project's own model and MODEL (with TOK) if it is another one
-quality: build/.deps runomp models/tinystories.bin
+quality: build/.deps runomp
 	$(PYTHON) bench/quality.py --model $(MODEL) --tokenizer $(TOK)
 
 build/bench_kernels: bench/kernels.cpp runq.cpp
@@ -181,4 +201,4 @@ fuzz: $(FUZZ_TARGETS:%=build/fuzz-%) build/fuzz/seeds
 	    test $$rc -eq 0 || { tail -40 build/fuzz/$$t.log; exit 1; }; done
 
 clean:
-	rm -rf run runq build tokenizer.bin
+	rm -rf run runq build tokenizer.bin models/tinystories-val.txt

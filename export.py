@@ -12,6 +12,7 @@ temporary name and renamed, so a failed export never leaves a half-written file.
 """
 
 import argparse
+import collections
 import collections.abc
 import glob
 import heapq
@@ -162,11 +163,12 @@ def group_size_for(args, version, wanted=None):
     if version not in (0, 1, 2, 3):
         fail(f"--version {version}: must be 0, 1, 2 or 3")
     if version == 2:
-        return choose_group_size(args, wanted or 64)
+        return choose_group_size(args, 64 if wanted is None else wanted)
     if version == 3:
-        if not 1 <= (wanted or 32) <= MAX_GROUP4:
+        wanted = 32 if wanted is None else wanted
+        if not 1 <= wanted <= MAX_GROUP4:
             fail(f"--group-size {wanted}: version 3 needs 1..{MAX_GROUP4}")
-        return wanted or 32
+        return wanted
     return 0
 
 
@@ -260,9 +262,13 @@ def layer_inputs(model, windows):
     return [{k: torch.cat(v) for k, v in c.items()} for c in captured], torch.cat(final)
 
 
+ScaleSearch = collections.namedtuple("ScaleSearch", "choice s plain_error error")
+
+
 def search_scale(X, weights, group_size, qmax, tie=None):
-    """The AWQ search for one layer group: (the candidate chosen, e.g. "0.35"
-    or "0.35/w", s, relative output error with plain rounding, with s).
+    """The AWQ search for one layer group: a ScaleSearch of the candidate chosen
+    (e.g. "0.35" or "0.35/w"), its scales s, and the relative output error
+    with plain rounding and with s.
     Candidates: s = mean|x|^alpha, and s = mean|x|^alpha / mean|w|^(1 - alpha)
     (|w| relative to its group's largest, so channels whose weights already
     fill the grid are scaled up less), alpha in 0..1 by 0.05. tie = (kv_heads,
@@ -292,7 +298,7 @@ def search_scale(X, weights, group_size, qmax, tie=None):
             plain = err if plain is None else plain
             if best is None or err < best[1]:
                 best = (f"{alpha:.2f}" + "/w" * with_w, err, s)
-    return best[0], best[2], (plain / norm).item(), (best[1] / norm).item()
+    return ScaleSearch(best[0], best[2], (plain / norm).item(), (best[1] / norm).item())
 
 
 def apply_awq(model, windows, group_size, qmax):
@@ -313,7 +319,7 @@ def apply_awq(model, windows, group_size, qmax):
                 "w1/w3": search_scale(X["ffn"], [ffn.w1.weight, ffn.w3.weight], group_size, qmax),
                 "w2": search_scale(X["w2"], [ffn.w2.weight], group_size, qmax),
             }
-            s = {k: v[1] for k, v in found.items()}
+            s = {k: v.s for k, v in found.items()}
             layer.attention_norm.weight /= s["wq/wk/wv"]
             for W in (att.wq.weight, att.wk.weight, att.wv.weight):
                 W *= s["wq/wk/wv"]
@@ -324,10 +330,10 @@ def apply_awq(model, windows, group_size, qmax):
             ffn.w3.weight *= s["w1/w3"]
             ffn.w3.weight /= s["w2"].reshape(-1, 1)
             ffn.w2.weight *= s["w2"]
-            progress(f"  layer {i}: " + "; ".join(f"{k} alpha {v[0]}, error {v[2]:.3g} -> {v[3]:.3g}"
+            progress(f"  layer {i}: " + "; ".join(f"{k} alpha {v.choice}, error {v.plain_error:.3g} -> {v.error:.3g}"
                                                   for k, v in found.items()))
-            total["plain"] += sum(v[2] for v in found.values())
-            total["awq"] += sum(v[3] for v in found.values())
+            total["plain"] += sum(v.plain_error for v in found.values())
+            total["awq"] += sum(v.error for v in found.values())
     n = 4 * len(model.layers)
     progress(f"AWQ: mean relative output error over the {n} layer groups {total['plain'] / n:.3g} with plain "
              f"rounding, {total['awq'] / n:.3g} with the chosen scales")
@@ -378,7 +384,7 @@ def clip_awq(model, windows, group_size, qmax):
                 W.copy_(search_clip(X[key], W, group_size, qmax))
 
 
-def calibration_windows(text_path, tokenizer_path, seq_len, n_tokens):
+def calibration_windows(text_path, tokenizer_path, seq_len, vocab_size, n_tokens):
     """The calibration text's tokens in windows as run reads them (BOS, then up
     to 255 tokens, or seq_len - 1 if shorter), n_tokens in all at most."""
     for p in (text_path, tokenizer_path):
@@ -386,7 +392,7 @@ def calibration_windows(text_path, tokenizer_path, seq_len, n_tokens):
             fail(f"{p}: no such file")
     with open(text_path, encoding="utf-8", errors="replace") as f:
         text = f.read(16 * n_tokens)  # far more characters than tokens needed
-    ids = encode(*read_tokenizer_bin(tokenizer_path), text)[:n_tokens]
+    ids = encode(*read_tokenizer_bin(tokenizer_path, vocab_size), text)[:n_tokens]
     if not ids:
         fail(f"{text_path}: no calibration text")
     T = min(seq_len, 256)
@@ -885,16 +891,37 @@ def write_tokenizer_bin(path, pieces, scores):
     write_atomically(path, chunks)
 
 
-def read_tokenizer_bin(path):
-    """tokenizer.bin -> (pieces as bytes, scores)."""
-    with open(path, "rb") as f:
-        data = f.read()
+def read_tokenizer_bin(path, vocab_size=None):
+    """tokenizer.bin -> (pieces as bytes, scores), checked as run.cpp checks it:
+    a bad file fails with one line. With vocab_size, it must hold exactly that
+    many pieces."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror}")
+    if len(data) < 4:
+        fail(f"{path}: truncated tokenizer header ({len(data)} bytes)")
+    (max_len,) = struct.unpack_from("<i", data, 0)
+    if max_len <= 0:
+        fail(f"{path}: bad max_token_length {max_len}")
     off, pieces, scores = 4, [], []
-    while off < len(data):
+    while off < len(data) and (vocab_size is None or len(pieces) < vocab_size):
+        if len(data) - off < 8:
+            fail(f"{path}: piece {len(pieces)} is cut off after {len(data) - off} bytes")
         score, n = struct.unpack_from("<fi", data, off)
+        if not 0 < n <= max_len:
+            fail(f"{path}: piece {len(pieces)} has length {n} (max_token_length {max_len})")
+        if not math.isfinite(score):
+            fail(f"{path}: piece {len(pieces)} has score {score}")
+        if len(data) - off - 8 < n:
+            fail(f"{path}: piece {len(pieces)} runs past the end of the file")
         pieces.append(data[off + 8:off + 8 + n])
         scores.append(score)
         off += 8 + n
+    if vocab_size is not None and (len(pieces) != vocab_size or off != len(data)):
+        fail(f"{path}: holds {len(pieces)} pieces{' and more bytes' if off != len(data) else ''}, "
+             f"but the model's vocabulary has {vocab_size}")
     return pieces, scores
 
 
@@ -972,7 +999,8 @@ def main():
             lazy, model = model, M.Transformer(model.args)
             model.load_state_dict(dict(lazy.state_dict().items()))
         gs = group_size_for(model.args, a.version, a.group_size)
-        windows = calibration_windows(a.awq, a.awq_tokenizer, model.args.max_seq_len, a.awq_tokens)
+        windows = calibration_windows(a.awq, a.awq_tokenizer, model.args.max_seq_len, model.args.vocab_size,
+                                      a.awq_tokens)
         progress(f"AWQ: calibrating on {sum(len(w) - 1 for w in windows)} tokens of {a.awq}")
         apply_awq(model, windows, gs, 7 if a.version == 3 else 127)
         clip_awq(model, windows, gs, 7 if a.version == 3 else 127)

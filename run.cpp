@@ -26,6 +26,9 @@
 #include <utility>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -148,8 +151,14 @@ struct Config {
     int kv_dim() const { return dim / n_heads * n_kv_heads; }
 };
 
-// The caps are far above any Llama model and keep every size product below 2^63.
-static void validate_config(const Config& c, const char* path) {
+// What is wrong with a header, in words, or "" if nothing is. The caps are far
+// above any Llama model and keep every size product below 2^63.
+static std::string config_problem(const Config& c) {
+    char msg[160];
+    const auto say = [&](const char* fmt, auto... args) {
+        std::snprintf(msg, sizeof msg, fmt, args...);
+        return std::string(msg);
+    };
     struct Field { const char* name; int value, cap; };
     const Field fields[] = {
         {"dim", c.dim, 1 << 16},          {"hidden_dim", c.hidden_dim, 1 << 18},
@@ -158,25 +167,20 @@ static void validate_config(const Config& c, const char* path) {
         {"seq_len", c.seq_len, 1 << 20},
     };
     for (const Field& f : fields)
-        if (f.value <= 0 || f.value > f.cap)
-            fatal("%s: bad header: %s = %d (must be in 1..%d)", path, f.name, f.value, f.cap);
-    if (c.dim % c.n_heads != 0)
-        fatal("%s: bad header: dim %d is not divisible by n_heads %d", path, c.dim, c.n_heads);
-    if (c.head_size() % 2 != 0)
-        fatal("%s: bad header: head size %d is odd (RoPE rotates pairs)", path, c.head_size());
+        if (f.value <= 0 || f.value > f.cap) return say("%s = %d (must be in 1..%d)", f.name, f.value, f.cap);
+    if (c.dim % c.n_heads != 0) return say("dim %d is not divisible by n_heads %d", c.dim, c.n_heads);
+    if (c.head_size() % 2 != 0) return say("head size %d is odd (RoPE rotates pairs)", c.head_size());
     if (c.n_heads % c.n_kv_heads != 0)
-        fatal("%s: bad header: n_heads %d is not divisible by n_kv_heads %d", path, c.n_heads,
-              c.n_kv_heads);
-    if (c.vocab_size < 3)
-        fatal("%s: bad header: vocab_size %d < 3 (needs <unk>, BOS, EOS)", path, c.vocab_size);
-    if (!(c.rope_theta > 0.0f && std::isfinite(c.rope_theta)))
-        fatal("%s: bad header: rope_theta %g", path, c.rope_theta);
-    if (!(c.norm_eps > 0.0f && std::isfinite(c.norm_eps)))
-        fatal("%s: bad header: norm_eps %g", path, c.norm_eps);
+        return say("n_heads %d is not divisible by n_kv_heads %d", c.n_heads, c.n_kv_heads);
+    if (c.vocab_size < 3) return say("vocab_size %d < 3 (needs <unk>, BOS, EOS)", c.vocab_size);
+    if (!(c.rope_theta > 0.0f && std::isfinite(c.rope_theta))) return say("rope_theta %g", c.rope_theta);
+    if (!(c.norm_eps > 0.0f && std::isfinite(c.norm_eps))) return say("norm_eps %g", c.norm_eps);
+    return "";
 }
 
 // Files people mistake for checkpoints, by their first bytes: a name for the
-// error message, or nullptr.
+// error message, or nullptr. Asked only about files whose header is not valid:
+// a version 0 file with dim 640 starts with the bytes 80 02 00 00, as a pickle does.
 static const char* foreign_format(const uint8_t* data, size_t size) {
     if (size >= 4 && std::memcmp(data, "GGUF", 4) == 0) return "a GGUF file (llama.cpp)";
     if (size >= 4 && std::memcmp(data, "PK\3\4", 4) == 0) return "a zip archive (a PyTorch .pt/.pth file?)";
@@ -190,8 +194,10 @@ static const char* foreign_format(const uint8_t* data, size_t size) {
 static Config read_config(const MappedFile& f, const char* path) {
     const uint8_t* data = f.data();
     const size_t size = f.size();
-    if (const char* kind = foreign_format(data, size))
-        fatal("%s is %s, not a llama2.c checkpoint: convert it with export.py", path, kind);
+    const auto refuse_foreign = [&] {
+        if (const char* kind = foreign_format(data, size))
+            fatal("%s is %s, not a llama2.c checkpoint: convert it with export.py", path, kind);
+    };
     Config c{};
     int32_t h[7];
     if (size >= 4 && read_at<uint32_t>(data, 0) == kMagic) {
@@ -209,7 +215,10 @@ static Config read_config(const MappedFile& f, const char* path) {
         c.norm_eps = read_at<float>(data, 68);
         c.header_bytes = kHeaderBytes;
     } else {
-        if (size < kLegacyHeaderBytes) fatal("%s: truncated header (%zu bytes)", path, size);
+        if (size < kLegacyHeaderBytes) {
+            refuse_foreign();
+            fatal("%s: truncated header (%zu bytes)", path, size);
+        }
         for (int i = 0; i < 7; i++) h[i] = read_at<int32_t>(data, 4 * i);
         // the sign of vocab_size says whether the classifier is shared
         c.shared_classifier = h[5] > 0;
@@ -221,16 +230,34 @@ static Config read_config(const MappedFile& f, const char* path) {
     c.n_kv_heads = h[4], c.seq_len = h[6];
     if (c.rope_theta == 0.0f) c.rope_theta = 10000.0f;
     if (c.norm_eps == 0.0f) c.norm_eps = 1e-5f;
-    validate_config(c, path);
-    return c;
+    const std::string problem = config_problem(c);
+    if (problem.empty()) return c;
+    if (c.version == 0) refuse_foreign();
+    fatal("%s: bad header: %s", path, problem.c_str());
 }
 
-// The run state for `positions` (mostly the KV cache) must fit in this
-// machine's memory once filled: refused up front, with what to do about it.
+// The memory this process may use, in bytes: the machine's RAM, or less if a
+// container's cgroup limits it (v2's memory.max, v1's memory.limit_in_bytes,
+// under cgroup_root; "max" or a huge number means no limit).
+static double memory_limit(const char* cgroup_root) {
+    double limit = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE);
+    for (const char* file : {"memory.max", "memory/memory.limit_in_bytes"}) {
+        const std::string path = std::string(cgroup_root) + "/" + file;
+        if (std::FILE* f = std::fopen(path.c_str(), "r")) {
+            double bytes;
+            if (std::fscanf(f, "%lf", &bytes) == 1 && bytes > 0) limit = limit > 0 ? std::min(limit, bytes) : bytes;
+            std::fclose(f);
+        }
+    }
+    return limit;
+}
+
+// The run state for `positions` (mostly the KV cache) must fit in the memory
+// this process may use once filled: refused up front, with what to do about it.
 static void check_fits_in_memory(uint64_t bytes, int positions) {
-    const double gb = bytes / 1e9, ram = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE) / 1e9;
+    const double gb = bytes / 1e9, ram = memory_limit("/sys/fs/cgroup") / 1e9;
     if (ram > 0 && gb > ram)
-        fatal("the KV cache for %d positions needs %.1f GB, more than this machine's %.1f GB: ask for fewer with -n",
+        fatal("the KV cache for %d positions needs %.1f GB, more than the %.1f GB this process may use: ask for fewer with -n",
               positions, gb, ram);
 }
 
@@ -396,6 +423,16 @@ static double now_seconds() {
     using namespace std::chrono;
     return duration<double>(steady_clock::now().time_since_epoch()).count();
 }
+// The threads the parallel loops use: OMP_NUM_THREADS, else one per core; 1
+// in a build without OpenMP.
+static int threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
 struct Stopwatch {
     double& total;
     const double start = now_seconds();
@@ -420,9 +457,11 @@ static inline float hsum16(const f32x16& v) {
 }
 
 // a * b + c: one rounding where the CPU has a fused multiply-add, else two.
-// Explicit, because the compiler may fuse a * b + c in one inlined copy of a
-// loop and not in another, and then a result would depend on the call site.
-// g++ announces the instruction with FP_FAST_FMAF, clang++ only with __FMA__.
+// Written out because the Makefile turns off the compiler's own fusing
+// (-ffp-contract=off): left to itself, g++ fuses a * b + c in one inlined copy of
+// a loop and not in another, and clang++ only within one expression, so results
+// would depend on the compiler and the call site. g++ announces the
+// instruction with FP_FAST_FMAF, clang++ only with __FMA__.
 #if defined(FP_FAST_FMAF) || defined(__FMA__)
 #define HAS_FMA 1
 #endif
@@ -431,6 +470,15 @@ static inline float madd(float a, float b, float c) {
     return std::fma(a, b, c);
 #else
     return a * b + c;
+#endif
+}
+// madd on each of sixteen lanes (the compilers turn the loop into one vector
+// fused multiply-add per register).
+static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
+#ifdef HAS_FMA
+    for (int k = 0; k < 16; k++) acc[k] = std::fma(a[k], b[k], acc[k]);
+#else
+    acc += a * b;
 #endif
 }
 
@@ -452,7 +500,7 @@ static inline void dot_tile(const float* w, const float* x, int n, float* out, i
         for (int r = 0; r < R; r++) {
             f32x16 wj;
             load16(wj, w + (size_t)r * n + j);
-            for (int t = 0; t < T; t++) lane[r][t] += wj * xj[t];
+            for (int t = 0; t < T; t++) madd16(lane[r][t], wj, xj[t]);
         }
     }
     for (int r = 0; r < R; r++)
@@ -549,7 +597,7 @@ static void attention(RunState& s, const Config& c, int l, int pos, int n) {
         std::fill(out, out + head_size, 0.0f);
         for (int t = 0; t <= last; t++) {
             const float* vt = v_layer + (size_t)t * kv_dim + kv_off;
-            for (int i = 0; i < head_size; i++) out[i] += att[t] * vt[i];
+            for (int i = 0; i < head_size; i++) out[i] = madd(att[t], vt[i], out[i]);
         }
     }
 }
@@ -595,8 +643,10 @@ static void matmul_tile(float* out, const float* x, const float* w, int n, int d
     int b = 0;
     if (end - i == 4)  // four rows by four tokens
         for (; b + 4 <= nb; b += 4) dot_tile<4, 4>(w + (size_t)i * n, x + (size_t)b * n, n, out + (size_t)b * d + i, d);
-    // the tokens left over (all of them when generating) one row at a time: streaming
-    // one row is faster than four side by side when the weights come from memory
+    // the tokens left over (all of them when generating) one row at a time: a row
+    // is one long sequential read the hardware prefetcher follows, and its 16
+    // lanes of sums already hide the add latency (runq's 4-bit groups are too
+    // short for that, and go four rows side by side: see its matmul_rows)
     for (int r = i; r < end; r++)
         for (int c = b; c < nb; c++)
             dot_tile<1, 1>(w + (size_t)r * n, x + (size_t)c * n, n, out + (size_t)c * d + r, d);
@@ -723,6 +773,11 @@ struct Tokenizer {
     std::vector<float> scores;         // id -> merge priority (higher first)
     std::unordered_map<std::string_view, int> ids;  // piece -> id, normal pieces only
     bool byte_fallback = false;        // ids 3..258 are the 256 byte pieces
+    Tokenizer() = default;
+    Tokenizer(Tokenizer&&) = default;  // a moved vector keeps its strings where they are
+    Tokenizer& operator=(Tokenizer&&) = default;
+    Tokenizer(const Tokenizer&) = delete;  // a copy's ids would point into the original's vocab
+    Tokenizer& operator=(const Tokenizer&) = delete;
 };
 
 static Tokenizer load_tokenizer(const char* path, int vocab_size) {
@@ -1080,10 +1135,10 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
     // The prompt's forward passes yield the first new token; each later
     // forward yields one more, so generation speed counts generated - 1.
     const double end = now_seconds(), elapsed = std::max(end - prompt_done, 1e-9);
-    std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s (%.0f%% matmuls, %.0f%% attention)\n",
+    std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s (%.0f%% matmuls, %.0f%% attention), %d threads\n",
                  n_prompt, n_prompt / std::max(prompt_done - start, 1e-9), generated,
                  std::max(generated - 1, 0) / elapsed, 100 * (tr.matmul_seconds - prompt_matmul) / elapsed,
-                 100 * (tr.attention_seconds - prompt_att) / elapsed);
+                 100 * (tr.attention_seconds - prompt_att) / elapsed, threads());
 }
 
 // Perplexity of a text: exp of the mean negative log-likelihood of each token

@@ -32,6 +32,9 @@
 #include <utility>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -160,8 +163,14 @@ struct Config {
     int kv_dim() const { return dim / n_heads * n_kv_heads; }
 };
 
-// The caps are far above any Llama model and keep every size product below 2^63.
-static void validate_config(const Config& c, const char* path) {
+// What is wrong with a header, in words, or "" if nothing is. The caps are far
+// above any Llama model and keep every size product below 2^63.
+static std::string config_problem(const Config& c) {
+    char msg[160];
+    const auto say = [&](const char* fmt, auto... args) {
+        std::snprintf(msg, sizeof msg, fmt, args...);
+        return std::string(msg);
+    };
     struct Field { const char* name; int value, cap; };
     const Field fields[] = {
         {"dim", c.dim, 1 << 16},          {"hidden_dim", c.hidden_dim, 1 << 18},
@@ -170,25 +179,20 @@ static void validate_config(const Config& c, const char* path) {
         {"seq_len", c.seq_len, 1 << 20},
     };
     for (const Field& f : fields)
-        if (f.value <= 0 || f.value > f.cap)
-            fatal("%s: bad header: %s = %d (must be in 1..%d)", path, f.name, f.value, f.cap);
-    if (c.dim % c.n_heads != 0)
-        fatal("%s: bad header: dim %d is not divisible by n_heads %d", path, c.dim, c.n_heads);
-    if (c.head_size() % 2 != 0)
-        fatal("%s: bad header: head size %d is odd (RoPE rotates pairs)", path, c.head_size());
+        if (f.value <= 0 || f.value > f.cap) return say("%s = %d (must be in 1..%d)", f.name, f.value, f.cap);
+    if (c.dim % c.n_heads != 0) return say("dim %d is not divisible by n_heads %d", c.dim, c.n_heads);
+    if (c.head_size() % 2 != 0) return say("head size %d is odd (RoPE rotates pairs)", c.head_size());
     if (c.n_heads % c.n_kv_heads != 0)
-        fatal("%s: bad header: n_heads %d is not divisible by n_kv_heads %d", path, c.n_heads,
-              c.n_kv_heads);
-    if (c.vocab_size < 3)
-        fatal("%s: bad header: vocab_size %d < 3 (needs <unk>, BOS, EOS)", path, c.vocab_size);
-    if (!(c.rope_theta > 0.0f && std::isfinite(c.rope_theta)))
-        fatal("%s: bad header: rope_theta %g", path, c.rope_theta);
-    if (!(c.norm_eps > 0.0f && std::isfinite(c.norm_eps)))
-        fatal("%s: bad header: norm_eps %g", path, c.norm_eps);
+        return say("n_heads %d is not divisible by n_kv_heads %d", c.n_heads, c.n_kv_heads);
+    if (c.vocab_size < 3) return say("vocab_size %d < 3 (needs <unk>, BOS, EOS)", c.vocab_size);
+    if (!(c.rope_theta > 0.0f && std::isfinite(c.rope_theta))) return say("rope_theta %g", c.rope_theta);
+    if (!(c.norm_eps > 0.0f && std::isfinite(c.norm_eps))) return say("norm_eps %g", c.norm_eps);
+    return "";
 }
 
 // Files people mistake for checkpoints, by their first bytes: a name for the
-// error message, or nullptr.
+// error message, or nullptr. Asked only about files whose header is not valid:
+// a version 0 file with dim 640 starts with the bytes 80 02 00 00, as a pickle does.
 static const char* foreign_format(const uint8_t* data, size_t size) {
     if (size >= 4 && std::memcmp(data, "GGUF", 4) == 0) return "a GGUF file (llama.cpp)";
     if (size >= 4 && std::memcmp(data, "PK\3\4", 4) == 0) return "a zip archive (a PyTorch .pt/.pth file?)";
@@ -202,8 +206,10 @@ static const char* foreign_format(const uint8_t* data, size_t size) {
 static Config read_config(const MappedFile& f, const char* path) {
     const uint8_t* data = f.data();
     const size_t size = f.size();
-    if (const char* kind = foreign_format(data, size))
-        fatal("%s is %s, not a llama2.c checkpoint: convert it with export.py", path, kind);
+    const auto refuse_foreign = [&] {
+        if (const char* kind = foreign_format(data, size))
+            fatal("%s is %s, not a llama2.c checkpoint: convert it with export.py", path, kind);
+    };
     Config c{};
     int32_t h[7];
     if (size >= 4 && read_at<uint32_t>(data, 0) == kMagic) {
@@ -221,7 +227,10 @@ static Config read_config(const MappedFile& f, const char* path) {
         c.norm_eps = read_at<float>(data, 68);
         c.header_bytes = kHeaderBytes;
     } else {
-        if (size < kLegacyHeaderBytes) fatal("%s: truncated header (%zu bytes)", path, size);
+        if (size < kLegacyHeaderBytes) {
+            refuse_foreign();
+            fatal("%s: truncated header (%zu bytes)", path, size);
+        }
         for (int i = 0; i < 7; i++) h[i] = read_at<int32_t>(data, 4 * i);
         // the sign of vocab_size says whether the classifier is shared
         c.shared_classifier = h[5] > 0;
@@ -233,16 +242,34 @@ static Config read_config(const MappedFile& f, const char* path) {
     c.n_kv_heads = h[4], c.seq_len = h[6];
     if (c.rope_theta == 0.0f) c.rope_theta = 10000.0f;
     if (c.norm_eps == 0.0f) c.norm_eps = 1e-5f;
-    validate_config(c, path);
-    return c;
+    const std::string problem = config_problem(c);
+    if (problem.empty()) return c;
+    if (c.version == 0) refuse_foreign();
+    fatal("%s: bad header: %s", path, problem.c_str());
 }
 
-// The run state for `positions` (mostly the KV cache) must fit in this
-// machine's memory once filled: refused up front, with what to do about it.
+// The memory this process may use, in bytes: the machine's RAM, or less if a
+// container's cgroup limits it (v2's memory.max, v1's memory.limit_in_bytes,
+// under cgroup_root; "max" or a huge number means no limit).
+static double memory_limit(const char* cgroup_root) {
+    double limit = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE);
+    for (const char* file : {"memory.max", "memory/memory.limit_in_bytes"}) {
+        const std::string path = std::string(cgroup_root) + "/" + file;
+        if (std::FILE* f = std::fopen(path.c_str(), "r")) {
+            double bytes;
+            if (std::fscanf(f, "%lf", &bytes) == 1 && bytes > 0) limit = limit > 0 ? std::min(limit, bytes) : bytes;
+            std::fclose(f);
+        }
+    }
+    return limit;
+}
+
+// The run state for `positions` (mostly the KV cache) must fit in the memory
+// this process may use once filled: refused up front, with what to do about it.
 static void check_fits_in_memory(uint64_t bytes, int positions) {
-    const double gb = bytes / 1e9, ram = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE) / 1e9;
+    const double gb = bytes / 1e9, ram = memory_limit("/sys/fs/cgroup") / 1e9;
     if (ram > 0 && gb > ram)
-        fatal("the KV cache for %d positions needs %.1f GB, more than this machine's %.1f GB: ask for fewer with -n",
+        fatal("the KV cache for %d positions needs %.1f GB, more than the %.1f GB this process may use: ask for fewer with -n",
               positions, gb, ram);
 }
 
@@ -484,6 +511,16 @@ static double now_seconds() {
     using namespace std::chrono;
     return duration<double>(steady_clock::now().time_since_epoch()).count();
 }
+// The threads the parallel loops use: OMP_NUM_THREADS, else one per core; 1
+// in a build without OpenMP.
+static int threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
 struct Stopwatch {
     double& total;
     const double start = now_seconds();
@@ -508,9 +545,11 @@ static inline float hsum16(const f32x16& v) {
 }
 
 // a * b + c: one rounding where the CPU has a fused multiply-add, else two.
-// Explicit, because the compiler may fuse a * b + c in one inlined copy of a
-// loop and not in another, and then a result would depend on the call site.
-// g++ announces the instruction with FP_FAST_FMAF, clang++ only with __FMA__.
+// Written out because the Makefile turns off the compiler's own fusing
+// (-ffp-contract=off): left to itself, g++ fuses a * b + c in one inlined copy of
+// a loop and not in another, and clang++ only within one expression, so results
+// would depend on the compiler and the call site. g++ announces the
+// instruction with FP_FAST_FMAF, clang++ only with __FMA__.
 #if defined(FP_FAST_FMAF) || defined(__FMA__)
 #define HAS_FMA 1
 #endif
@@ -519,6 +558,15 @@ static inline float madd(float a, float b, float c) {
     return std::fma(a, b, c);
 #else
     return a * b + c;
+#endif
+}
+// madd on each of sixteen lanes (the compilers turn the loop into one vector
+// fused multiply-add per register).
+static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
+#ifdef HAS_FMA
+    for (int k = 0; k < 16; k++) acc[k] = std::fma(a[k], b[k], acc[k]);
+#else
+    acc += a * b;
 #endif
 }
 
@@ -540,7 +588,7 @@ static inline void dot_tile(const float* w, const float* x, int n, float* out, i
         for (int r = 0; r < R; r++) {
             f32x16 wj;
             load16(wj, w + (size_t)r * n + j);
-            for (int t = 0; t < T; t++) lane[r][t] += wj * xj[t];
+            for (int t = 0; t < T; t++) madd16(lane[r][t], wj, xj[t]);
         }
     }
     for (int r = 0; r < R; r++)
@@ -637,7 +685,7 @@ static void attention(RunState& s, const Config& c, int l, int pos, int n) {
         std::fill(out, out + head_size, 0.0f);
         for (int t = 0; t <= last; t++) {
             const float* vt = v_layer + (size_t)t * kv_dim + kv_off;
-            for (int i = 0; i < head_size; i++) out[i] += att[t] * vt[i];
+            for (int i = 0; i < head_size; i++) out[i] = madd(att[t], vt[i], out[i]);
         }
     }
 }
@@ -685,8 +733,37 @@ static void dequantize(const QuantizedTensor& qx, float* x, int n) {
     for (int j = 0; j < n; j++) x[j] = (qx.bits == 4 ? nibble(qx.q, j) : qx.q[j]) * qx.s[j / qx.group_size];
 }
 
-// dot_i8: sum of a[i] * b[i] over n int8 pairs, exact in int32 (|sum| < 2^31
-// for n <= 2^17). The x86 SIMD paths widen int8 to int16 and multiply-add
+// The float side of one group, shared by both matmuls so that they round
+// alike (madd: an explicit fused multiply-add where the CPU has one).
+static inline float add_group(float acc, int32_t dot, float sx, float sw) {
+    return madd((float)dot * sx, sw, acc);
+}
+
+// matmul_reference: out[b, i] = sum over groups g of dot(x_bg, w_ig) * sx_bg * sw_ig
+// for each of the nb tokens b: the plain loops, kept as the specification of
+// matmul (the tests use it). Weights of 8 or 4 bits; groups as in quantize.
+[[maybe_unused]] static void matmul_reference(float* out, const QuantizedTensor& x, const QuantizedTensor& w,
+                                              int n, int d, int nb) {
+    const int gs = w.group_size, groups = w.groups(n);
+    for (int b = 0; b < nb; b++)
+        for (int i = 0; i < d; i++) {
+            const QuantizedTensor xb = x.row(b, n), wi = w.row(i, n);
+            float acc = 0.0f;
+            for (int g = 0; g < groups; g++) {
+                int32_t dot = 0;
+                for (int j = g * gs; j < std::min(n, (g + 1) * gs); j++)
+                    dot += (int32_t)xb.q[j] * (w.bits == 4 ? nibble(wi.q, j) : wi.q[j]);
+                acc = add_group(acc, dot, xb.s[g], wi.s[g]);
+            }
+            out[(size_t)b * d + i] = acc;
+        }
+}
+
+// ---- The fast path: the same sums, exactly, with SIMD. ----
+
+// dot_i8: sum of a[i] * b[i] over n int8 pairs, exact in int32 for n < 2^17:
+// each |a[i] b[i]| <= 2^14, so 2^17 products of -128 * -128 would reach 2^31.
+// Groups are far shorter (version 2: group_size <= dim <= 2^16; version 3: <= 256). The x86 SIMD paths widen int8 to int16 and multiply-add
 // adjacent pairs into int32 lanes; ARM's dot-product instruction adds four
 // int8 products into each int32 lane; the portable loop finishes what they leave.
 // (AVX-512 VNNI's vpdpbusd does not pay here: see dot_i8_x4.)
@@ -881,7 +958,7 @@ static inline int32_t dot_i4(const int8_t* row, int first, const int8_t* x, int 
 }
 
 #if defined(__AVX512VNNI__) && defined(HAS_FMA)
-// 4-bit weights in groups of 32, four groups at a time: 64 bytes of a row hold
+// 4-bit weights in groups of kQuad = 32, four groups at a time: 64 bytes of a row hold
 // groups g .. g + 3, one per 128-bit block. Split into nibbles and interleaved
 // within the block, they give a group's values 0-15 (unpacklo) and 16-31
 // (unpackhi), so x's 128 values are gathered to match (X4: a, b). The nibbles
@@ -890,6 +967,8 @@ static inline int32_t dot_i4(const int8_t* row, int first, const int8_t* x, int 
 struct X4 {
     __m512i a, b, minus8sum;
 };
+constexpr int kQuad = 32;            // the group size these kernels take
+constexpr int kQuadValues = 4 * kQuad;  // values in four groups: 64 bytes of 4-bit weights
 static inline X4 x4_of(const int8_t* x) {
     const __m512i x01 = _mm512_loadu_si512(x), x23 = _mm512_loadu_si512(x + 64), k8 = _mm512_set1_epi8(8);
     X4 v;  // (maskz forms for GCC 12's warnings, as in fold_16_to_8)
@@ -917,7 +996,7 @@ static inline __m512 scales4x4(const float* const p[4], int g) {
     v = _mm512_insertf32x4(v, _mm_loadu_ps(p[3] + g), 3);
     return _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), v);
 }
-// add_group (below) for four sums at once: lane l of acc takes groups k = 0..3
+// add_group (above) for four sums at once: lane l of acc takes groups k = 0..3
 // in order, from lane l of block k of dots, sx and sw. The same multiply and
 // fused multiply-add per lane, so the same result.
 static inline __m128 add_groups4(__m128 acc, __m512i dots, __m512 sx, __m512 sw) {
@@ -930,32 +1009,6 @@ static inline __m128 add_groups4(__m128 acc, __m512i dots, __m512 sx, __m512 sw)
 }
 #endif
 
-// The float side of one group, shared by both matmuls so that they round
-// alike (madd: an explicit fused multiply-add where the CPU has one).
-static inline float add_group(float acc, int32_t dot, float sx, float sw) {
-    return madd((float)dot * sx, sw, acc);
-}
-
-// matmul_reference: out[b, i] = sum over groups g of dot(x_bg, w_ig) * sx_bg * sw_ig
-// for each of the nb tokens b: the plain loops, kept as the specification of
-// matmul (the tests use it). Weights of 8 or 4 bits; groups as in quantize.
-[[maybe_unused]] static void matmul_reference(float* out, const QuantizedTensor& x, const QuantizedTensor& w,
-                                              int n, int d, int nb) {
-    const int gs = w.group_size, groups = w.groups(n);
-    for (int b = 0; b < nb; b++)
-        for (int i = 0; i < d; i++) {
-            const QuantizedTensor xb = x.row(b, n), wi = w.row(i, n);
-            float acc = 0.0f;
-            for (int g = 0; g < groups; g++) {
-                int32_t dot = 0;
-                for (int j = g * gs; j < std::min(n, (g + 1) * gs); j++)
-                    dot += (int32_t)xb.q[j] * (w.bits == 4 ? nibble(wi.q, j) : wi.q[j]);
-                acc = add_group(acc, dot, xb.s[g], wi.s[g]);
-            }
-            out[(size_t)b * d + i] = acc;
-        }
-}
-
 // matmul_rows: rows begin .. end - 1 (a tile: at most four) of
 // matmul_reference's result exactly, faster. GS is the group size fixed at
 // compile time (so the group's loop unrolls completely), or 0 to read it from
@@ -965,10 +1018,20 @@ static inline float add_group(float acc, int32_t dot, float sx, float sw) {
 // tile's rows. A row's result does not depend on nb. 4-bit weights: one token's
 // dot products unpack them in registers (dot_i4); four tokens' unpack each
 // group to int8 once (on the stack: at most kMaxGroup4 values) and take the
-// int8 path. With AVX-512 VNNI, 4-bit groups of 32 go four at a time for four
-// (row, token) pairs, so that four running sums advance together where one
-// would wait on each fused multiply-add: one row with four tokens, or the
-// tile's four rows with one token.
+// int8 path.
+//
+// One row at a time or several side by side? A row is one long sequential
+// read, which the hardware prefetcher follows well; that is enough when a
+// group's work is long (int8, fp32 in run.cpp). A 4-bit group of 32 is only 16
+// bytes, and one row's running sum would wait on each group's fused
+// multiply-add: there (with AVX-512 VNNI) groups go four at a time for four
+// (row, token) pairs, so four running sums advance together, one row with four
+// tokens or the tile's four rows with one token. Four rows side by side are
+// eight short streams (values and scales) that the prefetcher does not follow,
+// so each step asks for the same bytes kPrefetchRows rows on (two tiles) into L2.
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
+constexpr int kPrefetchRows = 8;
+#endif
 template <int GS>
 static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
                         int begin, int end) {
@@ -977,7 +1040,8 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
     QuantizedTensor row[4];  // the tile's rows; missing ones repeat the first (computed, never stored)
     for (int r = 0; r < 4; r++) row[r] = w.row(begin + (r < rows ? r : 0), n);
 #if defined(__AVX512VNNI__) && defined(HAS_FMA)
-    const int by4 = GS == 32 && w.bits == 4 ? 4 * (n / 128) : 0;  // the groups taken four at a time
+    // the groups taken four at a time (a multiple of 4), the rest one by one
+    const int quad_groups = GS == kQuad && w.bits == 4 ? 4 * (n / kQuadValues) : 0;
 #endif
     alignas(64) int8_t unpacked[kMaxGroup4];
     int b = 0;
@@ -989,12 +1053,13 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             int g = 0;
 #if defined(__AVX512VNNI__) && defined(HAS_FMA)
-            if (by4) {
+            if (quad_groups) {
                 const float* ws[4] = {row[r].s, row[r].s, row[r].s, row[r].s};
                 __m128 acc4 = _mm_setzero_ps();
-                for (; g < by4; g += 4) {
+                for (; g < quad_groups; g += 4) {
                     __m512i lanes[4];
-                    for (int t = 0; t < 4; t++) lanes[t] = dot_i4_lanes(row[r].q + g * 16, x4_of(xq + (size_t)t * n + g * 32));
+                    for (int t = 0; t < 4; t++)
+                        lanes[t] = dot_i4_lanes(row[r].q + g * kQuad / 2, x4_of(xq + (size_t)t * n + g * kQuad));
                     acc4 = add_groups4(acc4, sum_lanes4(lanes), scales4x4(xs, g), scales4x4(ws, g));
                 }
                 _mm_storeu_ps(acc, acc4);
@@ -1021,20 +1086,18 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         int g = 0;
 #if defined(__AVX512VNNI__) && defined(HAS_FMA)
-        if (by4) {
-            // Four rows read side by side are eight short streams (values and
-            // scales) that the hardware prefetcher does not follow: without help
-            // this loop ran at half its in-cache speed. Each step asks for the
-            // same bytes two tiles on, into L2.
+        if (quad_groups) {
+            QuantizedTensor ahead[4];  // the rows to prefetch, clamped to the matrix's last
+            for (int r = 0; r < 4; r++) ahead[r] = w.row(std::min(begin + r + kPrefetchRows, d - 1), n);
             const float *xs4[4] = {xs, xs, xs, xs}, *ws[4] = {row[0].s, row[1].s, row[2].s, row[3].s};
             __m128 acc4 = _mm_setzero_ps();
-            for (; g < by4; g += 4) {
-                const X4 xg = x4_of(xq + g * 32);
+            for (; g < quad_groups; g += 4) {
+                const X4 xg = x4_of(xq + g * kQuad);
                 __m512i lanes[4];
                 for (int r = 0; r < 4; r++) {
-                    lanes[r] = dot_i4_lanes(row[r].q + g * 16, xg);
-                    _mm_prefetch((const char*)(row[r].q + 8 * w.row_bytes(n) + g * 16), _MM_HINT_T1);
-                    _mm_prefetch((const char*)(row[r].s + 8 * groups + g), _MM_HINT_T1);
+                    lanes[r] = dot_i4_lanes(row[r].q + g * kQuad / 2, xg);
+                    _mm_prefetch((const char*)(ahead[r].q + g * kQuad / 2), _MM_HINT_T1);
+                    _mm_prefetch((const char*)(ahead[r].s + g), _MM_HINT_T1);
                 }
                 acc4 = add_groups4(acc4, sum_lanes4(lanes), scales4x4(xs4, g), scales4x4(ws, g));
             }
@@ -1196,6 +1259,11 @@ struct Tokenizer {
     std::vector<float> scores;         // id -> merge priority (higher first)
     std::unordered_map<std::string_view, int> ids;  // piece -> id, normal pieces only
     bool byte_fallback = false;        // ids 3..258 are the 256 byte pieces
+    Tokenizer() = default;
+    Tokenizer(Tokenizer&&) = default;  // a moved vector keeps its strings where they are
+    Tokenizer& operator=(Tokenizer&&) = default;
+    Tokenizer(const Tokenizer&) = delete;  // a copy's ids would point into the original's vocab
+    Tokenizer& operator=(const Tokenizer&) = delete;
 };
 
 static Tokenizer load_tokenizer(const char* path, int vocab_size) {
@@ -1553,10 +1621,10 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
     // The prompt's forward passes yield the first new token; each later
     // forward yields one more, so generation speed counts generated - 1.
     const double end = now_seconds(), elapsed = std::max(end - prompt_done, 1e-9);
-    std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s (%.0f%% matmuls, %.0f%% attention)\n",
+    std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s (%.0f%% matmuls, %.0f%% attention), %d threads\n",
                  n_prompt, n_prompt / std::max(prompt_done - start, 1e-9), generated,
                  std::max(generated - 1, 0) / elapsed, 100 * (tr.matmul_seconds - prompt_matmul) / elapsed,
-                 100 * (tr.attention_seconds - prompt_att) / elapsed);
+                 100 * (tr.attention_seconds - prompt_att) / elapsed, threads());
 }
 
 // Perplexity of a text: exp of the mean negative log-likelihood of each token

@@ -69,6 +69,10 @@ def read_stories(path):
     return train, val
 
 
+def write_val(path, val_stories):
+    export.write_atomically(path, [(SEPARATOR.join(val_stories) + "\n").encode("utf-8")])
+
+
 # ----------------------------------------------------------------------------
 # Tokenizer: byte-fallback BPE, in the format and with the encoding rule of
 # run.cpp: the text gets a leading space, every character becomes its piece
@@ -228,10 +232,16 @@ def main():
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=2, help="fixed so reruns are bit-identical (default 2)")
+    ap.add_argument("--val-only", action="store_true",
+                    help="only write OUT_DIR/tinystories-val.txt (the tests' held-out text) and stop")
     a = ap.parse_args()
     if not os.path.isfile(a.text):
         sys.exit(f"train.py: {a.text}: no such file")
     os.makedirs(a.out_dir, exist_ok=True)
+    val_path = os.path.join(a.out_dir, "tinystories-val.txt")
+    if a.val_only:
+        write_val(val_path, read_stories(a.text)[1])
+        return
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     rng = np.random.default_rng(a.seed)
@@ -286,11 +296,10 @@ def main():
 
     model.eval()
     val, count = validation_loss(model, val_ids, T)
-    ckpt, tok_path, val_path = (os.path.join(a.out_dir, f) for f in
-                                ("tinystories.bin", "tinystories-tok.bin", "tinystories-val.txt"))
+    ckpt, tok_path = (os.path.join(a.out_dir, f) for f in ("tinystories.bin", "tinystories-tok.bin"))
     export.write_checkpoint(model, ckpt, 0)
     tok.write(tok_path)
-    export.write_atomically(val_path, [(SEPARATOR.join(val_stories) + "\n").encode("utf-8")])
+    write_val(val_path, val_stories)
     print(f"final validation loss {val:.4f} nats per token (perplexity {math.exp(val):.3f}) over {count} tokens; "
           f"{time.time() - start:.0f} s in all", flush=True)
 

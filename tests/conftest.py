@@ -28,6 +28,18 @@ BINARIES = os.environ.get("RUN_BINARIES", "run").split()
 QBINARIES = os.environ.get("RUNQ_BINARIES", "runq").split()
 
 
+# The builds whose loops run on several threads: under `make test` the OpenMP
+# variants (named *-omp); by hand, ./run and ./runq as `make` builds them.
+def threaded(binaries):
+    return [b for b in binaries if "-omp" in Path(b).name] if "RUN_BINARIES" in os.environ else binaries
+
+
+def assert_threads(p, n):
+    """The speed report of a generation says it ran on n threads."""
+    err = p.stderr.decode()
+    assert f", {n} threads\n" in err, f"expected {n} threads (a build without OpenMP?): {err!r}"
+
+
 def binary_id(b):
     return Path(b).name
 
@@ -96,6 +108,14 @@ class Engine:
                 ids=lambda p: binary_id(p[0]))
 def engine(request, stories_q8):
     """Each build of both engines: the command line must behave the same in all."""
+    b, quantized = request.param
+    return Engine(existing(b), quantized, stories_q8 if quantized else STORIES)
+
+
+@pytest.fixture(params=[(b, False) for b in threaded(BINARIES)] + [(b, True) for b in threaded(QBINARIES)],
+                ids=lambda p: binary_id(p[0]))
+def threaded_engine(request, stories_q8):
+    """Each build of both engines that runs on several threads."""
     b, quantized = request.param
     return Engine(existing(b), quantized, stories_q8 if quantized else STORIES)
 

@@ -22,7 +22,7 @@ CONFIGS = {  # grouped-query (wo's scales tied across the query heads of a value
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_scaling_keeps_fp32_logits(name):
+def test_scaling_keeps_fp32_logits(name, monkeypatch):
     """Folding perturbs each weight by at most three float32 roundings (times s,
     divided by another s, or an RMSNorm weight divided by s), far fewer than the
     n roundings per dot product behind rounding_depth's bound: the scaled
@@ -35,7 +35,7 @@ def test_scaling_keeps_fp32_logits(name):
     g = torch.Generator().manual_seed(3)
     windows = [[1] + torch.randint(3, m.args.vocab_size, (40,), generator=g).tolist() for _ in range(4)]
     scaled = copy.deepcopy(m)
-    E.progress = lambda *_: None
+    monkeypatch.setattr(E, "progress", lambda *_: None)
     E.apply_awq(scaled, windows, 8, 7)
     moved = max((a - b).abs().max().item() for a, b in zip(m.state_dict().values(), scaled.state_dict().values()))
     assert moved > 0.1, "the scales should have changed the weights"
@@ -46,7 +46,7 @@ def test_scaling_keeps_fp32_logits(name):
     assert ((got - ref).abs() <= bound).all(), ((got - ref).abs() / bound).max().item()
 
 
-def test_clipping_leaves_the_embedding_table():
+def test_clipping_leaves_the_embedding_table(monkeypatch):
     """A shared table is untied before clipping: the lookups keep the exact
     float32 rows, the classifier is clipped (every value within its row group's
     old range, some moved), and the header then says so (shared flag 0)."""
@@ -54,7 +54,7 @@ def test_clipping_leaves_the_embedding_table():
     table = m.tok_embeddings.weight.detach().clone()
     g = torch.Generator().manual_seed(4)
     windows = [[1] + torch.randint(3, m.args.vocab_size, (40,), generator=g).tolist() for _ in range(4)]
-    E.progress = lambda *_: None
+    monkeypatch.setattr(E, "progress", lambda *_: None)
     E.clip_awq(m, windows, 8, 7)
     assert not m.args.shared_classifier
     assert torch.equal(m.tok_embeddings.weight, table)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import export as E
-from conftest import BINARIES, QBINARIES, LLAMA_MODEL, ROOT, STORIES, TOK512, existing, random_model, run, write_tokenizer
+from conftest import BINARIES, QBINARIES, assert_threads, LLAMA_MODEL, ROOT, STORIES, TOK512, existing, random_model, run, write_tokenizer
 from test_cli import expect_error, stories
 
 STORIES_BYTES = STORIES.read_bytes()
@@ -31,10 +31,11 @@ def tiny(tmp_path_factory):
     tokenizer. Group size 8, and 6 for version 3 (so its rows end in short groups)."""
     d = tmp_path_factory.mktemp("tiny")
     m = random_model(3, **ARGS, shared_classifier=False)
-    E.progress = lambda *_: None
     files = {v: d / f"v{v}.bin" for v in (0, 1, 2, 3)}
-    for v, path in files.items():
-        E.write_checkpoint(m, str(path), v, 6 if v == 3 else 8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E, "progress", lambda *_: None)
+        for v, path in files.items():
+            E.write_checkpoint(m, str(path), v, 6 if v == 3 else 8)
     return m, files, write_tokenizer(d / "tok.bin", PIECES)
 
 
@@ -146,6 +147,21 @@ def test_other_formats_named(engine, tmp_path, name):
     expect_error(engine, path, "-z", TOK512, mentions=word)
 
 
+@pytest.mark.parametrize("dim", [640, 896, 1152, 1408])
+def test_dims_that_look_like_a_pickle(binary, tmp_path, dim):
+    """A version 0 file starts with dim: for these dims its first bytes are
+    80 02 (or 03, 04, 05), a pickle's. A valid header is a model, whatever its
+    first bytes look like."""
+    m = random_model(6, dim=dim, n_layers=1, n_heads=dim // 64, n_kv_heads=dim // 64, hidden_dim=32,
+                     vocab_size=8, max_seq_len=8)
+    path = tmp_path / f"dim{dim}.bin"
+    E.write_checkpoint(m, str(path), 0)
+    assert path.read_bytes()[0] == 0x80 and 2 <= path.read_bytes()[1] <= 5
+    tok = write_tokenizer(tmp_path / "tok.bin", PIECES)
+    p = run(binary, path, "-z", tok, "-n", 4, "-i", "a", "-t", 0, check=False)
+    assert p.returncode == 0, p.stderr.decode()
+
+
 def test_non_regular_files(engine, tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -163,12 +179,15 @@ def raw_v1(dim, hidden, layers, heads, kv, vocab, seq):
 
 
 def test_kv_cache_larger_than_memory(binary, tmp_path):
-    """A small file whose KV cache would need 137 GB: refused before allocating."""
+    """A small file whose KV cache would need more than the machine's memory:
+    refused before allocating."""
     path = tmp_path / "long.bin"
-    path.write_bytes(raw_v1(16, 16, 1024, 2, 2, 8, 2**20))
     tok = write_tokenizer(tmp_path / "tok.bin", PIECES)
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert 2 * 1024 * 2**20 * 16 * 4 > ram, "this machine has more memory than the test assumes"
+    # layers x positions x kv_dim x 4 bytes x (keys, values): more than this machine has
+    layers = min(1024, max(16, 2 * ram // (2**20 * 16 * 4 * 2)))
+    assert 2 * layers * 2**20 * 16 * 4 > ram, "this machine has more memory than the header's caps allow"
+    path.write_bytes(raw_v1(16, 16, layers, 2, 2, 8, 2**20))
     expect_error(types.SimpleNamespace(binary=binary), path, "-z", tok, "-n", 0, mentions="KV cache")
     # asking for fewer positions with -n makes it fit, and it runs
     assert run(binary, path, "-z", tok, "-n", 8, "-i", "a").returncode == 0
@@ -282,9 +301,12 @@ def test_stdout_closed_early(engine):
 
 @pytest.mark.parametrize("sampling", [["-t", "0"], ["-t", "1.0", "-s", "7"], ["-t", "0.8", "-p", "0.9", "-s", "3"]],
                          ids=["greedy", "sampled", "top-p"])
-def test_same_bytes_for_1_to_4_threads(engine, sampling):
-    outs = {stories(engine, *sampling, "-n", 200, "-i", "Once upon a time",
-                    env={"OMP_NUM_THREADS": str(t)}).stdout for t in (1, 2, 3, 4)}
+def test_same_bytes_for_1_to_4_threads(threaded_engine, sampling):
+    outs = set()
+    for t in (1, 2, 3, 4):
+        p = stories(threaded_engine, *sampling, "-n", 200, "-i", "Once upon a time", env={"OMP_NUM_THREADS": str(t)})
+        assert_threads(p, t)
+        outs.add(p.stdout)
     assert len(outs) == 1
 
 
@@ -364,6 +386,47 @@ def test_export_truncated_input(tmp_path):
         err = p.stderr.decode()
         assert p.returncode == 1 and err.count("\n") == 1 and "short.bin" in err, (cut, err)
         assert not (tmp_path / "out.bin").exists()
+
+
+def tokenizer_bin(pieces, max_len=None, lengths=None):
+    """tokenizer.bin bytes; lengths overrides the stored piece lengths."""
+    out = struct.pack("<i", max_len or max(map(len, pieces)))
+    for i, p in enumerate(pieces):
+        out += struct.pack("<fi", -float(i), lengths[i] if lengths else len(p)) + p
+    return out
+
+
+BAD_TOKENIZERS = {
+    "negative-length": (tokenizer_bin([b"a", b"b"], lengths=[1, -9]), "length -9"),
+    "zero-length": (tokenizer_bin([b"a", b""]), "length 0"),
+    "cut-in-entry": (tokenizer_bin([b"a", b"bc"])[:-5], "cut off"),
+    "cut-in-piece": (tokenizer_bin([b"a", b"bc"])[:-1], "past the end"),
+    "too-few-pieces": (tokenizer_bin([b"a", b"b"]), "holds 2 pieces"),
+    "too-many-pieces": (tokenizer_bin([b"a", b"b", b"c", b"d"]), "more bytes"),
+    "empty": (b"", "truncated"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TOKENIZERS)
+def test_export_reads_bad_tokenizer_bin(tmp_path, case):
+    """export.py's tokenizer.bin reader (--awq-tokenizer) refuses what run.cpp's
+    refuses, with one line: no endless loop on a negative length, no raw
+    struct.error on a cut file, and the piece count checked (3 here)."""
+    data, words = BAD_TOKENIZERS[case]
+    (tmp_path / "tok.bin").write_bytes(data)
+    code = f"import export; export.read_tokenizer_bin({str(tmp_path / 'tok.bin')!r}, 3)"
+    p = subprocess.run([os.sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1 and words in err and "tok.bin" in err, err
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_export_refuses_group_size_0(tmp_path, version):
+    src = training_checkpoint(tmp_path / "ckpt.pt")
+    p = export(tmp_path / "out.bin", "--version", version, "--group-size", 0, "--checkpoint", src)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1 and "--group-size 0" in err, err
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_export_output_in_missing_directory(tmp_path):

@@ -165,7 +165,7 @@ def test_hf_export_matches_hf_forward(pair, tmp_path, case):
             assert len(generated) >= 5 and all(greedy[i] == c for i, c in generated), "greedy text differs"
 
 
-def test_meta_shards_concatenate(tmp_path):
+def test_meta_shards_concatenate(tmp_path, monkeypatch):
     """Two model-parallel shards export to the same file as one."""
     m = random_model(9, dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=270, max_seq_len=32,
                      shared_classifier=False)
@@ -184,7 +184,7 @@ def test_meta_shards_concatenate(tmp_path):
                 part[name] = t.clone() if axis is None else t.chunk(n_shards, dim=axis)[s].clone()
             torch.save(part, d / f"consolidated.{s:02d}.pth")
         export(tmp_path / f"out{n_shards}.bin", "--meta", d, "--seq-len", 32)
-    E.progress = lambda *_: None
+    monkeypatch.setattr(E, "progress", lambda *_: None)
     E.write_checkpoint(m, str(tmp_path / "direct.bin"), 0)
     assert (tmp_path / "out1.bin").read_bytes() == (tmp_path / "out2.bin").read_bytes() \
         == (tmp_path / "direct.bin").read_bytes()

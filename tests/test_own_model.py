@@ -24,7 +24,8 @@ def own():
     """(model.py model in float64, tokenizer pieces)."""
     for f in (MODEL, TOK, VAL):
         if not f.exists():
-            pytest.fail(f"{f} is missing: `make models/tinystories.bin` trains it (make test does)")
+            pytest.fail(f"{f} is missing: the model is committed; `make models/tinystories-val.txt` "
+                        "cuts the held-out text (make test does)")
     m = M.load_checkpoint(str(MODEL)).double()
     return m, read_tokenizer(TOK, m.args.vocab_size)
 

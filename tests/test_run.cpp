@@ -60,8 +60,8 @@ static void test_softmax() {
 static void test_matmul() {
     for (int n : kSizes) {
         for (int d : {1, 3, 17, 64}) {
-            for (int shift : {0, 1, 3}) {
-                const int nb = shift == 1 ? 6 : 1;  // a block (four tokens at once + 2), or one
+            for (int shift : {0, 1, 3})
+            for (int nb : {1, 6}) {  // one token, or a block (four tokens at once + 2)
                 std::vector<float> xs = random_floats((size_t)nb * n + shift, -1, 1);
                 std::vector<float> ws = random_floats((size_t)d * n + shift, -1, 1);
                 const float* x = xs.data() + shift;
@@ -91,6 +91,86 @@ static void test_matmul() {
             }
         }
     }
+}
+
+// attention against a double-precision reference: the same rotations (keys at
+// positions before pos are in the cache already rotated, the block's are
+// rotated by attention itself), scores, softmax and weighted sum of values.
+// The bound follows the errors through: rope's 3u (|a| + |b|) on q and k, the
+// dot's head_size u sum|q k|, the 1/sqrt scaling (2u), softmax's relative
+// (|s - max| + T + 4) u plus how much the score errors move each probability
+// (its own and the largest, through the normalizing sum), and the weighted
+// sum's T u sum p |v| over the T positions attended to.
+static void test_attention() {
+    for (int head_size : {2, 8, 64})
+        for (int kv_mul : {1, 3})
+            for (int pos : {0, 7, 40})
+                for (int n : {1, 5}) {
+                    Config c{};
+                    c.n_kv_heads = 2, c.n_heads = 2 * kv_mul, c.dim = c.n_heads * head_size, c.n_layers = 2;
+                    c.hidden_dim = 4, c.vocab_size = 4, c.seq_len = 64, c.rope_theta = 10000.0f;
+                    const int kv_dim = c.kv_dim(), half = head_size / 2, l = 1;
+                    RunState s = make_run_state(c, c.seq_len);
+                    const std::vector<float> q = random_floats((size_t)n * c.dim, -2, 2);
+                    const std::vector<float> k = random_floats((size_t)(pos + n) * kv_dim, -2, 2);
+                    const std::vector<float> v = random_floats((size_t)(pos + n) * kv_dim, -1, 1);
+                    std::memcpy(s.q.get(), q.data(), q.size() * sizeof(float));
+                    const size_t layer = (size_t)l * s.positions * kv_dim;
+                    std::memcpy(s.key_cache.get() + layer, k.data(), k.size() * sizeof(float));
+                    std::memcpy(s.value_cache.get() + layer, v.data(), v.size() * sizeof(float));
+                    attention(s, c, l, pos, n);
+
+                    // rotate a head in double: values and their rope error bounds
+                    const auto rotate = [&](const float* h, int p, std::vector<double>& out, std::vector<double>& err) {
+                        out.assign(head_size, 0), err.assign(head_size, 0);
+                        for (int i = 0; i < half; i++) {
+                            const double angle = p * std::pow(10000.0, -2.0 * i / head_size);
+                            const double a = h[2 * i], b = h[2 * i + 1];
+                            out[2 * i] = a * std::cos(angle) - b * std::sin(angle);
+                            out[2 * i + 1] = a * std::sin(angle) + b * std::cos(angle);
+                            err[2 * i] = err[2 * i + 1] = 3 * u * (std::fabs(a) + std::fabs(b));
+                        }
+                    };
+                    double worst = 0;
+                    for (int b = 0; b < n; b++)
+                        for (int h = 0; h < c.n_heads; h++) {
+                            const int last = pos + b, T = last + 1, kv_off = (h / kv_mul) * head_size;
+                            std::vector<double> qr, qe, kr, ke, score(T), serr(T);
+                            rotate(&q[(size_t)b * c.dim + h * head_size], pos + b, qr, qe);
+                            const double scale = 1.0 / std::sqrt((double)head_size);
+                            for (int t = 0; t < T; t++) {
+                                const float* kt = &k[(size_t)t * kv_dim + kv_off];
+                                if (t < pos) {  // already rotated: exact as stored
+                                    kr.assign(kt, kt + head_size), ke.assign(head_size, 0);
+                                } else {
+                                    rotate(kt, t, kr, ke);
+                                }
+                                double dot = 0, mag = 0, prop = 0;
+                                for (int i = 0; i < head_size; i++) {
+                                    dot += qr[i] * kr[i], mag += std::fabs(qr[i] * kr[i]);
+                                    prop += qe[i] * std::fabs(kr[i]) + std::fabs(qr[i]) * ke[i] + qe[i] * ke[i];
+                                }
+                                score[t] = dot * scale;
+                                serr[t] = (head_size * u * 1.01 * (mag + prop) + prop) * scale + 3 * u * std::fabs(score[t]);
+                            }
+                            const double mx = *std::max_element(score.begin(), score.end());
+                            const double max_err = *std::max_element(serr.begin(), serr.end());
+                            double sum = 0;
+                            for (int t = 0; t < T; t++) sum += std::exp(score[t] - mx);
+                            const float* got = s.xb.get() + (size_t)b * c.dim + h * head_size;
+                            for (int i = 0; i < head_size; i++) {
+                                double exact = 0, bound = 0;
+                                for (int t = 0; t < T; t++) {
+                                    const double p = std::exp(score[t] - mx) / sum, vt = v[(size_t)t * kv_dim + kv_off + i];
+                                    const double rel = 1.01 * (serr[t] + max_err) + (mx - score[t] + T + 4) * u + T * u;
+                                    exact += p * vt, bound += 1.01 * rel * p * std::fabs(vt);
+                                }
+                                worst = std::max(worst, std::fabs(got[i] - exact) / (bound + 1e-300));
+                            }
+                        }
+                    CHECK(worst <= 1.0, "attention head_size=%d kv_mul=%d pos=%d n=%d: %.2f x the bound", head_size,
+                          kv_mul, pos, n, worst);
+                }
 }
 
 static void test_rope() {
@@ -387,15 +467,52 @@ static void test_fused_matmuls() {
                 }
 }
 
+// The memory limit: the machine's RAM, or a container's cgroup limit when
+// smaller (v2's memory.max, v1's memory/memory.limit_in_bytes); "max" and v1's
+// huge "no limit" number leave the RAM.
+static void test_memory_limit() {
+    char dir[] = "/tmp/test_run_cgroup_XXXXXX";
+    if (!mkdtemp(dir)) std::abort();
+    const std::string root = dir, v2 = root + "/memory.max", v1dir = root + "/memory",
+                      v1 = v1dir + "/memory.limit_in_bytes";
+    const double ram = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE);
+    const auto put = [](const std::string& path, const char* text) {
+        std::FILE* f = std::fopen(path.c_str(), "w");
+        std::fputs(text, f);
+        std::fclose(f);
+    };
+    CHECK(memory_limit(dir) == ram, "no cgroup files: the machine's RAM");
+    put(v2, "max\n");
+    CHECK(memory_limit(dir) == ram, "memory.max 'max': the machine's RAM");
+    put(v2, "1000000\n");
+    CHECK(memory_limit(dir) == 1e6, "memory.max 1000000: %g", memory_limit(dir));
+    unlink(v2.c_str());
+    mkdir(v1dir.c_str(), 0700);
+    put(v1, "9223372036854771712\n");
+    CHECK(memory_limit(dir) == ram, "cgroup v1 without a limit: the machine's RAM");
+    put(v1, "2000000\n");
+    CHECK(memory_limit(dir) == 2e6, "cgroup v1 limit 2000000: %g", memory_limit(dir));
+    unlink(v1.c_str());
+    rmdir(v1dir.c_str());
+    rmdir(dir);
+}
+
+// The owning types move but do not copy: a copy of a Tokenizer would keep
+// string_views into the original's pieces.
+static_assert(!std::is_copy_constructible_v<Tokenizer> && !std::is_copy_assignable_v<Tokenizer>);
+static_assert(std::is_move_constructible_v<Tokenizer> && !std::is_copy_constructible_v<MappedFile>);
+
 int main() {
     test_rmsnorm();
     test_softmax();
     test_matmul();
     test_fused_matmuls();
     test_rope();
+    test_attention();
     test_tokenizer();
     test_text_out();
     test_rng();
     test_sampler();
+    test_memory_limit();
     return finish();
 }

@@ -130,12 +130,14 @@ static void test_unpack4() {
 }
 
 // Random int8 values including the extremes -128 (possible in a file, never
-// made by quantize) and 127, with positive scales.
-static void fill_random(std::vector<int8_t>& q, std::vector<float>& s) {
+// made by quantize) and 127 at the first bytes the tensor uses (from `first`:
+// the misaligned tests skip the bytes before it) and at its last, with
+// positive scales.
+static void fill_random(std::vector<int8_t>& q, std::vector<float>& s, size_t first = 0) {
     std::uniform_int_distribution<int> d(-128, 127);
     for (int8_t& v : q) v = (int8_t)d(rng);
-    q[0] = -128;
-    if (q.size() > 1) q[1] = 127;
+    q[first] = -128;
+    if (q.size() > first + 1) q[first + 1] = 127, q.back() = -128;
     for (float& v : s) v = std::uniform_real_distribution<float>(1e-3f, 0.1f)(rng);
 }
 
@@ -150,13 +152,13 @@ static void test_matmul() {
                     if (tail >= gs) continue;
                     const int n = gs * groups + tail, G = groups + (tail > 0);
                     for (int d : {1, 3, 17, 33})
-                        for (int shift : {0, 1, 3}) {  // misaligned starts
-                            const int nb = shift == 1 ? 6 : 1;  // a block of tokens (4 at once + 2), or one
+                        for (int shift : {0, 1, 3})  // misaligned starts
+                        for (int nb : {1, 6}) {  // one token, or a block (4 at once + 2)
                             QuantizedTensor w{nullptr, nullptr, gs, bits};
                             std::vector<int8_t> xq((size_t)nb * n + shift), wq((size_t)d * w.row_bytes(n) + shift);
                             std::vector<float> xs((size_t)nb * G), ws((size_t)d * G);
-                            fill_random(xq, xs);
-                            fill_random(wq, ws);
+                            fill_random(xq, xs, shift);
+                            fill_random(wq, ws, shift);
                             QuantizedTensor x{xq.data() + shift, xs.data(), gs};
                             w.q = wq.data() + shift, w.s = ws.data();
                             std::vector<float> fast((size_t)nb * d), ref((size_t)nb * d), one(d);
@@ -194,7 +196,8 @@ static void test_matmul() {
 
 static void test_dot_extremes() {
     // the largest products: -128 * -128 over a whole group stays exact in int32
-    for (int n : {1, 15, 16, 17, 31, 32, 33, 64, 100, 4096}) {
+    // up to 2^17 - 1 values: 2^17 products of 2^14 would reach 2^31
+    for (int n : {1, 15, 16, 17, 31, 32, 33, 64, 100, 4096, (1 << 17) - 1}) {
         std::vector<int8_t> a(n, -128), b(n, -128);
         CHECK(dot_i8(a.data(), b.data(), n) == 16384 * n, "n=%d: dot of -128s", n);
         std::fill(b.begin(), b.end(), 127);

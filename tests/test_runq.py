@@ -7,8 +7,9 @@ import struct
 import pytest
 import torch
 
-from conftest import (MODELS, STORIES, TOK512, E, M, decode_text, fit_prompt, random_model, read_dump,
-                      read_tokenizer, run, save_model, vocab_of_size, write_tokenizer)
+from conftest import (E, M, MODELS, QBINARIES, STORIES, TOK512, assert_threads, binary_id, decode_text, existing,
+                      fit_prompt, random_model, read_dump, read_tokenizer, run, save_model, threaded,
+                      vocab_of_size, write_tokenizer)
 
 # Random models: grouped-query attention, a separate classifier, compiled-in
 # and generic group sizes, and an odd vocab_size times dim 30 (2 mod 4 bytes of
@@ -160,9 +161,13 @@ def test_stories260k_int8_greedy(pair, stories_q8, report):
     assert agree > 20, "int8 should track fp32 for a while on the real model"
 
 
+@pytest.mark.parametrize("qbinary", threaded(QBINARIES), ids=binary_id)
 def test_same_bytes_for_any_thread_count(qbinary, stories_q8):
-    outs = {run(qbinary, stories_q8, "-z", TOK512, "-s", 11, "-n", 256, env={"OMP_NUM_THREADS": str(n)}).stdout
-            for n in (1, 2, 3)}
+    outs = set()
+    for n in (1, 2, 3):
+        p = run(existing(qbinary), stories_q8, "-z", TOK512, "-s", 11, "-n", 256, env={"OMP_NUM_THREADS": str(n)})
+        assert_threads(p, n)
+        outs.add(p.stdout)
     assert len(outs) == 1
 
 
