@@ -311,11 +311,13 @@ struct QuantizedTensor {
     float* s;        // (rows, groups(n)) scales
     int group_size;  // a property of the tensor, not of the program
     int bits = 8;    // 8 or 4
+    int32_t* offsets = nullptr;  // activations: (rows, groups(n)) -128 * sum(q) per group (see gemm16)
     int groups(int n) const { return (n + group_size - 1) / group_size; }
     size_t row_bytes(int n) const { return bits == 4 ? (n + 1) / 2 : n; }
     // row i of a matrix with n columns, as a tensor of its own
     QuantizedTensor row(size_t i, int n) const {
-        return {q + i * row_bytes(n), s + i * groups(n), group_size, bits};
+        return {q + i * row_bytes(n), s + i * groups(n), group_size, bits,
+                offsets ? offsets + i * groups(n) : nullptr};
     }
 };
 
@@ -456,11 +458,12 @@ static FloatBuffer alloc_floats(uint64_t n) {
 struct QuantizedBuffer {
     std::vector<int8_t> q;
     std::vector<float> s;
-    QuantizedTensor t{};  // points into q and s (which keep their storage when moved)
+    std::vector<int32_t> offsets;
+    QuantizedTensor t{};  // points into q, s and offsets (which keep their storage when moved)
     QuantizedBuffer() = default;
     QuantizedBuffer(int rows, int n, int group_size)
-        : q((size_t)rows * n), s((size_t)rows * ((n + group_size - 1) / group_size)),
-          t{q.data(), s.data(), group_size} {}
+        : q((size_t)rows * n), s((size_t)rows * ((n + group_size - 1) / group_size)), offsets(s.size()),
+          t{q.data(), s.data(), group_size, 8, offsets.data()} {}
     QuantizedBuffer(QuantizedBuffer&&) = default;
     QuantizedBuffer& operator=(QuantizedBuffer&&) = default;
     QuantizedBuffer(const QuantizedBuffer&) = delete;  // a copy's t would point into the original
@@ -705,6 +708,18 @@ static void accum(float* x, const float* y, int n) {
 // time, on int8. The activations are quantized first, so each group's dot
 // product is exact integer arithmetic, scaled once by the two groups' scales.
 
+// group_offsets: qx.offsets[r, g] = -128 * (the sum of group g of row r's
+// values), for the prompt kernel (gemm16), which adds 128 to every weight.
+static void group_offsets(QuantizedTensor& qx, int rows, int n) {
+    const int gs = qx.group_size, groups = qx.groups(n);
+    for (size_t r = 0; r < (size_t)rows; r++)
+        for (int g = 0; g < groups; g++) {
+            int32_t sum = 0;
+            for (int j = g * gs; j < std::min(n, (g + 1) * gs); j++) sum += qx.q[r * n + j];
+            qx.offsets[r * groups + g] = -128 * sum;
+        }
+}
+
 // quantize: rows of n floats -> qx (8 bits), group by group, the last group of
 // a row shorter when group_size does not divide n.
 // Error: |q * s - x| <= s / 2 + |x| u per element, s = max|group| / 127.
@@ -726,6 +741,7 @@ static void quantize(QuantizedTensor& qx, const float* x, int rows, int n) {
             for (int i = 0; i < len; i++)  // a group of zeros gets scale 0 and zeros, not NaN
                 q[i] = scale == 0.0f || !finite ? 0 : (int8_t)std::clamp(std::round(v[i] / scale), -127.0f, 127.0f);
         }
+    if (qx.offsets) group_offsets(qx, rows, n);
 }
 
 // dequantize: one row of n values (8 or 4 bits) -> x[j] = q[j] * s[j / group_size].
@@ -1009,6 +1025,144 @@ static inline __m128 add_groups4(__m128 acc, __m512i dots, __m512 sx, __m512 sw)
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
+// 8-bit weights, one token, the tile's four rows side by side, GS values per
+// group (32, or a multiple of 64): groups 0 .. groups - 1 (an even count for
+// 32) as matmul_reference sums them, the four rows' running sums in the four
+// lanes of the result. Per 64 bytes of x, one vpdpbusd per row adds four byte
+// products into each int32 lane; it multiplies unsigned bytes by signed ones,
+// so the weights go in as w + 128 (w ^ 0x80, exact for -128 too) and each
+// group's sums start from -128 sum(x_g), made once for the four rows. No
+// horizontal sum waits in a row's chain: sum_lanes4 reduces the four rows at
+// once, and the group's float step is add_group in four lanes. Each row's next
+// bytes kPrefetchRows rows on are asked for into L2 as this one is read.
+template <int GS>
+static inline __m128 rows4_i8(const QuantizedTensor row[4], const QuantizedTensor ahead[4], const int8_t* x,
+                              const float* xs, int groups) {
+    static_assert(GS == 32 || GS % 64 == 0, "a group is half a 64-byte load or whole ones");
+    constexpr int kLoads = GS == 32 ? 1 : GS / 64, kStep = GS == 32 ? 2 : 1;  // loads per step, groups per step
+    const __m512i k128 = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    const auto block = [](__m512i v, int k) { return _mm512_maskz_extracti32x4_epi32(0xF, v, k); };
+    __m128 acc = _mm_setzero_ps();
+    for (int g = 0; g + kStep <= groups; g += kStep) {
+        const int8_t* xg = x + (size_t)g * GS;
+        __m512i xv[kLoads], minus = zero;
+        for (int c = 0; c < kLoads; c++) {
+            xv[c] = _mm512_loadu_si512(xg + 64 * c);
+            minus = _mm512_dpbusd_epi32(minus, k128, xv[c]);
+        }
+        minus = _mm512_sub_epi32(zero, minus);
+        __m512i lanes[4];
+        for (int r = 0; r < 4; r++) {
+            lanes[r] = minus;
+            for (int c = 0; c < kLoads; c++) {
+                const int8_t* wq = row[r].q + (size_t)g * GS + 64 * c;
+                lanes[r] = _mm512_dpbusd_epi32(lanes[r], _mm512_xor_si512(_mm512_loadu_si512(wq), k128), xv[c]);
+                _mm_prefetch((const char*)(ahead[r].q + (size_t)g * GS + 64 * c), _MM_HINT_T1);
+            }
+            if (g % 16 < kStep) _mm_prefetch((const char*)(ahead[r].s + g), _MM_HINT_T1);
+        }
+        // block k of sums = [row 0, row 1, row 2, row 3] partial sums of block k
+        const __m512i sums = sum_lanes4(lanes);
+        const auto add_group4 = [&](__m128i dots, int k) {
+            const __m128 sw = _mm_set_ps(row[3].s[k], row[2].s[k], row[1].s[k], row[0].s[k]);
+            acc = _mm_fmadd_ps(_mm_mul_ps(_mm_cvtepi32_ps(dots), _mm_set1_ps(xs[k])), sw, acc);
+        };
+        if (GS == 32) {  // blocks 0-1 are group g, blocks 2-3 group g + 1
+            add_group4(_mm_add_epi32(block(sums, 0), block(sums, 1)), g);
+            add_group4(_mm_add_epi32(block(sums, 2), block(sums, 3)), g + 1);
+        } else {
+            add_group4(_mm_add_epi32(_mm_add_epi32(block(sums, 0), block(sums, 1)),
+                                     _mm_add_epi32(block(sums, 2), block(sums, 3))), g);
+        }
+    }
+    return acc;
+}
+#endif
+
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
+// gemm16: reading a prompt, rows begin .. begin + 15 (fewer at the matrix's
+// end) for nb tokens, matmul_reference's result exactly. GS (32, 64 or 128)
+// divides n; 8- or 4-bit weights. The rows are repacked kSlab values at a
+// time so that one register holds four consecutive values of each of the 16
+// rows, one row per 32-bit lane (a gather per four values, then in L1 for
+// every token). vpdpbusd with four of a token's values broadcast to all lanes
+// then adds the next four products of all 16 rows at once, and a group's 16
+// dot products come out in the lanes: no horizontal sum at all, and every
+// vpdpbusd does 64 useful multiply-adds. Eight tokens' sums stay in registers
+// while a slab's weights are read. vpdpbusd multiplies unsigned by signed
+// bytes: the repacked weights are w + 128 (w ^ 0x80, exact for -128 too), and
+// each (token, group) sum starts from x.offsets = -128 sum(x_g), which takes
+// off what the 128 adds. The float side is add_group in 16 lanes.
+constexpr int kSlab = 256;     // values per repacked slab: a multiple of every GS taken here
+constexpr int kGemmTokens = 8;  // tokens whose sums stay in registers
+template <int GS>
+static void gemm16(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb, int begin) {
+    static_assert(kSlab % GS == 0, "a slab holds whole groups");
+    const int groups = n / GS, rows = std::min(16, d - begin);
+    alignas(64) int32_t packed[kSlab / 4][16];  // [four values][row]: w + 128, four bytes per lane
+    alignas(64) float scales[kSlab / GS][16];   // [group of the slab][row]
+    alignas(64) int8_t unpacked[16][kSlab];     // 4-bit rows, unpacked for the gathers
+    alignas(64) float acc[kBlock][16];          // [token][row]: the running sums
+    int32_t lane_row[16];  // lane r reads row r (the missing rows of the last tile repeat row 0)
+    for (int r = 0; r < 16; r++) lane_row[r] = r < rows ? r : 0;
+    // (masked gathers and converts: GCC 12 warns about the plain ones' undefined source)
+    const __m512i k128 = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    const __m512i rows16 = _mm512_loadu_si512(lane_row);
+    const __m512i scale_at = _mm512_mullo_epi32(rows16, _mm512_set1_epi32(groups));
+    const float* ws = w.s + (size_t)begin * groups;
+    for (int b0 = 0; b0 < nb; b0 += kBlock) {
+        const int tokens = std::min(kBlock, nb - b0);
+        std::memset(acc, 0, sizeof acc);
+        for (int s0 = 0; s0 < n; s0 += kSlab) {
+            const int len = std::min(kSlab, n - s0), slab_groups = len / GS, g0 = s0 / GS;
+            const int8_t* base = w.q + (size_t)begin * n + s0;
+            __m512i at = _mm512_mullo_epi32(rows16, _mm512_set1_epi32(n));  // row r's first byte
+            if (w.bits == 4) {
+                for (int r = 0; r < rows; r++) unpack4(unpacked[r], w.row(begin + r, n).q, s0, len);
+                base = &unpacked[0][0], at = _mm512_mullo_epi32(rows16, _mm512_set1_epi32(kSlab));
+            }
+            for (int c = 0; c < len / 4; c++)
+                _mm512_store_si512(packed[c], _mm512_xor_si512(_mm512_mask_i32gather_epi32(zero, 0xFFFF, at, base + 4 * c, 1), k128));
+            for (int g = 0; g < slab_groups; g++)
+                _mm512_store_ps(scales[g], _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, scale_at, ws + g0 + g, 4));
+            for (int t0 = 0; t0 < tokens; t0 += kGemmTokens) {
+                const int8_t* xq[kGemmTokens];
+                const float* xs[kGemmTokens];
+                const int32_t* xo[kGemmTokens];
+                __m512 sum[kGemmTokens];
+                for (int t = 0; t < kGemmTokens; t++) {  // past the last token: repeat it (computed, not kept)
+                    const int tt = std::min(t0 + t, tokens - 1);
+                    xq[t] = x.q + (size_t)(b0 + tt) * n + s0;
+                    xs[t] = x.s + (size_t)(b0 + tt) * groups + g0;
+                    xo[t] = x.offsets + (size_t)(b0 + tt) * groups + g0;
+                    sum[t] = _mm512_load_ps(acc[tt]);
+                }
+                for (int g = 0; g < slab_groups; g++) {
+                    __m512i dot[kGemmTokens];
+                    for (int t = 0; t < kGemmTokens; t++) dot[t] = _mm512_set1_epi32(xo[t][g]);
+                    for (int c = g * GS / 4; c < (g + 1) * GS / 4; c++) {
+                        const __m512i wv = _mm512_load_si512(packed[c]);
+                        for (int t = 0; t < kGemmTokens; t++) {
+                            int32_t four;
+                            std::memcpy(&four, xq[t] + 4 * c, 4);
+                            dot[t] = _mm512_dpbusd_epi32(dot[t], wv, _mm512_set1_epi32(four));
+                        }
+                    }
+                    const __m512 sw = _mm512_load_ps(scales[g]);
+                    for (int t = 0; t < kGemmTokens; t++)
+                        sum[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, dot[t]), _mm512_set1_ps(xs[t][g])),
+                                                 sw, sum[t]);
+                }
+                for (int t = 0; t < kGemmTokens && t0 + t < tokens; t++) _mm512_store_ps(acc[t0 + t], sum[t]);
+            }
+        }
+        for (int t = 0; t < tokens; t++)
+            for (int r = 0; r < rows; r++) out[(size_t)(b0 + t) * d + begin + r] = acc[t][r];
+    }
+}
+#endif
+
 // matmul_rows: rows begin .. end - 1 (a tile: at most four) of
 // matmul_reference's result exactly, faster. GS is the group size fixed at
 // compile time (so the group's loop unrolls completely), or 0 to read it from
@@ -1086,9 +1240,16 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         int g = 0;
 #if defined(__AVX512VNNI__) && defined(HAS_FMA)
+        QuantizedTensor ahead[4];  // the rows to prefetch, clamped to the matrix's last
+        for (int r = 0; r < 4; r++) ahead[r] = w.row(std::min(begin + r + kPrefetchRows, d - 1), n);
+        if constexpr (GS == 32 || GS % 64 == 0) {
+            if (GS != 0 && w.bits == 8) {
+                const int whole = n / gs;  // a short last group takes the path below
+                g = GS == 32 ? whole / 2 * 2 : whole;
+                _mm_storeu_ps(acc, rows4_i8<GS ? GS : 64>(row, ahead, xq, xs, g));
+            }
+        }
         if (quad_groups) {
-            QuantizedTensor ahead[4];  // the rows to prefetch, clamped to the matrix's last
-            for (int r = 0; r < 4; r++) ahead[r] = w.row(std::min(begin + r + kPrefetchRows, d - 1), n);
             const float *xs4[4] = {xs, xs, xs, xs}, *ws[4] = {row[0].s, row[1].s, row[2].s, row[3].s};
             __m128 acc4 = _mm_setzero_ps();
             for (; g < quad_groups; g += 4) {
@@ -1114,10 +1275,24 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
     }
 }
 
-// The rows of a matrix are computed in tiles of four; tile t holds rows
-// 4t .. 4t + 3 (fewer in the last tile if d % 4 != 0). Parallel loops run over
-// tiles: one matmul's, or several matrices' at once (see forward).
-static inline int tiles(int d) { return (d + 3) / 4; }
+// The rows of a matrix are computed in tiles of kTileRows; tile t holds rows
+// kTileRows t .. kTileRows t + 15 (fewer in the last tile if d % kTileRows != 0).
+// Parallel loops run over tiles: one matmul's, or several matrices' at once (see forward).
+constexpr int kTileRows = 16;
+static inline int tiles(int d) { return (d + kTileRows - 1) / kTileRows; }
+
+// tile_rows: a tile, by gemm16 when reading a prompt (with AVX-512 VNNI, whole
+// groups of a size it takes, activations with offsets), else four rows at a time.
+template <int GS>
+static void tile_rows(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
+                      int begin, int end) {
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
+    if constexpr (GS != 0 && kSlab % GS == 0) {
+        if (nb >= 4 && n % GS == 0 && x.offsets) return gemm16<GS>(out, x, w, n, d, nb, begin);
+    }
+#endif
+    for (int r = begin; r < end; r += 4) matmul_rows<GS>(out, x, w, n, d, nb, r, std::min(end, r + 4));
+}
 
 // matmul_tile: tile t of W (d, n) @ x (nb, n) -> out (nb, d), x and w quantized
 // with the same group size (version 2: it divides n). Error against the exact product
@@ -1125,12 +1300,12 @@ static inline int tiles(int d) { return (d + 3) / 4; }
 // (groups + 2) u sum_g |dot_g sx_g sw_g| per output.
 static void matmul_tile(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
                         int t) {
-    const int begin = 4 * t, end = std::min(d, begin + 4);
+    const int begin = kTileRows * t, end = std::min(d, begin + kTileRows);
     switch (w.group_size) {
-    case 32: matmul_rows<32>(out, x, w, n, d, nb, begin, end); break;
-    case 64: matmul_rows<64>(out, x, w, n, d, nb, begin, end); break;
-    case 128: matmul_rows<128>(out, x, w, n, d, nb, begin, end); break;
-    default: matmul_rows<0>(out, x, w, n, d, nb, begin, end); break;
+    case 32: tile_rows<32>(out, x, w, n, d, nb, begin, end); break;
+    case 64: tile_rows<64>(out, x, w, n, d, nb, begin, end); break;
+    case 128: tile_rows<128>(out, x, w, n, d, nb, begin, end); break;
+    default: tile_rows<0>(out, x, w, n, d, nb, begin, end); break;
     }
 }
 
@@ -1163,7 +1338,7 @@ static void matmul_swiglu(float* h, float* h3, const QuantizedTensor& x, const Q
     for (int t = 0; t < tiles(d); t++) {
         matmul_tile(h, x, w1, n, d, nb, t);
         matmul_tile(h3, x, w3, n, d, nb, t);
-        const int i = 4 * t, rows = std::min(4, d - i);
+        const int i = kTileRows * t, rows = std::min(kTileRows, d - i);
         for (int b = 0; b < nb; b++) swiglu(h + (size_t)b * d + i, h3 + (size_t)b * d + i, rows);
     }
 }

@@ -102,11 +102,14 @@ static void matmul_simd(float* out, const QuantizedTensor& x, const QuantizedTen
     }
 }
 
-// int4, one row at a time: runq's generic path (the group size read at run
-// time: dot_i4 per group, each group's multiply-add waiting on the last).
-static void matmul_i4_row_by_row(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d) {
+// runq's matmul without its 16-row prompt kernel (gemm16): tiles of four rows
+// by matmul_rows. GS = 0 reads the group size at run time, which also leaves
+// out the decode kernels that need it fixed: each row's groups then go one
+// after another (dot_i8 or dot_i4 per group, each multiply-add waiting on the last).
+template <int GS>
+static void four_rows_at_a_time(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb) {
     #pragma omp parallel for schedule(static)
-    for (int t = 0; t < tiles(d); t++) matmul_rows<0>(out, x, w, n, d, 1, 4 * t, std::min(d, 4 * t + 4));
+    for (int t = 0; t < (d + 3) / 4; t++) matmul_rows<GS>(out, x, w, n, d, nb, 4 * t, std::min(d, 4 * t + 4));
 }
 
 int main() {
@@ -150,11 +153,17 @@ int main() {
         int8("multithreading + unrolling", [&](float* o) { on_all_cores(matmul_unrolled, o, xt, wt, kN, kD); }),
         int8("SIMD (explicit, one thread)", [&](float* o) { matmul_simd(o, xt, wt, kN, kD); }),
         int8("plain loops as the compiler vectorizes them", [&](float* o) { matmul_reference(o, xt, wt, kN, kD, 1); }),
-        int8("all: runq's matmul (threads, SIMD, unrolled fixed-size groups)", [&](float* o) { matmul(o, xt, wt, kN, kD, 1); }),
-        int8("all, batched: 32 tokens per call", [&](float* o) { matmul(o, xt, wt, kN, kD, kBlock); }, kBlock),
-        int4("int4: one row at a time (threads, SIMD)", [&](float* o) { matmul_i4_row_by_row(o, x4t, w4, kN, kD); }),
+        int8("threads + SIMD, one row at a time (dot_i8 per group)",
+             [&](float* o) { four_rows_at_a_time<0>(o, xt, wt, kN, kD, 1); }),
+        int8("all: runq's matmul (four rows side by side, VNNI, prefetch)", [&](float* o) { matmul(o, xt, wt, kN, kD, 1); }),
+        int8("batched, 32 tokens per call: four tokens per weight load",
+             [&](float* o) { four_rows_at_a_time<kGS>(o, xt, wt, kN, kD, kBlock); }, kBlock),
+        int8("batched: runq's matmul (16 rows in the lanes, gemm16)", [&](float* o) { matmul(o, xt, wt, kN, kD, kBlock); }, kBlock),
+        int4("int4: one row at a time (threads, SIMD)", [&](float* o) { four_rows_at_a_time<0>(o, x4t, w4, kN, kD, 1); }),
         int4("int4: runq's matmul (four rows side by side, prefetch)", [&](float* o) { matmul(o, x4t, w4, kN, kD, 1); }),
-        int4("int4, batched: 32 tokens per call", [&](float* o) { matmul(o, x4t, w4, kN, kD, kBlock); }, kBlock),
+        int4("int4, batched: four tokens per weight load",
+             [&](float* o) { four_rows_at_a_time<kGS4>(o, x4t, w4, kN, kD, kBlock); }, kBlock),
+        int4("int4, batched: runq's matmul (gemm16)", [&](float* o) { matmul(o, x4t, w4, kN, kD, kBlock); }, kBlock),
     };
 
     int threads = 1;
