@@ -29,6 +29,11 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__FMA__)  // madd16's fused multiply-adds
+#include <immintrin.h>
+#elif defined(__ARM_FEATURE_FMA)
+#include <arm_neon.h>
+#endif
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -472,10 +477,21 @@ static inline float madd(float a, float b, float c) {
     return a * b + c;
 #endif
 }
-// madd on each of sixteen lanes (the compilers turn the loop into one vector
-// fused multiply-add per register).
+// madd on each of sixteen lanes: one AVX-512 instruction, two AVX2 or four
+// NEON ones. (Left to std::fma lane by lane, g++ 12 emits sixteen scalar ones.)
 static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
-#ifdef HAS_FMA
+#if defined(__AVX512F__)
+    acc = (f32x16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
+#elif defined(__FMA__)  // (the __m256 type may alias any other)
+    const __m256 *va = reinterpret_cast<const __m256*>(&a), *vb = reinterpret_cast<const __m256*>(&b);
+    __m256* vc = reinterpret_cast<__m256*>(&acc);
+    for (int h = 0; h < 2; h++) vc[h] = _mm256_fmadd_ps(va[h], vb[h], vc[h]);
+#elif defined(__ARM_FEATURE_FMA)
+    typedef float32x4_t __attribute__((may_alias)) f32x4;
+    const f32x4 *va = reinterpret_cast<const f32x4*>(&a), *vb = reinterpret_cast<const f32x4*>(&b);
+    f32x4* vc = reinterpret_cast<f32x4*>(&acc);
+    for (int q = 0; q < 4; q++) vc[q] = vfmaq_f32(vc[q], va[q], vb[q]);
+#elif defined(HAS_FMA)
     for (int k = 0; k < 16; k++) acc[k] = std::fma(a[k], b[k], acc[k]);
 #else
     acc += a * b;
