@@ -590,13 +590,17 @@ static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
 // added up at the end by hsum16. Every 16 weights loaded serve T tokens and every 16
 // activations R rows: R T multiply-adds per R + T loads, so the tile computes
 // from registers instead of waiting on the cache. A sum's arithmetic is the same,
-// to the bit, for any R and T.
+// to the bit, for any R and T, and however the values are cut into stretches
+// (dot_lanes runs one stretch, dot_finish adds the lanes and the tail).
 // Error: |out - exact| <= n u sum_j |w_r[j] x_t[j]| (no term sees more than n roundings).
+// ahead, if not null: a row to ask the memory for (into L2) as w is read.
 template <int R, int T>
-static inline void dot_tile(const float* w, const float* x, int n, float* out, int d) {
-    f32x16 lane[R][T] = {};
-    int j = 0;
-    for (; j + 16 <= n; j += 16) {
+static inline void dot_lanes(const float* w, const float* x, int n, int j0, int j1, f32x16 (&lanes)[R][T],
+                             const float* ahead = nullptr) {
+    f32x16 lane[R][T];  // a local copy: the loads of w and x cannot alias it, so it stays in registers
+    std::memcpy(lane, lanes, sizeof lane);
+    for (int j = j0; j < j1; j += 16) {  // j0 and j1: multiples of 16
+        if (ahead) __builtin_prefetch(ahead + j, 0, 2);
         f32x16 xj[T];
         for (int t = 0; t < T; t++) load16(xj[t], x + (size_t)t * n + j);
         for (int r = 0; r < R; r++) {
@@ -605,12 +609,22 @@ static inline void dot_tile(const float* w, const float* x, int n, float* out, i
             for (int t = 0; t < T; t++) madd16(lane[r][t], wj, xj[t]);
         }
     }
+    std::memcpy(lanes, lane, sizeof lane);
+}
+template <int R, int T>
+static inline void dot_finish(const float* w, const float* x, int n, const f32x16 (&lane)[R][T], float* out, int d) {
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) {
             float tail = 0.0f;  // the last n % 16 products
-            for (int q = j; q < n; q++) tail = madd(w[(size_t)r * n + q], x[(size_t)t * n + q], tail);
+            for (int q = n / 16 * 16; q < n; q++) tail = madd(w[(size_t)r * n + q], x[(size_t)t * n + q], tail);
             out[(size_t)t * d + r] = hsum16(lane[r][t]) + tail;
         }
+}
+template <int R, int T>
+static inline void dot_tile(const float* w, const float* x, int n, float* out, int d, const float* ahead = nullptr) {
+    f32x16 lane[R][T] = {};
+    dot_lanes<R, T>(w, x, n, 0, n / 16 * 16, lane, ahead);
+    dot_finish<R, T>(w, x, n, lane, out, d);
 }
 
 // dot: a . b over n floats, as dot_tile computes it (attention's scores).

@@ -61,7 +61,8 @@ static void test_matmul() {
     for (int n : kSizes) {
         for (int d : {1, 3, 17, 64}) {
             for (int shift : {0, 1, 3})
-            for (int nb : {1, 6}) {  // one token, or a block (four tokens at once + 2)
+            for (int nb : {1, 6, 37}) {  // one token, a block (four tokens at once + 2), more than kBlock
+                if (nb == 37 && (shift != 0 || d != 17)) continue;  // (slow: a sample)
                 std::vector<float> xs = random_floats((size_t)nb * n + shift, -1, 1);
                 std::vector<float> ws = random_floats((size_t)d * n + shift, -1, 1);
                 const float* x = xs.data() + shift;
