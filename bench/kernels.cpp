@@ -5,11 +5,12 @@
 // against runq.cpp's matmul_reference before it is timed (bit for bit: the
 // group sums are exact integers and the float side is the same code), then
 // the table gives total and per-call time, GOP/s (2 n d operations per token)
-// and the weight bytes streamed per second. The "all techniques" row is
-// runq.cpp's own matmul, not a copy; "batched" is the same call on a block of
-// 32 tokens, as when a prompt is read, per token. Then the same matrix with
-// int4 weights (version 3, group size 32): one row at a time, and runq's
-// matmul, which runs a tile's four rows side by side.
+// and the weight bytes streamed per second. The rows named "runq's matmul" are
+// runq.cpp's own matmul, not a copy: for one token, four rows side by side
+// (rows4_i8 with AVX-512 VNNI); for a block of 32 tokens, as when a prompt is
+// read, 16 rows in the lanes of a register (gemm16), per token. The rows before
+// each show what that step replaced: one row at a time, and four tokens per
+// weight load. Then the same matrix with int4 weights (version 3, group size 32).
 
 #define RUN_NO_MAIN
 #pragma GCC diagnostic ignored "-Wunused-function"
