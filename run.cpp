@@ -507,14 +507,11 @@ static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
 // to the bit, for any R and T, and however the values are cut into stretches
 // (dot_lanes runs one stretch, dot_finish adds the lanes and the tail).
 // Error: |out - exact| <= n u sum_j |w_r[j] x_t[j]| (no term sees more than n roundings).
-// ahead, if not null: a row to ask the memory for (into L2) as w is read.
 template <int R, int T>
-static inline void dot_lanes(const float* w, const float* x, int n, int j0, int j1, f32x16 (&lanes)[R][T],
-                             const float* ahead = nullptr) {
+static inline void dot_lanes(const float* w, const float* x, int n, int j0, int j1, f32x16 (&lanes)[R][T]) {
     f32x16 lane[R][T];  // a local copy: the loads of w and x cannot alias it, so it stays in registers
     std::memcpy(lane, lanes, sizeof lane);
     for (int j = j0; j < j1; j += 16) {  // j0 and j1: multiples of 16
-        if (ahead) __builtin_prefetch(ahead + j, 0, 2);
         f32x16 xj[T];
         for (int t = 0; t < T; t++) load16(xj[t], x + (size_t)t * n + j);
         for (int r = 0; r < R; r++) {
@@ -535,9 +532,9 @@ static inline void dot_finish(const float* w, const float* x, int n, const f32x1
         }
 }
 template <int R, int T>
-static inline void dot_tile(const float* w, const float* x, int n, float* out, int d, const float* ahead = nullptr) {
+static inline void dot_tile(const float* w, const float* x, int n, float* out, int d) {
     f32x16 lane[R][T] = {};
-    dot_lanes<R, T>(w, x, n, 0, n / 16 * 16, lane, ahead);
+    dot_lanes<R, T>(w, x, n, 0, n / 16 * 16, lane);
     dot_finish<R, T>(w, x, n, lane, out, d);
 }
 
@@ -690,13 +687,11 @@ static void matmul_tile(float* out, const float* x, const float* w, int n, int d
     // the tokens left over (all of them when generating) one row at a time: a row
     // is one long sequential read the hardware prefetcher follows, and its 16
     // lanes of sums already hide the add latency (runq's 4-bit groups are too
-    // short for that, and go four rows side by side: see its matmul_rows). Asking
-    // for the next tile's row as well keeps a few more loads in flight (+7% on an
-    // 11008 x 4096 matrix, at the memory's bandwidth).
+    // short for that, and go four rows side by side: see its matmul_rows). (Asking
+    // for the next tile's row as well, as runq does, measured no faster here.)
     for (int r = i; r < end; r++)
         for (int c = b; c < nb; c++)
-            dot_tile<1, 1>(w + (size_t)r * n, x + (size_t)c * n, n, out + (size_t)c * d + r, d,
-                           r + 4 < d ? w + (size_t)(r + 4) * n : nullptr);
+            dot_tile<1, 1>(w + (size_t)r * n, x + (size_t)c * n, n, out + (size_t)c * d + r, d);
 }
 
 // matmul: W (d, n) @ x (nb, n) -> out (nb, d), any sizes; out must not alias x.

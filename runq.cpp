@@ -593,14 +593,11 @@ static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
 // to the bit, for any R and T, and however the values are cut into stretches
 // (dot_lanes runs one stretch, dot_finish adds the lanes and the tail).
 // Error: |out - exact| <= n u sum_j |w_r[j] x_t[j]| (no term sees more than n roundings).
-// ahead, if not null: a row to ask the memory for (into L2) as w is read.
 template <int R, int T>
-static inline void dot_lanes(const float* w, const float* x, int n, int j0, int j1, f32x16 (&lanes)[R][T],
-                             const float* ahead = nullptr) {
+static inline void dot_lanes(const float* w, const float* x, int n, int j0, int j1, f32x16 (&lanes)[R][T]) {
     f32x16 lane[R][T];  // a local copy: the loads of w and x cannot alias it, so it stays in registers
     std::memcpy(lane, lanes, sizeof lane);
     for (int j = j0; j < j1; j += 16) {  // j0 and j1: multiples of 16
-        if (ahead) __builtin_prefetch(ahead + j, 0, 2);
         f32x16 xj[T];
         for (int t = 0; t < T; t++) load16(xj[t], x + (size_t)t * n + j);
         for (int r = 0; r < R; r++) {
@@ -621,9 +618,9 @@ static inline void dot_finish(const float* w, const float* x, int n, const f32x1
         }
 }
 template <int R, int T>
-static inline void dot_tile(const float* w, const float* x, int n, float* out, int d, const float* ahead = nullptr) {
+static inline void dot_tile(const float* w, const float* x, int n, float* out, int d) {
     f32x16 lane[R][T] = {};
-    dot_lanes<R, T>(w, x, n, 0, n / 16 * 16, lane, ahead);
+    dot_lanes<R, T>(w, x, n, 0, n / 16 * 16, lane);
     dot_finish<R, T>(w, x, n, lane, out, d);
 }
 
