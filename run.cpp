@@ -1177,10 +1177,10 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
     // The prompt's forward passes yield the first new token; each later
     // forward yields one more, so generation speed counts generated - 1.
     const double end = now_seconds(), elapsed = std::max(end - prompt_done, 1e-9);
-    std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s (%.0f%% matmuls, %.0f%% attention), %d threads\n",
+    std::fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generation: %d tokens, %.1f tok/s (%.0f%% matmuls, %.0f%% attention), %d thread%s\n",
                  n_prompt, n_prompt / std::max(prompt_done - start, 1e-9), generated,
                  std::max(generated - 1, 0) / elapsed, 100 * (tr.matmul_seconds - prompt_matmul) / elapsed,
-                 100 * (tr.attention_seconds - prompt_att) / elapsed, threads());
+                 100 * (tr.attention_seconds - prompt_att) / elapsed, threads(), threads() == 1 ? "" : "s");
 }
 
 // Perplexity of a text: exp of the mean negative log-likelihood of each token

@@ -37,7 +37,7 @@ def threaded(binaries):
 def assert_threads(p, n):
     """The speed report of a generation says it ran on n threads."""
     err = p.stderr.decode()
-    assert f", {n} threads\n" in err, f"expected {n} threads (a build without OpenMP?): {err!r}"
+    assert f", {n} thread{'s' if n > 1 else ''}\n" in err, f"expected {n} threads (a build without OpenMP?): {err!r}"
 
 
 def binary_id(b):
