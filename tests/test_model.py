@@ -223,7 +223,7 @@ SAME_ISA = [group.split(",") for group in os.environ.get("SAME_ISA", "").split()
 
 
 @pytest.mark.skipif(not SAME_ISA, reason="make test names the builds that share an instruction set (SAME_ISA)")
-@pytest.mark.parametrize("group", SAME_ISA, ids=lambda g: "=".join(g))
+@pytest.mark.parametrize("group", SAME_ISA, ids=lambda g: "=".join(g) if isinstance(g, list) else str(g))
 @pytest.mark.parametrize("engine_name", ["run", "runq"])
 def test_builds_for_one_instruction_set_agree(group, engine_name, stories_q8, tmp_path):
     """Every logit of a prompt and a generation, bit for bit, whichever compiler
