@@ -70,7 +70,7 @@ tokenizer.bin: export.py $(TOKENIZER_MODEL)
 models/tinystories-val.txt: train.py
 	$(PYTHON) train.py --val-only --out-dir models
 
-# Retrains the model (about 12 minutes on two idle cores) and compares it with the
+# Retrains the model (12-23 minutes on two cores) and compares it with the
 # committed one: the bytes (equal on a machine like the one that made it), and the
 # validation loss against the model card's (within the tolerance the card derives).
 check-model: build/.deps-train
