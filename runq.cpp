@@ -1107,7 +1107,7 @@ static inline __m128 rows4_i8(const QuantizedTensor row[4], const QuantizedTenso
 // end) for nb tokens, matmul_reference's result exactly. GS (32, 64 or 128)
 // divides n; 8- or 4-bit weights. The rows are repacked kSlab values at a
 // time so that one register holds four consecutive values of each of the 16
-// rows, one row per 32-bit lane (a gather per four values, then in L1 for
+// rows, one row per 32-bit lane (a 16 x 16 transpose per 64 values, then in L1 for
 // every token). vpdpbusd with four of a token's values broadcast to all lanes
 // then adds the next four products of all 16 rows at once, and a group's 16
 // dot products come out in the lanes: no horizontal sum at all, and every
@@ -1116,6 +1116,34 @@ static inline __m128 rows4_i8(const QuantizedTensor row[4], const QuantizedTenso
 // bytes: the repacked weights are w + 128 (w ^ 0x80, exact for -128 too), and
 // each (token, group) sum starts from x.offsets = -128 sum(x_g), which takes
 // off what the 128 adds. The float side is add_group in 16 lanes.
+// transpose16: 16 rows of 16 int32 in, out[c] lane r = in[r] lane c. Pairs of
+// rows interleave (32-bit, then 64-bit unpacks: within each 128-bit block, four
+// rows' values c), then the 128-bit blocks move into place by two rounds of
+// shuffles. (maskz forms for GCC 12's warnings, as in fold_16_to_8)
+static inline void transpose16(const __m512i in[16], __m512i out[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_maskz_unpacklo_epi32(0xFFFF, in[i], in[i + 1]);
+        t[i + 1] = _mm512_maskz_unpackhi_epi32(0xFFFF, in[i], in[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // u[i + k], block L: rows i .. i + 3, value 4 L + k
+        u[i] = _mm512_maskz_unpacklo_epi64(0xFF, t[i], t[i + 2]);
+        u[i + 1] = _mm512_maskz_unpackhi_epi64(0xFF, t[i], t[i + 2]);
+        u[i + 2] = _mm512_maskz_unpacklo_epi64(0xFF, t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_maskz_unpackhi_epi64(0xFF, t[i + 1], t[i + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        const __m512i v0 = _mm512_maskz_shuffle_i32x4(0xFFFF, u[k], u[4 + k], 0x88);
+        const __m512i v1 = _mm512_maskz_shuffle_i32x4(0xFFFF, u[k], u[4 + k], 0xDD);
+        const __m512i v2 = _mm512_maskz_shuffle_i32x4(0xFFFF, u[8 + k], u[12 + k], 0x88);
+        const __m512i v3 = _mm512_maskz_shuffle_i32x4(0xFFFF, u[8 + k], u[12 + k], 0xDD);
+        out[k] = _mm512_maskz_shuffle_i32x4(0xFFFF, v0, v2, 0x88);
+        out[k + 4] = _mm512_maskz_shuffle_i32x4(0xFFFF, v1, v3, 0x88);
+        out[k + 8] = _mm512_maskz_shuffle_i32x4(0xFFFF, v0, v2, 0xDD);
+        out[k + 12] = _mm512_maskz_shuffle_i32x4(0xFFFF, v1, v3, 0xDD);
+    }
+}
+
 constexpr int kSlab = 256;     // values per repacked slab: a multiple of every GS taken here
 constexpr int kGemmTokens = 8;  // tokens whose sums stay in registers
 template <int GS>
@@ -1129,7 +1157,7 @@ static void gemm16(float* out, const QuantizedTensor& x, const QuantizedTensor& 
     int32_t lane_row[16];  // lane r reads row r (the missing rows of the last tile repeat row 0)
     for (int r = 0; r < 16; r++) lane_row[r] = r < rows ? r : 0;
     // (masked gathers and converts: GCC 12 warns about the plain ones' undefined source)
-    const __m512i k128 = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    const __m512i k128 = _mm512_set1_epi8((char)0x80);
     const __m512i rows16 = _mm512_loadu_si512(lane_row);
     const __m512i scale_at = _mm512_mullo_epi32(rows16, _mm512_set1_epi32(groups));
     const float* ws = w.s + (size_t)begin * groups;
@@ -1138,14 +1166,20 @@ static void gemm16(float* out, const QuantizedTensor& x, const QuantizedTensor& 
         std::memset(acc, 0, sizeof acc);
         for (int s0 = 0; s0 < n; s0 += kSlab) {
             const int len = std::min(kSlab, n - s0), slab_groups = len / GS, g0 = s0 / GS;
-            const int8_t* base = w.q + (size_t)begin * n + s0;
-            __m512i at = _mm512_mullo_epi32(rows16, _mm512_set1_epi32(n));  // row r's first byte
+            const int8_t* src[16];  // row r's slab (the missing rows of the last tile repeat row 0)
+            for (int r = 0; r < 16; r++) src[r] = w.q + (size_t)(begin + lane_row[r]) * n + s0;
             if (w.bits == 4) {
                 for (int r = 0; r < rows; r++) unpack4(unpacked[r], w.row(begin + r, n).q, s0, len);
-                base = &unpacked[0][0], at = _mm512_mullo_epi32(rows16, _mm512_set1_epi32(kSlab));
+                for (int r = 0; r < 16; r++) src[r] = unpacked[lane_row[r]];
             }
-            for (int c = 0; c < len / 4; c++)
-                _mm512_store_si512(packed[c], _mm512_xor_si512(_mm512_mask_i32gather_epi32(zero, 0xFFFF, at, base + 4 * c, 1), k128));
+            for (int j = 0; j < len; j += 64) {  // 64 values of the 16 rows: 16 registers of packed
+                const __mmask64 valid = len - j >= 64 ? ~0ULL : ~0ULL >> (64 - (len - j));
+                __m512i in[16], out[16];
+                for (int r = 0; r < 16; r++) in[r] = _mm512_maskz_loadu_epi8(valid, src[r] + j);
+                transpose16(in, out);
+                for (int c = 0; c < std::min(16, (len - j) / 4); c++)
+                    _mm512_store_si512(packed[j / 4 + c], _mm512_xor_si512(out[c], k128));
+            }
             for (int g = 0; g < slab_groups; g++)
                 _mm512_store_ps(scales[g], _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, scale_at, ws + g0 + g, 4));
             for (int t0 = 0; t0 < tokens; t0 += kGemmTokens) {
