@@ -311,7 +311,7 @@ struct QuantizedTensor {
     float* s;        // (rows, groups(n)) scales
     int group_size;  // a property of the tensor, not of the program
     int bits = 8;    // 8 or 4
-    int32_t* offsets = nullptr;  // activations: (rows, groups(n)) -128 * sum(q) per group (see gemm16)
+    int32_t* offsets = nullptr;  // activations: (rows, groups(n)) -128 * sum(q) per group (see rows4_i8)
     int groups(int n) const { return (n + group_size - 1) / group_size; }
     size_t row_bytes(int n) const { return bits == 4 ? (n + 1) / 2 : n; }
     // row i of a matrix with n columns, as a tensor of its own
@@ -730,20 +730,9 @@ static void accum(float* x, const float* y, int n) {
 // time, on int8. The activations are quantized first, so each group's dot
 // product is exact integer arithmetic, scaled once by the two groups' scales.
 
-// group_offsets: qx.offsets[r, g] = -128 * (the sum of group g of row r's
-// values), for the prompt kernel (gemm16), which adds 128 to every weight.
-static void group_offsets(QuantizedTensor& qx, int rows, int n) {
-    const int gs = qx.group_size, groups = qx.groups(n);
-    for (size_t r = 0; r < (size_t)rows; r++)
-        for (int g = 0; g < groups; g++) {
-            int32_t sum = 0;
-            for (int j = g * gs; j < std::min(n, (g + 1) * gs); j++) sum += qx.q[r * n + j];
-            qx.offsets[r * groups + g] = -128 * sum;
-        }
-}
-
 // quantize: rows of n floats -> qx (8 bits), group by group, the last group of
-// a row shorter when group_size does not divide n.
+// a row shorter when group_size does not divide n. With qx.offsets, also each
+// group's -128 * sum(q), for the VNNI kernels, which add 128 to every weight.
 // Error: |q * s - x| <= s / 2 + |x| u per element, s = max|group| / 127.
 static void quantize(QuantizedTensor& qx, const float* x, int rows, int n) {
     const int gs = qx.group_size, groups = qx.groups(n);
@@ -760,10 +749,13 @@ static void quantize(QuantizedTensor& qx, const float* x, int rows, int n) {
             // scale vmax / 127 is rounded so coarsely that v / scale can pass 127.
             const float scale = finite ? vmax / 127.0f : NAN;
             qx.s[r * groups + g] = scale;
-            for (int i = 0; i < len; i++)  // a group of zeros gets scale 0 and zeros, not NaN
+            int32_t sum = 0;
+            for (int i = 0; i < len; i++) {  // a group of zeros gets scale 0 and zeros, not NaN
                 q[i] = scale == 0.0f || !finite ? 0 : (int8_t)std::clamp(std::round(v[i] / scale), -127.0f, 127.0f);
+                sum += q[i];
+            }
+            if (qx.offsets) qx.offsets[r * groups + g] = -128 * sum;
         }
-    if (qx.offsets) group_offsets(qx, rows, n);
 }
 
 // dequantize: one row of n values (8 or 4 bits) -> x[j] = q[j] * s[j / group_size].
@@ -1053,29 +1045,25 @@ static inline __m128 add_groups4(__m128 acc, __m512i dots, __m512 sx, __m512 sw)
 // 32) as matmul_reference sums them, the four rows' running sums in the four
 // lanes of the result. Per 64 bytes of x, one vpdpbusd per row adds four byte
 // products into each int32 lane; it multiplies unsigned bytes by signed ones,
-// so the weights go in as w + 128 (w ^ 0x80, exact for -128 too) and each
-// group's sums start from -128 sum(x_g), made once for the four rows. No
+// so the weights go in as w + 128 (w ^ 0x80, exact for -128 too), and each
+// group's dot products get the activations' offset, -128 sum(x_g), added. No
 // horizontal sum waits in a row's chain: sum_lanes4 reduces the four rows at
 // once, and the group's float step is add_group in four lanes. Each row's next
 // bytes kPrefetchRows rows on are asked for into L2 as this one is read.
 template <int GS>
 static inline __m128 rows4_i8(const QuantizedTensor row[4], const QuantizedTensor ahead[4], const int8_t* x,
-                              const float* xs, int groups) {
+                              const float* xs, const int32_t* xo, int groups) {
     static_assert(GS == 32 || GS % 64 == 0, "a group is half a 64-byte load or whole ones");
     constexpr int kLoads = GS == 32 ? 1 : GS / 64, kStep = GS == 32 ? 2 : 1;  // loads per step, groups per step
-    const __m512i k128 = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    const __m512i k128 = _mm512_set1_epi8((char)0x80);
     __m128 acc = _mm_setzero_ps();
     for (int g = 0; g + kStep <= groups; g += kStep) {
         const int8_t* xg = x + (size_t)g * GS;
-        __m512i xv[kLoads], minus = zero;
-        for (int c = 0; c < kLoads; c++) {
-            xv[c] = _mm512_loadu_si512(xg + 64 * c);
-            minus = _mm512_dpbusd_epi32(minus, k128, xv[c]);
-        }
-        minus = _mm512_sub_epi32(zero, minus);
+        __m512i xv[kLoads];
+        for (int c = 0; c < kLoads; c++) xv[c] = _mm512_loadu_si512(xg + 64 * c);
         __m512i lanes[4];
         for (int r = 0; r < 4; r++) {
-            lanes[r] = minus;
+            lanes[r] = _mm512_setzero_si512();
             for (int c = 0; c < kLoads; c++) {
                 const int8_t* wq = row[r].q + (size_t)g * GS + 64 * c;
                 lanes[r] = _mm512_dpbusd_epi32(lanes[r], _mm512_xor_si512(_mm512_loadu_si512(wq), k128), xv[c]);
@@ -1089,6 +1077,7 @@ static inline __m128 rows4_i8(const QuantizedTensor row[4], const QuantizedTenso
                       b2 = _mm512_maskz_extracti32x4_epi32(0xF, sums, 2), b3 = _mm512_maskz_extracti32x4_epi32(0xF, sums, 3);
         const auto add_group4 = [&](__m128i dots, int k) {
             const __m128 sw = _mm_set_ps(row[3].s[k], row[2].s[k], row[1].s[k], row[0].s[k]);
+            dots = _mm_add_epi32(dots, _mm_set1_epi32(xo[k]));
             acc = _mm_fmadd_ps(_mm_mul_ps(_mm_cvtepi32_ps(dots), _mm_set1_ps(xs[k])), sw, acc);
         };
         if (GS == 32) {  // blocks 0-1 are group g, blocks 2-3 group g + 1
@@ -1299,10 +1288,10 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
         QuantizedTensor ahead[4];  // the rows to prefetch, clamped to the matrix's last
         for (int r = 0; r < 4; r++) ahead[r] = w.row(std::min(begin + r + kPrefetchRows, d - 1), n);
         if constexpr (GS == 32 || GS % 64 == 0) {
-            if (GS != 0 && w.bits == 8) {
+            if (GS != 0 && w.bits == 8 && x.offsets) {
                 const int whole = n / gs;  // a short last group takes the path below
                 g = GS == 32 ? whole / 2 * 2 : whole;
-                _mm_storeu_ps(acc, rows4_i8<GS ? GS : 64>(row, ahead, xq, xs, g));
+                _mm_storeu_ps(acc, rows4_i8<GS ? GS : 64>(row, ahead, xq, xs, x.offsets + (size_t)b * groups, g));
             }
         }
         if (quad_groups) {

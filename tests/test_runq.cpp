@@ -22,9 +22,17 @@ static void test_quantize() {
         x[3 * gs] = 1e-30f;                             // group 3: tiny values
         std::vector<int8_t> q(n);
         std::vector<float> s(n / gs), back(n);
-        QuantizedTensor t{q.data(), s.data(), gs};
+        std::vector<int32_t> offsets(n / gs);
+        QuantizedTensor t{q.data(), s.data(), gs, 8, offsets.data()};
         quantize(t, x.data(), 1, n);
         dequantize(t, back.data(), n);
+        bool sums = true;
+        for (int g = 0; g < n / gs; g++) {
+            int32_t sum = 0;
+            for (int i = g * gs; i < (g + 1) * gs; i++) sum += q[i];
+            sums = sums && offsets[g] == -128 * sum;
+        }
+        CHECK(sums, "gs=%d: quantize's offsets are -128 * each group's sum", gs);
         double worst = 0;
         int out_of_range = 0, nans = 0;
         for (int i = 0; i < n; i++) {
@@ -127,6 +135,18 @@ static void test_unpack4() {
     bool deq = true;
     for (int j = 0; j < 40; j++) deq = deq && back[j] == expected(j) * s[j / 32];
     CHECK(deq, "dequantize of a 4-bit row");
+}
+
+// The activations' group offsets, -128 * sum(q), as quantize leaves them for
+// the VNNI kernels (test_quantize checks quantize's own).
+static void group_offsets(QuantizedTensor& x, int rows, int n) {
+    const int groups = x.groups(n);
+    for (int r = 0; r < rows; r++)
+        for (int g = 0; g < groups; g++) {
+            int32_t sum = 0;
+            for (int j = g * x.group_size; j < std::min(n, (g + 1) * x.group_size); j++) sum += x.q[(size_t)r * n + j];
+            x.offsets[(size_t)r * groups + g] = -128 * sum;
+        }
 }
 
 // Random int8 values including the extremes -128 (possible in a file, never
