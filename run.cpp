@@ -376,7 +376,7 @@ static Checkpoint load_checkpoint(const char* path) {
 // Prompt tokens per pass over the weights: each weight row, once in cache,
 // serves the whole block, so reading a prompt costs far less memory traffic
 // per token than generating does.
-constexpr int kBlock = 32;
+constexpr int kBlock = 128;
 
 // calloc'd so a large KV cache costs nothing until it is written
 struct FreeDeleter { void operator()(float* p) const { std::free(p); } };
@@ -498,52 +498,45 @@ static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
 #endif
 }
 
-// dot_tile: out[t * d + r] = w_r . x_t for R weight rows w_r = w + r * n and
-// T tokens x_t = x + t * n: a tile of the output. Each sum runs in 16
-// independent lanes (a single running sum would serialize on the add latency),
-// added up at the end by hsum16. Every 16 weights loaded serve T tokens and every 16
-// activations R rows: R T multiply-adds per R + T loads, so the tile computes
-// from registers instead of waiting on the cache. A sum's arithmetic is the same,
-// to the bit, for any R and T, and however the values are cut into stretches
-// (dot_lanes runs one stretch, dot_finish adds the lanes and the tail).
-// Error: |out - exact| <= n u sum_j |w_r[j] x_t[j]| (no term sees more than n roundings).
-template <int R, int T>
-static inline void dot_lanes(const float* w, const float* x, int n, int j0, int j1, f32x16 (&lanes)[R][T]) {
-    f32x16 lane[R][T];  // a local copy: the loads of w and x cannot alias it, so it stays in registers
-    std::memcpy(lane, lanes, sizeof lane);
-    for (int j = j0; j < j1; j += 16) {  // j0 and j1: multiples of 16
-        f32x16 xj[T];
-        for (int t = 0; t < T; t++) load16(xj[t], x + (size_t)t * n + j);
-        for (int r = 0; r < R; r++) {
-            f32x16 wj;
-            load16(wj, w + (size_t)r * n + j);
-            for (int t = 0; t < T; t++) madd16(lane[r][t], wj, xj[t]);
-        }
-    }
-    std::memcpy(lanes, lane, sizeof lane);
-}
-template <int R, int T>
-static inline void dot_finish(const float* w, const float* x, int n, const f32x16 (&lane)[R][T], float* out, int d) {
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) {
-            float tail = 0.0f;  // the last n % 16 products
-            for (int q = n / 16 * 16; q < n; q++) tail = madd(w[(size_t)r * n + q], x[(size_t)t * n + q], tail);
-            out[(size_t)t * d + r] = hsum16(lane[r][t]) + tail;
+// transpose16: r[c] lane k <- r[k] lane c, a 16 x 16 block turned over in
+// registers. Four rounds, each swapping the off-diagonal blocks of 8, 4, 2 and
+// then 1 lanes between pairs of vectors: 64 two-vector shuffles, which the
+// compiler maps onto the target's permutes (one instruction each with AVX-512).
+#define TRANSPOSE_LO(s, l) (((l) & (s)) ? 16 + (l) - (s) : (l))  // a's lanes, b's low block moved up
+#define TRANSPOSE_HI(s, l) (((l) & (s)) ? 16 + (l) : (l) + (s))  // a's high block moved down, b's lanes
+#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3), F(s, 4), F(s, 5), F(s, 6), F(s, 7), \
+    F(s, 8), F(s, 9), F(s, 10), F(s, 11), F(s, 12), F(s, 13), F(s, 14), F(s, 15)
+template <int S>
+static inline void swap_blocks(f32x16 (&r)[16]) {
+    for (int i = 0; i < 16; i++)
+        if (!(i & S)) {
+            const f32x16 a = r[i], b = r[i + S];
+            r[i] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_LO, S));
+            r[i + S] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_HI, S));
         }
 }
-template <int R, int T>
-static inline void dot_tile(const float* w, const float* x, int n, float* out, int d) {
-    f32x16 lane[R][T] = {};
-    dot_lanes<R, T>(w, x, n, 0, n / 16 * 16, lane);
-    dot_finish<R, T>(w, x, n, lane, out, d);
+static inline void transpose16(f32x16 (&r)[16]) {
+    swap_blocks<8>(r);
+    swap_blocks<4>(r);
+    swap_blocks<2>(r);
+    swap_blocks<1>(r);
 }
 
-// dot: a . b over n floats, as dot_tile computes it (attention's scores).
-// Error: as dot_tile.
+// dot: a . b over n floats (attention's scores). The sum runs in 16
+// independent lanes (a single running sum would serialize on the add latency),
+// added up at the end by hsum16, then the last n % 16 products.
+// Error: |out - exact| <= n u sum_j |a[j] b[j]| (no term sees more than n roundings).
 static inline float dot(const float* a, const float* b, int n) {
-    float out;
-    dot_tile<1, 1>(a, b, n, &out, 1);
-    return out;
+    f32x16 lane = {};
+    for (int j = 0; j + 16 <= n; j += 16) {
+        f32x16 aj, bj;
+        load16(aj, a + j);
+        load16(bj, b + j);
+        madd16(lane, aj, bj);
+    }
+    float tail = 0.0f;
+    for (int j = n / 16 * 16; j < n; j++) tail = madd(a[j], b[j], tail);
+    return hsum16(lane) + tail;
 }
 
 // Weights with NaN or infinity in them make every later token garbage: stop
@@ -642,56 +635,125 @@ static void accum(float* x, const float* y, int n) {
 // ----------------------------------------------------------------------------
 // Matmul: W (d, n) @ x (n,) -> out (d,), the loop that takes nearly all the time.
 
-// matmul_reference: out[b, i] = sum_j w[i, j] * x[b, j] for each of the nb
-// tokens b; w is row-major. The plain loops, kept as the specification of
-// matmul (the tests use it).
-[[maybe_unused]] static void matmul_reference(float* out, const float* x, const float* w, int n, int d,
-                                              int nb) {
+// rows_reference: rows r0 .. r1 - 1 of matmul_reference.
+static void rows_reference(float* out, const float* x, const float* w, int n, int d, int nb, int r0, int r1) {
     for (int b = 0; b < nb; b++)
-        for (int i = 0; i < d; i++) {
+        for (int i = r0; i < r1; i++) {
             float acc = 0.0f;
-            for (int j = 0; j < n; j++) acc += w[(size_t)i * n + j] * x[(size_t)b * n + j];
+            for (int j = 0; j < n; j++) acc = madd(w[(size_t)i * n + j], x[(size_t)b * n + j], acc);
             out[(size_t)b * d + i] = acc;
         }
 }
+// matmul_reference: out[b, i] = sum_j w[i, j] * x[b, j] for each of the nb
+// tokens b; w is row-major. The plain loops, kept as the specification of
+// matmul: each sum runs j = 0, 1, .., n - 1, one madd per term. The fast
+// kernels below compute these very sums in this very order, so their results
+// are the reference's to the bit (the tests check), for any sizes.
+// Error: |out - exact| <= n u sum_j |w[i, j] x[b, j]| (no term sees more than n roundings).
+[[maybe_unused]] static void matmul_reference(float* out, const float* x, const float* w, int n, int d, int nb) {
+    rows_reference(out, x, w, n, d, nb, 0, d);
+}
 
-// The rows of a matrix are computed in tiles of four; tile t holds rows
-// 4t .. 4t + 3 (fewer in the last tile if d % 4 != 0). Parallel loops run over
-// tiles: one matmul's, or several matrices' at once (see forward).
-static inline int tiles(int d) { return (d + 3) / 4; }
+// The fast kernels run 16 rows' sums side by side, row r in lane r: column j
+// of the 16 rows (w[i .. i + 15, j]) times x[j] in every lane advances all 16
+// sums by one term with one madd16, in the reference's order. No horizontal
+// sums, and as many independent sums as lanes. The matrix is stored by rows,
+// so its 16 x 16 blocks are transposed on the way in (transpose16).
+// A panel is 16 rows; a tile, four panels, is what the threads share out.
+constexpr int kPanel = 16;   // rows per panel: one per lane
+constexpr int kTile = 64;    // rows per tile
+constexpr int kSlab = 256;   // a tile's columns transposed at a time for a prompt (64 KB)
+constexpr int kTokens = 6;   // tokens whose sums stay in registers: 4 panels x 6 = 24 registers
+static inline int tiles(int d) { return (d + kTile - 1) / kTile; }
 
-// matmul_tile: tile t of W (d, n) @ x (nb, n) -> out (nb, d). The tile's rows
-// are read from memory once and, while they sit in cache, dotted with all nb
-// tokens (1 when generating, up to kBlock when reading a prompt), four by four.
-// A result does not depend on nb or on the tile shape it was computed in.
-// Error: as dot_tile.
-// Four rows by four tokens at a time, kStretch values at a time: each stretch of
-// the four rows and of up to kBlock tokens (36 KB) is read from L1 by every
-// 4 x 4 tile, where whole rows would come from L2; the tiles' lanes wait in
-// memory between stretches.
-constexpr int kStretch = 256;
-static void matmul_tile(float* out, const float* x, const float* w, int n, int d, int nb, int t) {
-    const int i = 4 * t, end = std::min(i + 4, d);
-    int b = 0;
-    while (end - i == 4 && nb - b >= 4) {  // up to kBlock tokens, four by four
-        const int quads = std::min(kBlock, nb - b) / 4, whole = n / 16 * 16;
-        const float* wi = w + (size_t)i * n;
-        f32x16 lanes[kBlock / 4][4][4] = {};  // [token quad][row][token]
-        for (int j = 0; j < whole; j += kStretch)
-            for (int q = 0; q < quads; q++)
-                dot_lanes<4, 4>(wi, x + (size_t)(b + 4 * q) * n, n, j, std::min(j + kStretch, whole), lanes[q]);
-        for (int q = 0; q < quads; q++)
-            dot_finish<4, 4>(wi, x + (size_t)(b + 4 * q) * n, n, lanes[q], out + (size_t)(b + 4 * q) * d + i, d);
-        b += 4 * quads;
+// columns16: col[q * stride] lane r = w[r * n + j + q], q < count: columns
+// j .. j + count - 1 of the 16 rows at w (row stride n). Whole blocks of 16
+// go through transpose16; a matrix's last n % 16 columns one value at a time.
+// Each row is asked for kAhead columns ahead of its loads (clamped to the row):
+// sixteen short streams at once are more than the hardware prefetcher
+// follows from the start (without it, decode ran 10-20% slower).
+constexpr int kAhead = 64;
+static inline void columns16(f32x16* col, int stride, const float* w, int n, int j, int count) {
+    if (count == 16) {
+        f32x16 r[16];
+        const int ahead = std::min(j + kAhead, n - 1);
+        for (int q = 0; q < 16; q++) __builtin_prefetch(w + (size_t)q * n + ahead);
+        for (int q = 0; q < 16; q++) load16(r[q], w + (size_t)q * n + j);
+        transpose16(r);
+        for (int q = 0; q < 16; q++) col[q * stride] = r[q];
+    } else {
+        for (int q = 0; q < count; q++)
+            for (int r = 0; r < 16; r++) col[q * stride][r] = w[(size_t)r * n + j + q];
     }
-    // the tokens left over (all of them when generating) one row at a time: a row
-    // is one long sequential read the hardware prefetcher follows, and its 16
-    // lanes of sums already hide the add latency (runq's 4-bit groups are too
-    // short for that, and go four rows side by side: see its matmul_rows). (Asking
-    // for the next tile's row as well, as runq does, measured no faster here.)
-    for (int r = i; r < end; r++)
-        for (int c = b; c < nb; c++)
-            dot_tile<1, 1>(w + (size_t)r * n, x + (size_t)c * n, n, out + (size_t)c * d + r, d);
+}
+
+// panel_token: out[0 .. 15] = the 16 rows at w (row stride n) times one
+// token's x: the generating case. Each 16 columns are transposed and used at
+// once, in registers; the panel's 16 rows are 16 sequential streams for the
+// hardware prefetcher.
+static void panel_token(float* out, const float* w, const float* x, int n) {
+    f32x16 acc = {};
+    for (int j = 0; j < n; j += 16) {
+        f32x16 col[16];
+        const int count = std::min(16, n - j);
+        columns16(col, 1, w, n, j, count);
+        for (int q = 0; q < count; q++) madd16(acc, col[q], x[j + q] - f32x16{});  // (x - 0: a broadcast)
+    }
+    std::memcpy(out, &acc, sizeof acc);
+}
+
+// slab_tokens<P, T>: for T tokens (x, row stride n; out, row stride d) and P
+// panels, the next `cols` terms of their sums from a transposed slab (panel
+// p's column k at slab[p * kSlab + k]). The P T sums stay in registers across
+// the slab: each column loaded serves T tokens, each broadcast P panels. The
+// sums start at zero on a row's first slab (first), else from out.
+template <int P, int T>
+static inline void slab_tokens(float* out, const f32x16* slab, int cols, const float* x, int n, int d, bool first) {
+    f32x16 acc[T][P];
+    for (int t = 0; t < T; t++)
+        for (int p = 0; p < P; p++)
+            if (first) acc[t][p] = f32x16{};
+            else load16(acc[t][p], out + (size_t)t * d + kPanel * p);
+    for (int k = 0; k < cols; k++)
+        for (int t = 0; t < T; t++) {
+            const f32x16 xk = x[(size_t)t * n + k] - f32x16{};
+            for (int p = 0; p < P; p++) madd16(acc[t][p], slab[p * kSlab + k], xk);
+        }
+    for (int t = 0; t < T; t++)
+        for (int p = 0; p < P; p++) std::memcpy(out + (size_t)t * d + kPanel * p, &acc[t][p], sizeof(f32x16));
+}
+template <int P>
+static void slab_all_tokens(float* out, const f32x16* slab, int cols, const float* x, int n, int d, int nb, bool first) {
+    int b = 0;
+    for (; b + kTokens <= nb; b += kTokens)
+        slab_tokens<P, kTokens>(out + (size_t)b * d, slab, cols, x + (size_t)b * n, n, d, first);
+    for (; b < nb; b++) slab_tokens<P, 1>(out + (size_t)b * d, slab, cols, x + (size_t)b * n, n, d, first);
+}
+
+// matmul_tile: tile t (rows 64t .. 64t + 63) of W (d, n) @ x (nb, n) -> out
+// (nb, d). One token: panel by panel. A block of tokens (a prompt): kSlab
+// columns of the tile transposed once into L2, then read by every kTokens
+// tokens. Rows past the last whole panel (d % 16): the reference's loops.
+static void matmul_tile(float* out, const float* x, const float* w, int n, int d, int nb, int t) {
+    const int i = kTile * t, panels = std::min(kTile, d - i) / kPanel;
+    if (nb == 1) {
+        for (int p = 0; p < panels; p++) panel_token(out + i + kPanel * p, w + (size_t)(i + kPanel * p) * n, x, n);
+    } else if (panels > 0) {
+        alignas(64) f32x16 slab[kTile / kPanel * kSlab];  // [panel][column]
+        for (int j = 0; j < n; j += kSlab) {
+            const int cols = std::min(kSlab, n - j);
+            for (int p = 0; p < panels; p++)
+                for (int q = 0; q < cols; q += 16)
+                    columns16(slab + p * kSlab + q, 1, w + (size_t)(i + kPanel * p) * n, n, j + q, std::min(16, cols - q));
+            if (panels == kTile / kPanel) {
+                slab_all_tokens<kTile / kPanel>(out + i, slab, cols, x + j, n, d, nb, j == 0);
+            } else {
+                for (int p = 0; p < panels; p++)
+                    slab_all_tokens<1>(out + i + kPanel * p, slab + p * kSlab, cols, x + j, n, d, nb, j == 0);
+            }
+        }
+    }
+    rows_reference(out, x, w, n, d, nb, i + kPanel * panels, std::min(i + kTile, d));
 }
 
 // matmul: W (d, n) @ x (nb, n) -> out (nb, d), any sizes; out must not alias x.
@@ -724,7 +786,7 @@ static void matmul_swiglu(float* h, float* h3, const float* x, const float* w1, 
     for (int t = 0; t < tiles(d); t++) {
         matmul_tile(h, x, w1, n, d, nb, t);
         matmul_tile(h3, x, w3, n, d, nb, t);
-        const int i = 4 * t, rows = std::min(4, d - i);
+        const int i = kTile * t, rows = std::min(kTile, d - i);
         for (int b = 0; b < nb; b++) swiglu(h + (size_t)b * d + i, h3 + (size_t)b * d + i, rows);
     }
 }

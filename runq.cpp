@@ -442,7 +442,7 @@ static Checkpoint load_checkpoint(const char* path) {
 // Prompt tokens per pass over the weights: each weight row, once in cache,
 // serves the whole block, so reading a prompt costs far less memory traffic
 // per token than generating does.
-constexpr int kBlock = 32;
+constexpr int kBlock = 128;
 
 // calloc'd so a large KV cache costs nothing until it is written
 struct FreeDeleter { void operator()(float* p) const { std::free(p); } };
@@ -584,52 +584,45 @@ static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
 #endif
 }
 
-// dot_tile: out[t * d + r] = w_r . x_t for R weight rows w_r = w + r * n and
-// T tokens x_t = x + t * n: a tile of the output. Each sum runs in 16
-// independent lanes (a single running sum would serialize on the add latency),
-// added up at the end by hsum16. Every 16 weights loaded serve T tokens and every 16
-// activations R rows: R T multiply-adds per R + T loads, so the tile computes
-// from registers instead of waiting on the cache. A sum's arithmetic is the same,
-// to the bit, for any R and T, and however the values are cut into stretches
-// (dot_lanes runs one stretch, dot_finish adds the lanes and the tail).
-// Error: |out - exact| <= n u sum_j |w_r[j] x_t[j]| (no term sees more than n roundings).
-template <int R, int T>
-static inline void dot_lanes(const float* w, const float* x, int n, int j0, int j1, f32x16 (&lanes)[R][T]) {
-    f32x16 lane[R][T];  // a local copy: the loads of w and x cannot alias it, so it stays in registers
-    std::memcpy(lane, lanes, sizeof lane);
-    for (int j = j0; j < j1; j += 16) {  // j0 and j1: multiples of 16
-        f32x16 xj[T];
-        for (int t = 0; t < T; t++) load16(xj[t], x + (size_t)t * n + j);
-        for (int r = 0; r < R; r++) {
-            f32x16 wj;
-            load16(wj, w + (size_t)r * n + j);
-            for (int t = 0; t < T; t++) madd16(lane[r][t], wj, xj[t]);
-        }
-    }
-    std::memcpy(lanes, lane, sizeof lane);
-}
-template <int R, int T>
-static inline void dot_finish(const float* w, const float* x, int n, const f32x16 (&lane)[R][T], float* out, int d) {
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) {
-            float tail = 0.0f;  // the last n % 16 products
-            for (int q = n / 16 * 16; q < n; q++) tail = madd(w[(size_t)r * n + q], x[(size_t)t * n + q], tail);
-            out[(size_t)t * d + r] = hsum16(lane[r][t]) + tail;
+// transpose16: r[c] lane k <- r[k] lane c, a 16 x 16 block turned over in
+// registers. Four rounds, each swapping the off-diagonal blocks of 8, 4, 2 and
+// then 1 lanes between pairs of vectors: 64 two-vector shuffles, which the
+// compiler maps onto the target's permutes (one instruction each with AVX-512).
+#define TRANSPOSE_LO(s, l) (((l) & (s)) ? 16 + (l) - (s) : (l))  // a's lanes, b's low block moved up
+#define TRANSPOSE_HI(s, l) (((l) & (s)) ? 16 + (l) : (l) + (s))  // a's high block moved down, b's lanes
+#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3), F(s, 4), F(s, 5), F(s, 6), F(s, 7), \
+    F(s, 8), F(s, 9), F(s, 10), F(s, 11), F(s, 12), F(s, 13), F(s, 14), F(s, 15)
+template <int S>
+static inline void swap_blocks(f32x16 (&r)[16]) {
+    for (int i = 0; i < 16; i++)
+        if (!(i & S)) {
+            const f32x16 a = r[i], b = r[i + S];
+            r[i] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_LO, S));
+            r[i + S] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_HI, S));
         }
 }
-template <int R, int T>
-static inline void dot_tile(const float* w, const float* x, int n, float* out, int d) {
-    f32x16 lane[R][T] = {};
-    dot_lanes<R, T>(w, x, n, 0, n / 16 * 16, lane);
-    dot_finish<R, T>(w, x, n, lane, out, d);
+static inline void transpose16(f32x16 (&r)[16]) {
+    swap_blocks<8>(r);
+    swap_blocks<4>(r);
+    swap_blocks<2>(r);
+    swap_blocks<1>(r);
 }
 
-// dot: a . b over n floats, as dot_tile computes it (attention's scores).
-// Error: as dot_tile.
+// dot: a . b over n floats (attention's scores). The sum runs in 16
+// independent lanes (a single running sum would serialize on the add latency),
+// added up at the end by hsum16, then the last n % 16 products.
+// Error: |out - exact| <= n u sum_j |a[j] b[j]| (no term sees more than n roundings).
 static inline float dot(const float* a, const float* b, int n) {
-    float out;
-    dot_tile<1, 1>(a, b, n, &out, 1);
-    return out;
+    f32x16 lane = {};
+    for (int j = 0; j + 16 <= n; j += 16) {
+        f32x16 aj, bj;
+        load16(aj, a + j);
+        load16(bj, b + j);
+        madd16(lane, aj, bj);
+    }
+    float tail = 0.0f;
+    for (int j = n / 16 * 16; j < n; j++) tail = madd(a[j], b[j], tail);
+    return hsum16(lane) + tail;
 }
 
 // Weights with NaN or infinity in them make every later token garbage: stop

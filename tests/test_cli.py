@@ -306,7 +306,7 @@ def test_unencodable_prompt_without_byte_fallback(engine, tmp_path):
 
 def test_prompt_blocks_change_nothing(engine, tmp_path):
     """Every position's logits, to the bit, and the text, for blocks of 1 (token
-    by token), 7 (blocks that do not divide the prompt) and the default 32."""
+    by token), 7 (blocks that do not divide the prompt) and the default 128."""
     prompt = "Once upon a time, there was a little dog named Max. He liked to run in the park and " * 2
     outs = []
     for block in ("1", "7", None):
@@ -324,7 +324,7 @@ def test_chat_prompt_blocks_change_nothing(engine):
     assert len(outs) == 1
 
 
-@pytest.mark.parametrize("value", ["0", "33", "x", "-1"])
+@pytest.mark.parametrize("value", ["0", "129", "x", "-1"])
 def test_bad_run_block(engine, value):
     p = run(engine.binary, engine.stories, "-z", TOK512, check=False, env={"RUN_BLOCK": value})
     assert p.returncode == 1 and b"RUN_BLOCK" in p.stderr

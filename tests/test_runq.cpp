@@ -173,8 +173,9 @@ static void test_matmul() {
                     const int n = gs * groups + tail, G = groups + (tail > 0);
                     for (int d : {1, 3, 17, 33})
                         for (int shift : {0, 1, 3})  // misaligned starts
-                        for (int nb : {1, 6, 37}) {  // one token, a block (4 at once + 2), more than kBlock
-                            if (nb == 37 && (shift != 0 || d != 17)) continue;  // (slow: a sample)
+                        for (int nb : {1, 6, 37, kBlock + 5}) {  // one token, a block (4 at once + 2), more than kBlock
+                            if (nb > 6 && (shift != 0 || d != 17)) continue;  // (slow: a sample)
+                            if (nb > kBlock && groups > 2) continue;
                             QuantizedTensor w{nullptr, nullptr, gs, bits};
                             std::vector<int8_t> xq((size_t)nb * n + shift), wq((size_t)d * w.row_bytes(n) + shift);
                             std::vector<float> xs((size_t)nb * G), ws((size_t)d * G);
