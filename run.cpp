@@ -515,7 +515,7 @@ static inline void swap_blocks(f32x16 (&r)[16]) {
             r[i + S] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_HI, S));
         }
 }
-static inline void transpose16(f32x16 (&r)[16]) {
+[[maybe_unused]] static inline void transpose16(f32x16 (&r)[16]) {  // (runq: AVX-512 builds only)
     swap_blocks<8>(r);
     swap_blocks<4>(r);
     swap_blocks<2>(r);

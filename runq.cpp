@@ -601,7 +601,7 @@ static inline void swap_blocks(f32x16 (&r)[16]) {
             r[i + S] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_HI, S));
         }
 }
-static inline void transpose16(f32x16 (&r)[16]) {
+[[maybe_unused]] static inline void transpose16(f32x16 (&r)[16]) {  // (runq: AVX-512 builds only)
     swap_blocks<8>(r);
     swap_blocks<4>(r);
     swap_blocks<2>(r);
@@ -1089,7 +1089,7 @@ static inline __m128 rows4_i8(const QuantizedTensor row[4], const QuantizedTenso
 // end) for nb tokens, matmul_reference's result exactly. GS (32, 64 or 128)
 // divides n; 8- or 4-bit weights. The rows are repacked kSlab values at a
 // time so that one register holds four consecutive values of each of the 16
-// rows, one row per 32-bit lane (a 16 x 16 transpose per 64 values, then in L1 for
+// rows, one row per 32-bit lane (transpose16 per 64 values, then in L1 for
 // every token). vpdpbusd with four of a token's values broadcast to all lanes
 // then adds the next four products of all 16 rows at once, and a group's 16
 // dot products come out in the lanes: no horizontal sum at all, and every
@@ -1098,34 +1098,6 @@ static inline __m128 rows4_i8(const QuantizedTensor row[4], const QuantizedTenso
 // bytes: the repacked weights are w + 128 (w ^ 0x80, exact for -128 too), and
 // each (token, group) sum starts from x.offsets = -128 sum(x_g), which takes
 // off what the 128 adds. The float side is add_group in 16 lanes.
-// transpose16: 16 rows of 16 int32 in, out[c] lane r = in[r] lane c. Pairs of
-// rows interleave (32-bit, then 64-bit unpacks: within each 128-bit block, four
-// rows' values c), then the 128-bit blocks move into place by two rounds of
-// shuffles. (maskz forms for GCC 12's warnings, as in fold_16_to_8)
-static inline void transpose16(const __m512i in[16], __m512i out[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_maskz_unpacklo_epi32(0xFFFF, in[i], in[i + 1]);
-        t[i + 1] = _mm512_maskz_unpackhi_epi32(0xFFFF, in[i], in[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {  // u[i + k], block L: rows i .. i + 3, value 4 L + k
-        u[i] = _mm512_maskz_unpacklo_epi64(0xFF, t[i], t[i + 2]);
-        u[i + 1] = _mm512_maskz_unpackhi_epi64(0xFF, t[i], t[i + 2]);
-        u[i + 2] = _mm512_maskz_unpacklo_epi64(0xFF, t[i + 1], t[i + 3]);
-        u[i + 3] = _mm512_maskz_unpackhi_epi64(0xFF, t[i + 1], t[i + 3]);
-    }
-    for (int k = 0; k < 4; k++) {
-        const __m512i v0 = _mm512_maskz_shuffle_i32x4(0xFFFF, u[k], u[4 + k], 0x88);
-        const __m512i v1 = _mm512_maskz_shuffle_i32x4(0xFFFF, u[k], u[4 + k], 0xDD);
-        const __m512i v2 = _mm512_maskz_shuffle_i32x4(0xFFFF, u[8 + k], u[12 + k], 0x88);
-        const __m512i v3 = _mm512_maskz_shuffle_i32x4(0xFFFF, u[8 + k], u[12 + k], 0xDD);
-        out[k] = _mm512_maskz_shuffle_i32x4(0xFFFF, v0, v2, 0x88);
-        out[k + 4] = _mm512_maskz_shuffle_i32x4(0xFFFF, v1, v3, 0x88);
-        out[k + 8] = _mm512_maskz_shuffle_i32x4(0xFFFF, v0, v2, 0xDD);
-        out[k + 12] = _mm512_maskz_shuffle_i32x4(0xFFFF, v1, v3, 0xDD);
-    }
-}
-
 constexpr int kSlab = 256;     // values per repacked slab: a multiple of every GS taken here
 constexpr int kGemmTokens = 8;  // tokens whose sums stay in registers
 template <int GS>
@@ -1156,11 +1128,11 @@ static void gemm16(float* out, const QuantizedTensor& x, const QuantizedTensor& 
             }
             for (int j = 0; j < len; j += 64) {  // 64 values of the 16 rows: 16 registers of packed
                 const __mmask64 valid = len - j >= 64 ? ~0ULL : ~0ULL >> (64 - (len - j));
-                __m512i in[16], out[16];
-                for (int r = 0; r < 16; r++) in[r] = _mm512_maskz_loadu_epi8(valid, src[r] + j);
-                transpose16(in, out);
+                f32x16 four[16];  // [row], then [four values]: transpose16 moves 32-bit lanes, whatever they hold
+                for (int r = 0; r < 16; r++) four[r] = (f32x16)_mm512_maskz_loadu_epi8(valid, src[r] + j);
+                transpose16(four);
                 for (int c = 0; c < std::min(16, (len - j) / 4); c++)
-                    _mm512_store_si512(packed[j / 4 + c], _mm512_xor_si512(out[c], k128));
+                    _mm512_store_si512(packed[j / 4 + c], _mm512_xor_si512((__m512i)four[c], k128));
             }
             for (int g = 0; g < slab_groups; g++)
                 _mm512_store_ps(scales[g], _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, scale_at, ws + g0 + g, 4));
