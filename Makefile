@@ -61,7 +61,7 @@ debug:                  # address + undefined-behaviour sanitizers
 	$(CXX) $(WARN) $(NOOMP) $(SAN) -o run run.cpp
 	$(CXX) $(WARN) $(NOOMP) $(SAN) -o runq runq.cpp
 
-tokenizer.bin: export.py $(TOKENIZER_MODEL)
+tokenizer.bin: export.py exporter/tokenizers.py $(TOKENIZER_MODEL)
 	@test -n "$(TOKENIZER_MODEL)" || { echo "no tokenizer.model: download Llama 2's and put it here" >&2; exit 1; }
 	$(PYTHON) export.py --tokenizer $(TOKENIZER_MODEL) -o $@
 

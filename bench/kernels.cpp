@@ -7,7 +7,7 @@
 // the table gives total and per-call time, GOP/s (2 n d operations per token)
 // and the weight bytes streamed per second. The rows named "runq's matmul" are
 // runq.cpp's own matmul, not a copy: for one token, four rows side by side
-// (rows4_i8 with AVX-512 VNNI); for a block of 32 tokens, as when a prompt is
+// (rows4_i8 with AVX-512 VNNI); for a block of kBlock tokens, as when a prompt is
 // read, 16 rows in the lanes of a register (gemm16), per token. The rows before
 // each show what that step replaced: one row at a time, and four tokens per
 // weight load. Then the same matrix with int4 weights (version 3, group size 32).
@@ -157,7 +157,7 @@ int main() {
         int8("threads + SIMD, one row at a time (dot_i8 per group)",
              [&](float* o) { four_rows_at_a_time<0>(o, xt, wt, kN, kD, 1); }),
         int8("all: runq's matmul (four rows side by side, VNNI, prefetch)", [&](float* o) { matmul(o, xt, wt, kN, kD, 1); }),
-        int8("batched, 32 tokens per call: four tokens per weight load",
+        int8("batched (a prompt block per call): four tokens per weight load",
              [&](float* o) { four_rows_at_a_time<kGS>(o, xt, wt, kN, kD, kBlock); }, kBlock),
         int8("batched: runq's matmul (16 rows in the lanes, gemm16)", [&](float* o) { matmul(o, xt, wt, kN, kD, kBlock); }, kBlock),
         int4("int4: one row at a time (threads, SIMD)", [&](float* o) { four_rows_at_a_time<0>(o, x4t, w4, kN, kD, 1); }),
@@ -171,8 +171,8 @@ int main() {
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    std::printf("matmul %d x %d, int8 (group size %d), then int4 (group size %d); %d threads; each checked against "
-                "the reference\n\n", kD, kN, kGS, kGS4, threads);
+    std::printf("matmul %d x %d, int8 (group size %d), then int4 (group size %d); %d threads; batched: %d tokens "
+                "per call; each checked against the reference\n\n", kD, kN, kGS, kGS4, threads, kBlock);
     std::printf("| technique | calls | total ms | ms per token | GOP/s | weight GB/s | speed-up |\n");
     std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
     double base = 0;

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 import export as E  # noqa: E402
 import model as M  # noqa: E402
+from exporter.tokenizers import read_tokenizer_bin  # noqa: E402
 
 # the shared data files; MODELS_DIR overrides for a checkout that is not beside them
 MODELS = Path(os.environ.get("MODELS_DIR", ROOT.parent / "shared" / "models"))
@@ -209,4 +210,4 @@ def decode_text(pieces, tokens):
 
 
 def read_tokenizer(path, vocab):
-    return E.read_tokenizer_bin(path)[0][:vocab]
+    return read_tokenizer_bin(path)[0][:vocab]

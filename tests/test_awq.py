@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from conftest import MODELS, ROOT, STORIES, TOK512, E, M, random_model, run, save_model
+from exporter import awq
+from exporter.tokenizers import read_tokenizer_bin
 from test_model import U, reference_logits, rounding_depth
 from test_tokenizer import llama_tok, varied_strings  # noqa: F401 (a fixture)
 
@@ -35,8 +37,8 @@ def test_scaling_keeps_fp32_logits(name, monkeypatch):
     g = torch.Generator().manual_seed(3)
     windows = [[1] + torch.randint(3, m.args.vocab_size, (40,), generator=g).tolist() for _ in range(4)]
     scaled = copy.deepcopy(m)
-    monkeypatch.setattr(E, "progress", lambda *_: None)
-    E.apply_awq(scaled, windows, 8, 7)
+    monkeypatch.setattr(awq, "progress", lambda *_: None)
+    awq.apply_awq(scaled, windows, 8, 7)
     moved = max((a - b).abs().max().item() for a, b in zip(m.state_dict().values(), scaled.state_dict().values()))
     assert moved > 0.1, "the scales should have changed the weights"
     tokens = windows[0]
@@ -54,8 +56,8 @@ def test_clipping_leaves_the_embedding_table(monkeypatch):
     table = m.tok_embeddings.weight.detach().clone()
     g = torch.Generator().manual_seed(4)
     windows = [[1] + torch.randint(3, m.args.vocab_size, (40,), generator=g).tolist() for _ in range(4)]
-    monkeypatch.setattr(E, "progress", lambda *_: None)
-    E.clip_awq(m, windows, 8, 7)
+    monkeypatch.setattr(awq, "progress", lambda *_: None)
+    awq.clip_awq(m, windows, 8, 7)
     assert not m.args.shared_classifier
     assert torch.equal(m.tok_embeddings.weight, table)
     cls = m.output.weight.detach()
@@ -65,12 +67,12 @@ def test_clipping_leaves_the_embedding_table(monkeypatch):
 
 
 def test_encoder_is_runs(binary, llama_tok):
-    """export.encode (calibration text -> ids) against run -m tokenize, on two vocabularies."""
+    """exporter.awq.encode (calibration text -> ids) against run -m tokenize, on two vocabularies."""
     for tok, model in ((TOK512, STORIES), llama_tok):
-        pieces, scores = E.read_tokenizer_bin(tok)
+        pieces, scores = read_tokenizer_bin(tok)
         for text in varied_strings(150, seed=5):
             ids = [int(t) for t in run(binary, model, "-z", tok, "-m", "tokenize", "-i", text).stdout.split()]
-            assert E.encode(pieces, scores, text) == ids[1:], text
+            assert awq.encode(pieces, scores, text) == ids[1:], text
 
 
 def export(*args):

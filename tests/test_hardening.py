@@ -414,7 +414,7 @@ def test_export_reads_bad_tokenizer_bin(tmp_path, case):
     struct.error on a cut file, and the piece count checked (3 here)."""
     data, words = BAD_TOKENIZERS[case]
     (tmp_path / "tok.bin").write_bytes(data)
-    code = f"import export; export.read_tokenizer_bin({str(tmp_path / 'tok.bin')!r}, 3)"
+    code = f"from exporter.tokenizers import read_tokenizer_bin; read_tokenizer_bin({str(tmp_path / 'tok.bin')!r}, 3)"
     p = subprocess.run([os.sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60)
     err = p.stderr.decode()
     assert p.returncode == 1 and err.count("\n") == 1 and words in err and "tok.bin" in err, err

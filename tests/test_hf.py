@@ -173,6 +173,7 @@ def test_meta_shards_concatenate(tmp_path, monkeypatch):
     params = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": -1, "norm_eps": 1e-5,
               "multiple_of": 32}
     import export as E
+    from exporter.meta import shard_axis
     for n_shards in (1, 2):
         d = tmp_path / f"meta{n_shards}"
         d.mkdir()
@@ -180,7 +181,7 @@ def test_meta_shards_concatenate(tmp_path, monkeypatch):
         for s in range(n_shards):
             part = {}
             for name, t in sd.items():
-                axis = E.shard_axis(name)
+                axis = shard_axis(name)
                 part[name] = t.clone() if axis is None else t.chunk(n_shards, dim=axis)[s].clone()
             torch.save(part, d / f"consolidated.{s:02d}.pth")
         export(tmp_path / f"out{n_shards}.bin", "--meta", d, "--seq-len", 32)
@@ -260,8 +261,8 @@ def tokenizer_json_from_model(path, out):
     """tokenizer.json as Hugging Face's converter writes it for a sentencepiece
     BPE: the pieces as the vocabulary, and a merge (left, right) for every way a
     piece splits into two pieces, ordered by the merged piece's score."""
-    import export as E
-    pieces, _, _ = E.read_sentencepiece(str(path))
+    from exporter.tokenizers import read_sentencepiece
+    pieces, _, _ = read_sentencepiece(str(path))
     vocab = {p.decode(): i for i, (p, _, _) in enumerate(pieces)}
     score = [s for _, s, _ in pieces]
     merges = []
