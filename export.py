@@ -32,12 +32,14 @@ from exporter.tokenizers import read_sentencepiece, read_tokenizer_json
 
 
 def header_bytes(args, version, group_size=0):
-    """The header: 28 bytes for version 0, 256 for versions 1 and 2."""
+    """The header: 28 bytes for version 0, 256 for versions 1, 2 and 3."""
     fields = (args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads)
     if version == 0:
         if args.rope_theta != M.DEFAULT_ROPE_THETA or args.norm_eps != M.DEFAULT_NORM_EPS:
             fail(f"version 0 cannot store rope_theta={args.rope_theta} / norm_eps={args.norm_eps}; "
                  "use --version 1 or 2")
+        if args.rope_scaling is not None:
+            fail("version 0 cannot store rope_scaling (Llama 3.1's); use --version 1, 2 or 3")
         vocab = args.vocab_size if args.shared_classifier else -args.vocab_size
         return struct.pack("<7i", *fields, vocab, args.max_seq_len)
     head = struct.pack("<Ii7iB", M.MAGIC, version, *fields, args.vocab_size, args.max_seq_len,
@@ -45,6 +47,9 @@ def header_bytes(args, version, group_size=0):
     if version >= 2:
         head += struct.pack("<i", group_size)  # offset 37, unaligned as in llama2.c
     head = head.ljust(64, b"\0") + struct.pack("<2f", args.rope_theta, args.norm_eps)
+    if args.rope_scaling is not None:  # offset 72: kind 1 (llama3) and its four parameters
+        factor, low, high, original = args.rope_scaling
+        head += struct.pack("<i3fi", 1, factor, low, high, original)
     return head.ljust(M.HEADER_BYTES, b"\0")
 
 
@@ -64,7 +69,7 @@ def file_order(model, version):
             for name, _ in M.layer_tensors(args)]
     final = ("rms_final", tensor("norm.weight"))
     if version == 0:
-        cos, sin = M.rope_tables(args.head_size, args.max_seq_len, args.rope_theta)
+        cos, sin = M.rope_tables(args.head_size, args.max_seq_len, args.rope_theta, args.rope_scaling)
         out = [emb, norms[0], *sum(mats[:4], []), norms[1], *sum(mats[4:], []), final,
                ("freq_cis_real", lambda: cos), ("freq_cis_imag", lambda: sin)]
     else:

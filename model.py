@@ -33,6 +33,9 @@ class ModelArgs:
     norm_eps: float = DEFAULT_NORM_EPS
     max_seq_len: int = 256
     rope_theta: float = DEFAULT_ROPE_THETA
+    # Llama 3.1's RoPE scaling (Hugging Face's rope_type "llama3"), or None:
+    # (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    rope_scaling: Optional[tuple] = None
     shared_classifier: bool = True
     dropout: float = 0.0  # accepted for llama2.c's model_args; inference ignores it
 
@@ -58,10 +61,22 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
-def rope_tables(head_size, seq_len, theta):
-    """cos, sin of shape (seq_len, head_size / 2): angle p * theta^(-2i / head_size),
-    computed in float64 like run.cpp."""
-    freqs = theta ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+def scaled_frequencies(freqs, scaling):
+    """Llama 3.1's RoPE scaling of the frequencies: those whose wavelength exceeds
+    original / low_freq_factor divided by factor, those below original /
+    high_freq_factor kept, those between blended linearly in original / wavelength."""
+    if scaling is None:
+        return freqs
+    factor, low, high, original = scaling
+    wavelength = 2 * math.pi / freqs
+    smooth = ((original / wavelength - low) / (high - low)).clamp(0, 1)  # 0: divided, 1: kept
+    return (1 - smooth) * freqs / factor + smooth * freqs
+
+
+def rope_tables(head_size, seq_len, theta, scaling=None):
+    """cos, sin of shape (seq_len, head_size / 2): angle p * freq_i, freq_i =
+    theta^(-2i / head_size) (scaled if scaling), computed in float64 like run.cpp."""
+    freqs = scaled_frequencies(theta ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size), scaling)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
     return torch.cos(angles), torch.sin(angles)
 
@@ -138,7 +153,7 @@ class Transformer(nn.Module):
     def hidden(self, tokens):
         """tokens (B, T) -> the final normalized state (B, T, dim) the classifier reads."""
         T = tokens.shape[1]
-        cos, sin = rope_tables(self.args.head_size, T, self.args.rope_theta)
+        cos, sin = rope_tables(self.args.head_size, T, self.args.rope_theta, self.args.rope_scaling)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin)
@@ -224,15 +239,21 @@ def read_header(data):
         shared = data[36] == 1
         group_size = struct.unpack_from("<i", data, 37)[0] if version >= 2 else 0
         theta, eps = struct.unpack_from("<2f", data, 64)
+        kind, factor, low, high, original = struct.unpack_from("<i3fi", data, 72)
+        if kind not in (0, 1):
+            raise ValueError(f"rope scaling kind {kind}")
+        scaling = (factor, low, high, original) if kind == 1 else None
         header = HEADER_BYTES
     else:
         version, group_size, header = 0, 0, 28
         dim, hidden, L, H, K, vocab, seq = struct.unpack_from("<7i", data, 0)
         shared, vocab = vocab > 0, abs(vocab)
         theta = eps = 0.0
+        scaling = None
     args = ModelArgs(dim=dim, n_layers=L, n_heads=H, n_kv_heads=K, vocab_size=vocab,
                      hidden_dim=hidden, max_seq_len=seq, shared_classifier=shared,
-                     rope_theta=theta or DEFAULT_ROPE_THETA, norm_eps=eps or DEFAULT_NORM_EPS)
+                     rope_theta=theta or DEFAULT_ROPE_THETA, norm_eps=eps or DEFAULT_NORM_EPS,
+                     rope_scaling=scaling)
     return args, version, group_size, header
 
 

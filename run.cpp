@@ -138,6 +138,18 @@ constexpr size_t kHeaderBytes = 256;       // versions 1, 2 and 3
 constexpr size_t kLegacyHeaderBytes = 28;  // version 0: seven int32
 constexpr int kBos = 1, kEos = 2;
 
+// Llama 3.1's RoPE scaling (Hugging Face's rope_type "llama3"): the
+// frequencies whose wavelength exceeds original_context / low_freq_factor are
+// divided by factor, those below original_context / high_freq_factor kept, and
+// those between blended (scaled_frequency). kind 0: no scaling.
+struct RopeScaling {
+    int kind;               // 0 none, 1 llama3 (offset 72)
+    float factor;           // offset 76
+    float low_freq_factor;  // offset 80
+    float high_freq_factor; // offset 84
+    int original_context;   // original_max_position_embeddings (offset 88)
+};
+
 struct Config {
     int dim;           // transformer width
     int hidden_dim;    // feed-forward width
@@ -149,6 +161,7 @@ struct Config {
     bool shared_classifier;  // classifier == token embedding
     float rope_theta;  // RoPE base (header offset 64; 0 in the file = 10000)
     float norm_eps;    // RMSNorm epsilon (header offset 68; 0 in the file = 1e-5)
+    RopeScaling rope_scaling;  // Llama 3.1's, or none (header offsets 72-91)
     int version;       // 0 (legacy), 1 (fp32), 2 (int8) or 3 (int4)
     int group_size;    // versions 2 and 3: values per quantization scale (offset 37)
     size_t header_bytes;
@@ -159,7 +172,7 @@ struct Config {
 // What is wrong with a header, in words, or "" if nothing is. The caps are far
 // above any Llama model and keep every size product below 2^63.
 static std::string config_problem(const Config& c) {
-    char msg[160];
+    char msg[256];
     const auto say = [&](const char* fmt, auto... args) {
         std::snprintf(msg, sizeof msg, fmt, args...);
         return std::string(msg);
@@ -180,6 +193,13 @@ static std::string config_problem(const Config& c) {
     if (c.vocab_size < 3) return say("vocab_size %d < 3 (needs <unk>, BOS, EOS)", c.vocab_size);
     if (!(c.rope_theta > 0.0f && std::isfinite(c.rope_theta))) return say("rope_theta %g", c.rope_theta);
     if (!(c.norm_eps > 0.0f && std::isfinite(c.norm_eps))) return say("norm_eps %g", c.norm_eps);
+    const RopeScaling& r = c.rope_scaling;
+    if (r.kind != 0 && r.kind != 1) return say("rope scaling kind %d (0 none, 1 llama3)", r.kind);
+    if (r.kind == 1 && !(r.factor >= 1.0f && std::isfinite(r.factor) && r.low_freq_factor > 0.0f &&
+                         r.high_freq_factor > r.low_freq_factor && std::isfinite(r.high_freq_factor) &&
+                         r.original_context > 0))
+        return say("rope scaling factor %g, frequency factors %g and %g, original context %d (needs factor >= 1, "
+                   "0 < low < high, context > 0)", r.factor, r.low_freq_factor, r.high_freq_factor, r.original_context);
     return "";
 }
 
@@ -218,6 +238,8 @@ static Config read_config(const MappedFile& f, const char* path) {
         if (c.version >= 2) c.group_size = read_at<int32_t>(data, 37);
         c.rope_theta = read_at<float>(data, 64);
         c.norm_eps = read_at<float>(data, 68);
+        c.rope_scaling = {read_at<int32_t>(data, 72), read_at<float>(data, 76), read_at<float>(data, 80),
+                          read_at<float>(data, 84), read_at<int32_t>(data, 88)};
         c.header_bytes = kHeaderBytes;
     } else {
         if (size < kLegacyHeaderBytes) {
@@ -273,13 +295,24 @@ static void check_file_size(uint64_t expected, size_t size, const char* path) {
               (unsigned long long)expected);
 }
 
-// RoPE angle for position p, pair i: p * theta^(-2i / head_size), as cos and sin
-// tables (positions, head_size / 2). Computed once in double, so long contexts do
-// not accumulate float error in p * freq.
+// A RoPE frequency under the model's scaling (RopeScaling): unchanged, divided
+// by factor, or between the two, weighted by where its wavelength falls.
+static double scaled_frequency(double freq, const RopeScaling& r) {
+    if (r.kind != 1) return freq;
+    const double pi = 3.14159265358979323846, wavelength = 2 * pi / freq, old = r.original_context;
+    if (wavelength < old / r.high_freq_factor) return freq;
+    if (wavelength > old / r.low_freq_factor) return freq / r.factor;
+    const double smooth = (old / wavelength - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+    return (1 - smooth) * freq / r.factor + smooth * freq;
+}
+
+// RoPE angle for position p, pair i: p * freq_i with freq_i = theta^(-2i / head_size)
+// (scaled for Llama 3.1), as cos and sin tables (positions, head_size / 2).
+// Computed once in double, so long contexts do not accumulate float error in p * freq.
 static void fill_rope_tables(float* cos, float* sin, const Config& c, int positions) {
     const int half = c.head_size() / 2;
     for (int i = 0; i < half; i++) {
-        const double freq = std::pow((double)c.rope_theta, -2.0 * i / c.head_size());
+        const double freq = scaled_frequency(std::pow((double)c.rope_theta, -2.0 * i / c.head_size()), c.rope_scaling);
         for (int p = 0; p < positions; p++) {
             cos[(size_t)p * half + i] = (float)std::cos(p * freq);
             sin[(size_t)p * half + i] = (float)std::sin(p * freq);

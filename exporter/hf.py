@@ -108,6 +108,27 @@ def unpermute(w, n_heads):
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def rope_scaling(cfg, path):
+    """config.json's rope_scaling as model.py's (factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings): None, or Llama 3.1's
+    rope_type "llama3" (older configs call the key "type"); any other type is refused."""
+    if cfg is None:
+        return None
+    kind = cfg.get("rope_type", cfg.get("type")) if isinstance(cfg, dict) else cfg
+    if kind != "llama3":
+        fail(f"{path}: rope_scaling type {kind!r} is not supported (only 'llama3', Llama 3.1's)")
+    try:
+        factor, low, high = (float(cfg[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+        original = cfg["original_max_position_embeddings"]
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f"{path}: rope_scaling: missing or bad {e}")
+    if not (math.isfinite(factor) and factor >= 1 and 0 < low < high and math.isfinite(high)
+            and isinstance(original, int) and original > 0):
+        fail(f"{path}: rope_scaling factor {factor}, low_freq_factor {low}, high_freq_factor {high}, "
+             f"original_max_position_embeddings {original!r}: needs factor >= 1, 0 < low < high and a positive context")
+    return (factor, low, high, original)
+
+
 def hf_args(folder):
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
@@ -120,17 +141,17 @@ def hf_args(folder):
     if cfg.get("model_type", "llama") != "llama" or arch != ["LlamaForCausalLM"]:
         fail(f"{path}: model_type {cfg.get('model_type')!r}, architectures {arch}: only Llama "
              "(LlamaForCausalLM) is supported")
-    for field, supported in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False),
-                             ("hidden_act", "silu")):
+    for field, supported in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
         if cfg.get(field, supported) != supported:
             fail(f"{path}: {field} = {cfg[field]!r} is not supported (only {supported!r})")
+    scaling = rope_scaling(cfg.get("rope_scaling"), path)
     try:
         heads = cfg["num_attention_heads"]
         args = M.ModelArgs(dim=cfg["hidden_size"], hidden_dim=cfg["intermediate_size"],
                            n_layers=cfg["num_hidden_layers"], n_heads=heads,
                            n_kv_heads=cfg.get("num_key_value_heads") or heads, vocab_size=cfg["vocab_size"],
                            max_seq_len=cfg["max_position_embeddings"], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                           rope_theta=float(cfg.get("rope_theta", 10000.0)),
+                           rope_theta=float(cfg.get("rope_theta", 10000.0)), rope_scaling=scaling,
                            shared_classifier=bool(cfg.get("tie_word_embeddings", False)))
     except KeyError as e:
         fail(f"{path}: no {e.args[0]}")
@@ -190,5 +211,6 @@ def load_hf(folder):
         return t
 
     progress(f"{folder}: {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads ({args.n_kv_heads} kv), "
-             f"vocab {args.vocab_size}, rope_theta {args.rope_theta}, norm_eps {args.norm_eps}")
+             f"vocab {args.vocab_size}, rope_theta {args.rope_theta}, norm_eps {args.norm_eps}"
+             + (f", rope_scaling llama3 {args.rope_scaling}" if args.rope_scaling else ""))
     return LazyModel(args, set(ours), get)

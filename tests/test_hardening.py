@@ -109,6 +109,20 @@ def test_header_field_out_of_range(engine, tiny, tmp_path, offset, name, value):
     expect_error(engine, path, "-z", tiny[2], "-n", 4, mentions=path)
 
 
+@pytest.mark.parametrize("fields", [dict(kind=2), dict(kind=-1), dict(factor=0.5), dict(factor=float("nan")),
+                                    dict(low=4.0, high=1.0), dict(low=0.0), dict(high=float("inf")), dict(original=0)],
+                         ids=["kind2", "kind-1", "factor0.5", "factor-nan", "low>high", "low0", "high-inf", "context0"])
+def test_bad_rope_scaling(engine, tiny, tmp_path, fields):
+    """The header's RoPE scaling (offsets 72-91: kind, factor, low and high
+    frequency factors, original context) refused unless it is one we compute."""
+    v = {**dict(kind=1, factor=8.0, low=1.0, high=4.0, original=32), **fields}
+    b = bytearray(checkpoint_of(engine, tiny).read_bytes())
+    struct.pack_into("<i3fi", b, 72, v["kind"], v["factor"], v["low"], v["high"], v["original"])
+    path = tmp_path / "bad.bin"
+    path.write_bytes(bytes(b))
+    expect_error(engine, path, "-z", tiny[2], "-n", 4, mentions="rope scaling")
+
+
 @pytest.mark.parametrize("version, group_size", [(2, g) for g in (0, -8, 3, 7, 2**31 - 1)] +
                          [(3, g) for g in (0, -8, 5, 257, 2**31 - 1)])
 def test_bad_group_size(qbinary, tiny, tmp_path, version, group_size):

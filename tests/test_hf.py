@@ -71,6 +71,10 @@ def make_hf_dir(folder, m, dtype, shards=1, **config_extra):
               "max_position_embeddings": a.max_seq_len, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
               "tie_word_embeddings": a.shared_classifier, "hidden_act": "silu", "rope_scaling": None,
               "torch_dtype": "float32", **config_extra}
+    if a.rope_scaling:
+        factor, low, high, original = a.rope_scaling
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                                  "high_freq_factor": high, "original_max_position_embeddings": original}
     (folder / "config.json").write_text(json.dumps(config))
     sd = hf_state_dict(m)
     if shards == 1:
@@ -88,11 +92,28 @@ def make_hf_dir(folder, m, dtype, shards=1, **config_extra):
     return {k: v.to(DTYPES[dtype]).double() for k, v in sd.items()}
 
 
+def hf_inv_freq(a, hs):
+    """RoPE's inverse frequencies as Hugging Face computes them (in float64 here),
+    with its rope_type "llama3" rule: wavelengths beyond the original context /
+    low_freq_factor divided by factor, those between original / high_freq_factor
+    and that smoothed between the two."""
+    inv = 1.0 / a.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    if a.rope_scaling is None:
+        return inv
+    factor, low, high, old = a.rope_scaling
+    wavelen = 2 * math.pi / inv
+    llama = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * llama / factor + smooth * llama
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return torch.where(medium, smoothed, llama)
+
+
 def hf_forward(w, a, tokens):
     """Logits (T, vocab) and the final normalized states (T, dim) in float64,
     computed the Hugging Face way: rotate-half RoPE on the weights as stored."""
     T, hs = len(tokens), a.dim // a.n_heads
-    inv = 1.0 / a.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    inv = hf_inv_freq(a, hs)
     ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
     cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([ang.sin()] * 2, -1)[:, None]
     rotate_half = lambda t: torch.cat([-t[..., hs // 2:], t[..., :hs // 2]], -1)
@@ -132,6 +153,11 @@ CASES = {  # dtype, shards, model args
                                                  vocab_size=290, max_seq_len=48, rope_theta=1e6, norm_eps=1e-6)),
     "bf16-mqa": ("BF16", 2, dict(dim=32, hidden_dim=64, n_layers=3, n_heads=4, n_kv_heads=1, vocab_size=270,
                                  max_seq_len=48, shared_classifier=False)),
+    # Llama 3.x: rope_scaling llama3 (original context 32, so positions 32-47 lie
+    # past it; of eight frequencies one is kept, one blended, six divided), GQA, tied
+    "f32-llama3-rope-gqa-tied": ("F32", 1, dict(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                vocab_size=300, max_seq_len=48, rope_theta=10000.0,
+                                                rope_scaling=(8.0, 1.0, 4.0, 32))),
 }
 
 
@@ -163,6 +189,17 @@ def test_hf_export_matches_hf_forward(pair, tmp_path, case):
             greedy = ref.argmax(-1).tolist()
             generated = [(i, c) for i, c in enumerate(chosen) if i >= n_prompt - 1 and c != -1]
             assert len(generated) >= 5 and all(greedy[i] == c for i, c in generated), "greedy text differs"
+
+
+def test_rope_scaling_needs_a_versioned_header(tmp_path):
+    """Version 0's 28-byte header has no room for Llama 3.1's RoPE scaling: refused, naming it."""
+    m = random_model(4, **CASES["f32-llama3-rope-gqa-tied"][2])
+    make_hf_dir(tmp_path / "hf", m, "F32")
+    p = export(tmp_path / "v0.bin", "--version", 0, "--hf", tmp_path / "hf", check=False)
+    err = p.stderr.decode()
+    last = err.splitlines()[-1]  # after the progress lines
+    assert p.returncode == 1 and last.startswith("export.py: error:") and "rope_scaling" in last, err
+    assert not (tmp_path / "v0.bin").exists()
 
 
 def test_meta_shards_concatenate(tmp_path, monkeypatch):
@@ -235,7 +272,12 @@ def test_corrupt_safetensors(tmp_path, name):
     assert not (tmp_path / "out.bin").exists()
 
 
-@pytest.mark.parametrize("extra, word", [({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+@pytest.mark.parametrize("extra, word", [({"rope_scaling": {"type": "linear", "factor": 2.0}}, "'linear'"),
+                                         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn'"),
+                                         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                                                            "high_freq_factor": 1.0,
+                                                            "original_max_position_embeddings": 32}}, "low < high"),
+                                         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
                                          ({"attention_bias": True}, "attention_bias"),
                                          ({"architectures": ["MistralForCausalLM"]}, "Mistral"),
                                          ({"hidden_act": "gelu"}, "hidden_act")])

@@ -23,6 +23,10 @@ CONFIGS = {
     "mqa": dict(dim=40, hidden_dim=72, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=263, max_seq_len=70),
     "theta-eps-v1": dict(dim=32, hidden_dim=50, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=270,
                          max_seq_len=40, rope_theta=500000.0, norm_eps=1e-6),
+    # Llama 3.1's RoPE scaling, past its original context of 32: of head size 16's
+    # eight frequencies one is kept, one blended and six divided by 8
+    "llama3-rope-v1": dict(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300,
+                           max_seq_len=48, rope_scaling=(8.0, 1.0, 4.0, 32)),
 }
 PROMPT = "hello world"
 
