@@ -618,27 +618,61 @@ static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
 }
 
 // transpose16: r[c] lane k <- r[k] lane c, a 16 x 16 block turned over in
-// registers. Four rounds, each swapping the off-diagonal blocks of 8, 4, 2 and
-// then 1 lanes between pairs of vectors: 64 two-vector shuffles, which the
-// compiler maps onto the target's permutes (one instruction each with AVX-512).
-#define TRANSPOSE_LO(s, l) (((l) & (s)) ? 16 + (l) - (s) : (l))  // a's lanes, b's low block moved up
-#define TRANSPOSE_HI(s, l) (((l) & (s)) ? 16 + (l) : (l) + (s))  // a's high block moved down, b's lanes
+// registers. It works on the target's own vectors of W floats (16 with AVX-512,
+// 8 with AVX, 4 with SSE or NEON: a shuffle wider than the registers, compilers
+// spill to memory lane by lane): each W x W block turns over in log2(W) rounds,
+// each swapping the off-diagonal halves of pairs of vectors (swap_halves, one
+// permute per vector), then the blocks trade places. 64 permutes with AVX-512.
+#if defined(__AVX512F__)
+constexpr int kW = 16;
 #define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3), F(s, 4), F(s, 5), F(s, 6), F(s, 7), \
     F(s, 8), F(s, 9), F(s, 10), F(s, 11), F(s, 12), F(s, 13), F(s, 14), F(s, 15)
+#elif defined(__AVX__)
+constexpr int kW = 8;
+#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3), F(s, 4), F(s, 5), F(s, 6), F(s, 7)
+#else
+constexpr int kW = 4;
+#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3)
+#endif
+typedef float f32xW __attribute__((vector_size(4 * kW)));
+#define TRANSPOSE_LO(s, l) (((l) & (s)) ? kW + (l) - (s) : (l))  // a's lanes, b's low half moved up
+#define TRANSPOSE_HI(s, l) (((l) & (s)) ? kW + (l) : (l) + (s))  // a's high half moved down, b's lanes
 template <int S>
-static inline void swap_blocks(f32x16 (&r)[16]) {
-    for (int i = 0; i < 16; i++)
-        if (!(i & S)) {
-            const f32x16 a = r[i], b = r[i + S];
-            r[i] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_LO, S));
-            r[i + S] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_HI, S));
-        }
+static inline void swap_halves(f32xW (&r)[kW]) {
+    if constexpr (S >= 1) {
+        for (int block = 0; block < kW; block += 2 * S)
+            for (int i = block; i < block + S; i++) {  // pairs (i, i + S)
+                const f32xW a = r[i], b = r[i + S];
+                r[i] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_LO, S));
+                r[i + S] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_HI, S));
+            }
+        swap_halves<S / 2>(r);
+    }
 }
 [[maybe_unused]] static inline void transpose16(f32x16 (&r)[16]) {  // (runq: AVX-512 builds only)
-    swap_blocks<8>(r);
-    swap_blocks<4>(r);
-    swap_blocks<2>(r);
-    swap_blocks<1>(r);
+    constexpr int B = 16 / kW;
+    f32xW v[B][B][kW];  // [block row][block column][row in the block]
+    for (int i = 0; i < 16; i++)
+        for (int c = 0; c < B; c++) std::memcpy(&v[i / kW][c][i % kW], (const float*)&r[i] + c * kW, sizeof(f32xW));
+    for (int bi = 0; bi < B; bi++)
+        for (int bj = 0; bj < B; bj++) swap_halves<kW / 2>(v[bi][bj]);
+    for (int i = 0; i < 16; i++)  // row i of the result: block column i / kW of every block row
+        for (int c = 0; c < B; c++) std::memcpy((float*)&r[i] + c * kW, &v[c][i / kW][i % kW], sizeof(f32xW));
+}
+
+// madd16 on the target's own W-float vectors.
+[[maybe_unused]] static inline void maddW(f32xW& acc, const f32xW& a, const f32xW& b) {  // (run only)
+#if defined(__AVX512F__)
+    acc = (f32xW)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
+#elif defined(__FMA__)
+    acc = (f32xW)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#elif defined(__ARM_FEATURE_FMA)
+    acc = (f32xW)vfmaq_f32((float32x4_t)acc, (float32x4_t)a, (float32x4_t)b);
+#elif defined(HAS_FMA)
+    for (int k = 0; k < kW; k++) acc[k] = std::fma(a[k], b[k], acc[k]);
+#else
+    acc += a * b;
+#endif
 }
 
 // dot: a . b over n floats (attention's scores). The sum runs in 16
