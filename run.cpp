@@ -510,33 +510,8 @@ static inline float madd(float a, float b, float c) {
     return a * b + c;
 #endif
 }
-// madd on each of sixteen lanes: one AVX-512 instruction, two AVX2 or four
-// NEON ones. (Left to std::fma lane by lane, g++ 12 emits sixteen scalar ones.)
-static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
-#if defined(__AVX512F__)
-    acc = (f32x16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
-#elif defined(__FMA__)  // (the __m256 type may alias any other)
-    const __m256 *va = reinterpret_cast<const __m256*>(&a), *vb = reinterpret_cast<const __m256*>(&b);
-    __m256* vc = reinterpret_cast<__m256*>(&acc);
-    for (int h = 0; h < 2; h++) vc[h] = _mm256_fmadd_ps(va[h], vb[h], vc[h]);
-#elif defined(__ARM_FEATURE_FMA)
-    typedef float32x4_t __attribute__((may_alias)) f32x4;
-    const f32x4 *va = reinterpret_cast<const f32x4*>(&a), *vb = reinterpret_cast<const f32x4*>(&b);
-    f32x4* vc = reinterpret_cast<f32x4*>(&acc);
-    for (int q = 0; q < 4; q++) vc[q] = vfmaq_f32(vc[q], va[q], vb[q]);
-#elif defined(HAS_FMA)
-    for (int k = 0; k < 16; k++) acc[k] = std::fma(a[k], b[k], acc[k]);
-#else
-    acc += a * b;
-#endif
-}
-
-// transpose16: r[c] lane k <- r[k] lane c, a 16 x 16 block turned over in
-// registers. It works on the target's own vectors of W floats (16 with AVX-512,
-// 8 with AVX, 4 with SSE or NEON: a shuffle wider than the registers, compilers
-// spill to memory lane by lane): each W x W block turns over in log2(W) rounds,
-// each swapping the off-diagonal halves of pairs of vectors (swap_halves, one
-// permute per vector), then the blocks trade places. 64 permutes with AVX-512.
+// The target's own vector: W floats (16 with AVX-512, 8 with AVX, 4 with SSE or
+// NEON). Kernels that must stay in registers work on these; f32x16 is 16 / W of them.
 #if defined(__AVX512F__)
 constexpr int kW = 16;
 #define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3), F(s, 4), F(s, 5), F(s, 6), F(s, 7), \
@@ -549,6 +524,35 @@ constexpr int kW = 4;
 #define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3)
 #endif
 typedef float f32xW __attribute__((vector_size(4 * kW)));
+
+// madd on each lane of a W-float vector: one instruction with a fused
+// multiply-add. (Left to std::fma lane by lane, g++ 12 emits scalar ones.)
+static inline void maddW(f32xW& acc, const f32xW& a, const f32xW& b) {
+#if defined(__AVX512F__)
+    acc = (f32xW)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
+#elif defined(__FMA__)
+    acc = (f32xW)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#elif defined(__ARM_FEATURE_FMA)
+    acc = (f32xW)vfmaq_f32((float32x4_t)acc, (float32x4_t)a, (float32x4_t)b);
+#elif defined(HAS_FMA)
+    for (int k = 0; k < kW; k++) acc[k] = std::fma(a[k], b[k], acc[k]);
+#else
+    acc += a * b;
+#endif
+}
+// madd on each of sixteen lanes: maddW on each W-float part.
+static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
+    typedef f32xW __attribute__((may_alias)) part;  // may alias the f32x16 it is part of
+    const part *pa = reinterpret_cast<const part*>(&a), *pb = reinterpret_cast<const part*>(&b);
+    part* pc = reinterpret_cast<part*>(&acc);
+    for (int h = 0; h < 16 / kW; h++) maddW(pc[h], pa[h], pb[h]);
+}
+
+// transpose16: r[c] lane k <- r[k] lane c, a 16 x 16 block turned over in
+// registers. It works on W-float vectors (a shuffle wider than the registers,
+// compilers spill to memory lane by lane): each W x W block turns over in log2(W) rounds,
+// each swapping the off-diagonal halves of pairs of vectors (swap_halves, one
+// permute per vector), then the blocks trade places. 64 permutes with AVX-512.
 #define TRANSPOSE_LO(s, l) (((l) & (s)) ? kW + (l) - (s) : (l))  // a's lanes, b's low half moved up
 #define TRANSPOSE_HI(s, l) (((l) & (s)) ? kW + (l) : (l) + (s))  // a's high half moved down, b's lanes
 template <int S>
@@ -572,21 +576,6 @@ static inline void swap_halves(f32xW (&r)[kW]) {
         for (int bj = 0; bj < B; bj++) swap_halves<kW / 2>(v[bi][bj]);
     for (int i = 0; i < 16; i++)  // row i of the result: block column i / kW of every block row
         for (int c = 0; c < B; c++) std::memcpy((float*)&r[i] + c * kW, &v[c][i / kW][i % kW], sizeof(f32xW));
-}
-
-// madd16 on the target's own W-float vectors.
-[[maybe_unused]] static inline void maddW(f32xW& acc, const f32xW& a, const f32xW& b) {  // (run only)
-#if defined(__AVX512F__)
-    acc = (f32xW)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
-#elif defined(__FMA__)
-    acc = (f32xW)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
-#elif defined(__ARM_FEATURE_FMA)
-    acc = (f32xW)vfmaq_f32((float32x4_t)acc, (float32x4_t)a, (float32x4_t)b);
-#elif defined(HAS_FMA)
-    for (int k = 0; k < kW; k++) acc[k] = std::fma(a[k], b[k], acc[k]);
-#else
-    acc += a * b;
-#endif
 }
 
 // dot: a . b over n floats (attention's scores). The sum runs in 16
