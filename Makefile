@@ -130,6 +130,14 @@ build/.deps: tests/install-deps.sh
 	@mkdir -p build
 	PYTHON="$(PYTHON)" sh tests/install-deps.sh && touch $@
 
+# The tests' JavaScript references (tests/npm/package.json says which), pinned by the
+# lock file; npm ci installs exactly those into build/npm, never into the engine.
+build/npm/.installed: tests/npm/package.json tests/npm/package-lock.json | build/.deps
+	@mkdir -p build/npm
+	cp tests/npm/package.json tests/npm/package-lock.json build/npm/
+	cd build/npm && npm ci --no-audit --no-fund
+	@touch $@
+
 unit: $(UNIT_VARIANTS:%=build/test_run-%) $(UNIT_VARIANTS:%=build/test_runq-%)
 	@for v in $(UNIT_VARIANTS); do for t in test_run test_runq; do \
 	    echo "== $$t $$v"; ./build/$$t-$$v || exit 1; done; done
@@ -138,7 +146,8 @@ unit: $(UNIT_VARIANTS:%=build/test_run-%) $(UNIT_VARIANTS:%=build/test_runq-%)
 # (comma-separated groups): the portable x86-64 ones, and the native ones.
 SAME_ISA = gcc,clang-omp,debug gcc-omp,clang
 
-e2e: build/.deps models/tinystories-val.txt $(VARIANTS:%=build/run-%) $(VARIANTS:%=build/runq-%) build/tokenize_many
+e2e: build/.deps build/npm/.installed models/tinystories-val.txt $(VARIANTS:%=build/run-%) $(VARIANTS:%=build/runq-%) \
+     build/tokenize_many
 	RUN_BINARIES="$(VARIANTS:%=build/run-%)" RUNQ_BINARIES="$(VARIANTS:%=build/runq-%)" SAME_ISA="$(SAME_ISA)" \
 	    $(PYTHON) -m pytest -q tests
 

@@ -148,32 +148,55 @@ def write_checkpoint(model, path, version, group_size=None):
     progress(f"wrote {path}: {os.path.getsize(path)} bytes")
 
 
-def write_tokenizer_bin(path, pieces, scores):
+TOKENIZER_MAGIC = b"tokx"  # starts the extension block after the pieces
+
+
+def write_tokenizer_bin(path, pieces, scores, ext=None):
     """tokenizer.bin: the longest piece's length (int32), then per id its score
-    (float32), length (int32) and bytes; written atomically."""
+    (float32), length (int32) and bytes, as llama2.c writes it. A byte-level
+    BPE adds an extension block after the pieces (llama2.c's reader stops
+    before it), all int32 unless noted (README.md, "tokenizer.bin"):
+      "tokx", version 1, kind 1 (byte-level BPE), split (1 Llama 3 regex,
+      2 GPT-2 regex, 3 GPT-2 after single digits), flags (bit 0: ignore_merges),
+      bos (-1: none), n_eos, eos ids, n_special, special ids, n_merges,
+      (left id, right id) per merge by rank, n_ranges, (first code point,
+      last code point, class 1 letter / 2 number / 3 space) per range (uint32).
+    Written atomically."""
     chunks = [struct.pack("<i", max(len(p) for p in pieces))]
     chunks += [struct.pack("<fi", s, len(p)) + p for p, s in zip(pieces, scores)]
+    if ext is not None:
+        def ints(v):
+            return struct.pack(f"<i{len(v)}i", len(v), *v)
+        bos = -1 if ext["bos"] is None else ext["bos"]
+        chunks.append(TOKENIZER_MAGIC + struct.pack("<5i", 1, 1, ext["split"], int(ext["ignore_merges"]), bos))
+        flat = [i for pair in ext["merges"] for i in pair]
+        chunks += [ints(ext["eos"]), ints(ext["special"]), struct.pack(f"<i{len(flat)}i", len(ext["merges"]), *flat)]
+        chunks.append(struct.pack("<i", len(ext["ranges"])) + b"".join(struct.pack("<3I", *r) for r in ext["ranges"]))
     write_atomically(path, chunks)
 
 
 def export_tokenizer(model_path, out_path):
     if model_path.endswith(".json"):
-        pieces, bos, eos = read_tokenizer_json(model_path)
+        pieces, bos, eos, ext = read_tokenizer_json(model_path)
     else:
-        pieces, bos, eos = read_sentencepiece(model_path)
-    if (bos, eos) != (1, 2):
-        fail(f"{model_path}: bos/eos ids are {bos}/{eos}; run.cpp expects 1/2")
+        (pieces, bos, eos), ext = read_sentencepiece(model_path), None
     tokens = []
-    for i, (piece, score, _) in enumerate(pieces):
-        if i == bos:
-            piece = b"\n<s>\n"
-        elif i == eos:
-            piece = b"\n</s>\n"
-        tokens.append((piece.replace("\u2581".encode(), b" "), score))
+    if ext is None:  # SentencePiece style: run.cpp knows bos 1 and eos 2
+        if (bos, eos) != (1, 2):
+            fail(f"{model_path}: bos/eos ids are {bos}/{eos}; run.cpp expects 1/2")
+        for i, (piece, score, _) in enumerate(pieces):
+            if i == bos:
+                piece = b"\n<s>\n"
+            elif i == eos:
+                piece = b"\n</s>\n"
+            tokens.append((piece.replace("\u2581".encode(), b" "), score))
+    else:
+        tokens = [(piece, score) for piece, score, _ in pieces]
     if any(not p for p, _ in tokens):
         fail(f"{model_path}: contains an empty piece")
-    write_tokenizer_bin(out_path, [p for p, _ in tokens], [s for _, s in tokens])
-    progress(f"wrote {out_path}: {len(tokens)} tokens, max_token_length {max(len(p) for p, _ in tokens)}")
+    write_tokenizer_bin(out_path, [p for p, _ in tokens], [s for _, s in tokens], ext)
+    kind = "" if ext is None else f" (byte-level BPE, {len(ext['merges'])} merges, bos {bos}, eos {eos})"
+    progress(f"wrote {out_path}: {len(tokens)} tokens{kind}, max_token_length {max(len(p) for p, _ in tokens)}")
 
 # ----------------------------------------------------------------------------
 

@@ -942,18 +942,121 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
 // Tokenizer: llama2.c's tokenizer.bin, a SentencePiece BPE vocabulary with
 // U+2581 already turned into ' '. Ids 0, 1, 2 are <unk>, BOS, EOS; when the
 // vocabulary has byte-fallback pieces they are "<0x00>".."<0xFF>" at ids 3..258.
+// A byte-level BPE (GPT-2's scheme: Llama 3, SmolLM2) stores its pieces as raw
+// bytes and adds a block after them (README.md, "tokenizer.bin"): its BOS and
+// EOS ids, the special tokens, the merges in rank order, the regex that splits
+// text into words, and the Unicode classes that regex needs.
+
+enum CharClass { kOther, kLetter, kNumber, kSpace };  // \p{L}, \p{N}, \s
+enum Split { kSentencePiece, kLlama3Split, kGpt2Split, kGpt2DigitsSplit };
 
 struct Tokenizer {
     std::vector<std::string> vocab;    // id -> piece
     std::vector<float> scores;         // id -> merge priority (higher first)
     std::unordered_map<std::string_view, int> ids;  // piece -> id, normal pieces only
     bool byte_fallback = false;        // ids 3..258 are the 256 byte pieces
+    int bos = kBos;                    // put before a prompt; -1: none
+    std::vector<int> eos{kEos};        // any of these ends a text
+    // byte-level BPE only
+    Split split = kSentencePiece;      // how text is cut into words before merging
+    bool ignore_merges = false;        // a word that is a piece is that piece (Llama 3)
+    std::vector<bool> special;         // id -> a control token: never made from text
+    std::unordered_map<uint64_t, std::pair<int, int>> merges;  // left << 32 | right -> (rank, id)
+    std::vector<uint32_t> range_first, range_last;  // sorted code point ranges ...
+    std::vector<uint8_t> range_class;               // ... and their CharClass
+    uint8_t ascii_class[128] = {};
+    int byte_id[256] = {};             // byte -> its one-byte piece
     Tokenizer() = default;
     Tokenizer(Tokenizer&&) = default;  // a moved vector keeps its strings where they are
     Tokenizer& operator=(Tokenizer&&) = default;
     Tokenizer(const Tokenizer&) = delete;  // a copy's ids would point into the original's vocab
     Tokenizer& operator=(const Tokenizer&) = delete;
 };
+
+static CharClass range_class(const Tokenizer& t, uint32_t cp) {
+    const auto it = std::upper_bound(t.range_first.begin(), t.range_first.end(), cp);
+    if (it == t.range_first.begin()) return kOther;
+    const size_t r = it - t.range_first.begin() - 1;
+    return cp <= t.range_last[r] ? (CharClass)t.range_class[r] : kOther;
+}
+
+static CharClass char_class(const Tokenizer& t, uint32_t cp) {
+    return cp < 128 ? (CharClass)t.ascii_class[cp] : range_class(t, cp);
+}
+
+// The block after a byte-level BPE's pieces; every count and id is checked
+// against the bytes left and the vocabulary before it is used.
+static void load_byte_level(Tokenizer& t, const uint8_t* p, size_t size, size_t off, const char* path) {
+    const int n = (int)t.vocab.size();
+    auto next_int = [&](const char* what) {
+        if (size - off < 4) fatal("%s: the byte-level block ends inside %s", path, what);
+        const int32_t v = read_at<int32_t>(p, off);
+        off += 4;
+        return v;
+    };
+    auto count = [&](const char* what, size_t item_bytes) {
+        const int32_t c = next_int(what);
+        if (c < 0 || (size_t)c > (size - off) / item_bytes)
+            fatal("%s: %s count %d does not fit in the file", path, what, c);
+        return c;
+    };
+    auto id = [&](const char* what) {
+        const int32_t v = next_int(what);
+        if (v < 0 || v >= n) fatal("%s: %s id %d is not in the vocabulary of %d", path, what, v, n);
+        return v;
+    };
+    const int32_t version = next_int("the header"), kind = next_int("the header");
+    const int32_t split = next_int("the header"), flags = next_int("the header");
+    if (version != 1 || kind != 1)
+        fatal("%s: tokenizer extension version %d kind %d (this build reads version 1 kind 1)", path, version, kind);
+    if (split < kLlama3Split || split > kGpt2DigitsSplit) fatal("%s: unknown split kind %d", path, split);
+    if (flags & ~1) fatal("%s: unknown tokenizer flags 0x%x", path, flags);
+    t.split = (Split)split;
+    t.ignore_merges = flags & 1;
+    t.bos = next_int("the header");
+    if (t.bos < -1 || t.bos >= n) fatal("%s: bos id %d is not in the vocabulary of %d", path, t.bos, n);
+    t.eos.resize(count("eos", 4));
+    for (int& e : t.eos) e = id("eos");
+    t.byte_fallback = false;
+    t.special.assign(n, false);
+    for (int i = count("special token", 4); i > 0; i--) t.special[id("special token")] = true;
+
+    // normal pieces only: text never turns into a special token
+    t.ids.clear();
+    for (int i = 0; i < n; i++)
+        if (!t.special[i]) t.ids.emplace(t.vocab[i], i);
+    for (int b = 0; b < 256; b++) {
+        const char c = (char)b;
+        const auto found = t.ids.find(std::string_view(&c, 1));
+        if (found == t.ids.end()) fatal("%s: the byte 0x%02X has no piece of its own", path, b);
+        t.byte_id[b] = found->second;
+    }
+    const int n_merges = count("merge", 8);
+    t.merges.reserve(n_merges);
+    std::string buf;
+    for (int r = 0; r < n_merges; r++) {
+        const int left = id("merge"), right = id("merge");
+        buf = t.vocab[left];
+        buf += t.vocab[right];
+        const auto it = t.ids.find(buf);
+        if (t.special[left] || t.special[right] || it == t.ids.end())
+            fatal("%s: merge %d (%d, %d) does not make a normal piece", path, r, left, right);
+        // a repeated pair keeps its last rank, as Hugging Face's map does
+        t.merges[(uint64_t)left << 32 | (uint32_t)right] = {r, it->second};
+    }
+    const int n_ranges = count("Unicode range", 12);
+    for (int r = 0; r < n_ranges; r++) {
+        const uint32_t first = read_at<uint32_t>(p, off), last = read_at<uint32_t>(p, off + 4);
+        const uint32_t cls = read_at<uint32_t>(p, off + 8);
+        off += 12;
+        if (first > last || last > 0x10FFFF || cls < kLetter || cls > kSpace ||
+            (r > 0 && first <= t.range_last.back()))
+            fatal("%s: Unicode range %d (%u..%u class %u) is out of order or invalid", path, r, first, last, cls);
+        t.range_first.push_back(first), t.range_last.push_back(last), t.range_class.push_back((uint8_t)cls);
+    }
+    for (uint32_t c = 0; c < 128; c++) t.ascii_class[c] = (uint8_t)range_class(t, c);
+    if (off != size) fatal("%s: %zu bytes after the byte-level block", path, size - off);
+}
 
 static Tokenizer load_tokenizer(const char* path, int vocab_size) {
     MappedFile f(path);
@@ -983,7 +1086,8 @@ static Tokenizer load_tokenizer(const char* path, int vocab_size) {
         t.scores.push_back(score);
         off += len;
     }
-    if (off != size)
+    const bool extended = size - off >= 4 && std::memcmp(p + off, "tokx", 4) == 0;
+    if (off != size && !extended)
         fatal("%s: %zu bytes after the model's %d tokens (tokenizer for another model?)", path,
               size - off, vocab_size);
 
@@ -997,6 +1101,7 @@ static Tokenizer load_tokenizer(const char* path, int vocab_size) {
     // the text "<unk>" or "<0x41>" must not become a special or byte token.
     const int first_normal = t.byte_fallback ? 259 : 3;
     for (int i = first_normal; i < vocab_size; i++) t.ids.emplace(t.vocab[i], i);  // first id wins
+    if (extended) load_byte_level(t, p, size, off + 4, path);
     return t;
 }
 
@@ -1022,19 +1127,130 @@ static int utf8_char_len(const unsigned char* s, size_t n) {
     return u.len;
 }
 
-// encode: text -> token ids, exactly as SentencePiece BPE with a dummy prefix.
+// The UTF-8 character at s[0..n) as a code point, and how many bytes it takes.
+// An ill-formed sequence reads as U+FFFD over its longest well-formed start
+// (at least one byte), as the WHATWG decoder (TextDecoder) replaces it.
+static int utf8_decode(const unsigned char* s, size_t n, uint32_t* cp) {
+    const Utf8Lead u = utf8_lead(s[0]);
+    *cp = 0xFFFD;
+    if (u.len == 1) *cp = s[0];
+    if (u.len <= 1) return 1;
+    if (n < 2 || s[1] < u.lo || s[1] > u.hi) return 1;
+    uint32_t c = s[0] & (0xFF >> (u.len + 1));
+    for (int i = 1; i < u.len; i++) {
+        if ((size_t)i >= n || (i > 1 && (s[i] & 0xC0) != 0x80)) return i;
+        c = c << 6 | (s[i] & 0x3F);
+    }
+    *cp = c;
+    return u.len;
+}
+
+// Where the word that starts at cp[i] ends (cp[end] is not part of the text),
+// by the byte-level BPE's split regex, matched as a regex engine does: the
+// first alternative that matches, each as long as it can.
+//   Llama 3: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+//            ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+//   GPT-2:   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+// (?i:) folds ASCII case only, as the reference (transformers.js) does.
+static size_t word_end(const Tokenizer& t, const uint32_t* cp, size_t i, size_t end) {
+    auto cls = [&](size_t k) { return k < end ? (int)char_class(t, cp[k]) : -1; };
+    auto newline = [&](size_t k) { return k < end && (cp[k] == '\r' || cp[k] == '\n'); };
+    const bool llama3 = t.split == kLlama3Split;
+    auto lower = [&](size_t k) { return k >= end ? 0u : llama3 && cp[k] >= 'A' && cp[k] <= 'Z' ? cp[k] + 32 : cp[k]; };
+    auto run = [&](size_t k, int c) { while (cls(k) == c) k++; return k; };
+    if (cp[i] == '\'') {  // contractions
+        const uint32_t a = lower(i + 1), b = lower(i + 2);
+        if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+        if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+    }
+    const size_t after_space = i + (cp[i] == ' ');
+    if (llama3) {
+        const int c = cls(i);
+        const size_t k = i + (c != kLetter && c != kNumber && !newline(i));  // [^\r\n\p{L}\p{N}]?
+        if (cls(k) == kLetter) return run(k, kLetter);
+        if (c == kNumber) return std::min(run(i, kNumber), i + 3);
+        if (cls(after_space) == kOther) {
+            size_t e = run(after_space, kOther);
+            while (newline(e)) e++;
+            return e;
+        }
+    } else {
+        for (int c : {kLetter, kNumber, kOther})
+            if (cls(after_space) == c) return run(after_space, c);
+    }
+    // white space: \s*[\r\n]+ (Llama 3), then \s+(?!\S), then \s+
+    const size_t e = run(i, kSpace);
+    if (llama3)
+        for (size_t k = e; k > i; k--)
+            if (newline(k - 1)) return k;  // up to the last newline of the run
+    if (e == end || e - i == 1) return std::max(e, i + 1);
+    return e - 1;  // leave one space to start the next word
+}
+
+// The byte-level BPE's symbols before merging: the text's words (invalid UTF-8
+// read as U+FFFD), each a piece of its own if ignore_merges finds it in the
+// vocabulary, else one symbol per byte. word_start marks where merges stop.
+static void byte_level_symbols(const Tokenizer& t, std::string_view text, std::vector<int>& sym,
+                               std::vector<char>& word_start) {
+    std::vector<uint32_t> cp;
+    std::vector<size_t> at;  // cp[k]'s first byte in `clean`
+    std::string clean;
+    const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+    for (size_t i = 0; i < text.size();) {
+        uint32_t c;
+        const int len = utf8_decode(s + i, text.size() - i, &c);
+        at.push_back(clean.size());
+        if (c == 0xFFFD) clean += "\xEF\xBF\xBD"; else clean.append(text.substr(i, len));
+        cp.push_back(c);
+        i += len;
+    }
+    at.push_back(clean.size());
+    auto word = [&](size_t from, size_t to) {  // code points [from, to)
+        const std::string_view w(clean.data() + at[from], at[to] - at[from]);
+        const auto it = t.ignore_merges ? t.ids.find(w) : t.ids.end();
+        if (it != t.ids.end()) {
+            sym.push_back(it->second), word_start.push_back(1);
+            return;
+        }
+        for (size_t k = 0; k < w.size(); k++) sym.push_back(t.byte_id[(unsigned char)w[k]]), word_start.push_back(k == 0);
+    };
+    const size_t n = cp.size();
+    for (size_t i = 0; i < n;) {
+        size_t end = n;  // the split's text: all of it, or (SmolLM2) up to the next ASCII digit
+        if (t.split == kGpt2DigitsSplit) {
+            if (cp[i] >= '0' && cp[i] <= '9') {
+                word(i, i + 1);
+                i++;
+                continue;
+            }
+            end = i;
+            while (end < n && !(cp[end] >= '0' && cp[end] <= '9')) end++;
+        }
+        while (i < end) {
+            const size_t e = word_end(t, cp.data(), i, end);
+            word(i, e);
+            i = e;
+        }
+    }
+}
+
+// encode: text -> token ids. SentencePiece BPE (with a dummy prefix):
 // 1. BOS if asked; " " before non-empty text (SentencePiece's dummy prefix).
 // 2. Each UTF-8 character becomes its piece, or its bytes' byte pieces.
 // 3. Repeatedly merge the adjacent pair whose concatenation is the
 //    highest-scoring piece, leftmost first on ties.
+// Byte-level BPE: BOS if the tokenizer has one, the words' bytes
+// (byte_level_symbols), and in step 3 the pair of lowest merge rank, never
+// across words.
 // Step 3 keeps the candidate pairs in a priority queue over a linked list of
 // symbols, so it costs O(n log n) rather than a rescan of all pairs per merge.
 static std::vector<int> encode(const Tokenizer& t, std::string_view text, bool bos, bool dummy_prefix = true) {
     std::vector<int> tokens;
-    if (bos) tokens.push_back(kBos);
+    if (bos && t.bos >= 0) tokens.push_back(t.bos);
     if (text.empty()) return tokens;
 
-    std::vector<int> sym;  // symbol ids before merging
+    std::vector<int> sym;          // symbol ids before merging
+    std::vector<char> word_start;  // byte-level: no merge joins a symbol to the one before it
     auto push_piece = [&](std::string_view piece) {
         auto it = t.ids.find(piece);
         if (it != t.ids.end()) { sym.push_back(it->second); return; }
@@ -1043,20 +1259,25 @@ static std::vector<int> encode(const Tokenizer& t, std::string_view text, bool b
                   (int)piece.size(), piece.data());
         for (unsigned char b : piece) sym.push_back(b + 3);
     };
-    if (dummy_prefix) push_piece(" ");
-    const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-    for (size_t i = 0; i < text.size();) {
-        int len = utf8_char_len(s + i, text.size() - i);
-        if (len == 0) len = 1;  // a stray byte: goes to byte fallback
-        push_piece(text.substr(i, len));
-        i += len;
+    if (t.split != kSentencePiece) {
+        byte_level_symbols(t, text, sym, word_start);
+    } else {
+        if (dummy_prefix) push_piece(" ");
+        const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+        for (size_t i = 0; i < text.size();) {
+            int len = utf8_char_len(s + i, text.size() - i);
+            if (len == 0) len = 1;  // a stray byte: goes to byte fallback
+            push_piece(text.substr(i, len));
+            i += len;
+        }
+        word_start.assign(sym.size(), 0);
     }
 
     // Symbols form a doubly linked list; a merge folds right into left.
     const int n = (int)sym.size();
     std::vector<int> prev(n), next(n), version(n, 0);
     for (int i = 0; i < n; i++) prev[i] = i - 1, next[i] = i + 1 < n ? i + 1 : -1;
-    struct Pair { float score; int left, right, left_version, right_version, id; };
+    struct Pair { double score; int left, right, left_version, right_version, id; };
     // highest score first; on ties the leftmost (positions keep list order)
     auto worse = [](const Pair& a, const Pair& b) {
         return a.score != b.score ? a.score < b.score : a.left > b.left;
@@ -1064,7 +1285,13 @@ static std::vector<int> encode(const Tokenizer& t, std::string_view text, bool b
     std::priority_queue<Pair, std::vector<Pair>, decltype(worse)> queue(worse);
     std::string buf;
     auto consider = [&](int left, int right) {
-        if (left < 0 || right < 0) return;
+        if (left < 0 || right < 0 || word_start[right]) return;
+        if (t.split != kSentencePiece) {  // score: minus the merge's rank
+            const auto it = t.merges.find((uint64_t)sym[left] << 32 | (uint32_t)sym[right]);
+            if (it != t.merges.end())
+                queue.push({-(double)it->second.first, left, right, version[left], version[right], it->second.second});
+            return;
+        }
         buf = t.vocab[sym[left]];
         buf += t.vocab[sym[right]];
         auto it = t.ids.find(buf);
@@ -1098,6 +1325,7 @@ static std::string_view decode(const Tokenizer& t, int prev, int token, char* by
         *byte = (char)(token - 3);
         return std::string_view(byte, 1);
     }
+    if (t.split != kSentencePiece) return t.special[token] ? std::string_view() : piece;  // control tokens print nothing
     if (prev == kBos && !piece.empty() && piece[0] == ' ') piece.remove_prefix(1);
     return piece;
 }

@@ -3,6 +3,7 @@ our tokenizer.bin read back."""
 
 import json
 import math
+import os
 import struct
 
 from exporter import fail
@@ -83,39 +84,237 @@ def read_sentencepiece(path):
 
 
 def read_tokenizer_json(path):
-    """A Hugging Face tokenizer.json BPE with byte fallback (Llama 2, TinyLlama,
-    Mistral style) as read_sentencepiece's [(piece, score, type)], bos, eos. The
-    score of a piece is minus the rank of the first merge that makes it, so that
-    run.cpp's encoder, which applies the best-scoring merge first, applies them
-    in the tokenizer's merge order; pieces no merge makes score 0 (never used)."""
+    """A Hugging Face tokenizer.json BPE as (pieces, bos, eos, extension).
+    With byte fallback (Llama 2, TinyLlama, Mistral style) it is read as
+    read_sentencepiece's [(piece, score, type)] and extension is None: the score
+    of a piece is minus the rank of the first merge that makes it, so run.cpp's
+    encoder, which applies the best-scoring merge first, applies them in the
+    tokenizer's merge order; pieces no merge makes score 0 (never used).
+    A byte-level BPE (Llama 3, GPT-2, SmolLM2) goes to read_byte_level."""
     try:
         with open(path, encoding="utf-8") as f:
             tj = json.load(f)
         model = tj["model"]
         kind, vocab, merges = model.get("type"), model["vocab"], model["merges"]
+        if not isinstance(vocab, dict) or not isinstance(merges, list):
+            raise TypeError("model.vocab must be an object and model.merges a list")
     except (OSError, ValueError, KeyError, TypeError) as e:
         fail(f"{path}: not a tokenizer.json ({e})")
     if kind != "BPE":
         fail(f"{path}: model type {kind!r}; only BPE is supported")
     if not model.get("byte_fallback"):
-        fail(f"{path}: a BPE without byte fallback (GPT-2 style byte-level BPE) is not supported: "
-             "run.cpp needs <0x00>..<0xFF> pieces")
+        return read_byte_level(path, tj)
     for token in tj.get("added_tokens", []):
         vocab.setdefault(token["content"], token["id"])
-    n = max(vocab.values()) + 1
-    by_id = [None] * n
-    for piece, i in vocab.items():
-        by_id[i] = piece
-    if None in by_id:
-        fail(f"{path}: vocabulary ids are not 0..{n - 1} (id {by_id.index(None)} is missing)")
+    by_id = ids_to_pieces(path, vocab)
     if by_id[:3] != ["<unk>", "<s>", "</s>"] or by_id[3:259] != [f"<0x{b:02X}>" for b in range(256)]:
         fail(f"{path}: run.cpp needs <unk>, <s>, </s> at ids 0-2 and the byte pieces <0x00>..<0xFF> at 3-258")
     rank = {}
-    for r, merge in enumerate(merges):
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
+    for r, (left, right) in enumerate(split_merges(path, merges)):
         rank.setdefault(left + right, r)
     pieces = [(p.encode(), -float(rank[p]) if p in rank else 0.0, 1) for p in by_id]
-    return pieces, 1, 2
+    return pieces, 1, 2, None
+
+
+def ids_to_pieces(path, vocab):
+    if not vocab or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 24
+                            for i in vocab.values()):
+        fail(f"{path}: vocabulary ids must be integers 0..{(1 << 24) - 1}")
+    by_id = [None] * (max(vocab.values()) + 1)
+    for piece, i in vocab.items():
+        if by_id[i] is not None:
+            fail(f"{path}: id {i} is both {by_id[i]!r} and {piece!r}")
+        by_id[i] = piece
+    if None in by_id:
+        fail(f"{path}: vocabulary ids are not 0..{len(by_id) - 1} (id {by_id.index(None)} is missing)")
+    return by_id
+
+
+def split_merges(path, merges):
+    """merges as [(left, right)]: "a b" strings (older files) or [a, b] pairs."""
+    out = []
+    for r, m in enumerate(merges):
+        pair = m.split(" ") if isinstance(m, str) else m
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(x, str) and x for x in pair):
+            fail(f"{path}: merge {r} is {m!r}, not a pair of pieces")
+        out.append(tuple(pair))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Byte-level BPE (GPT-2's scheme, used by Llama 3 and SmolLM2). The vocabulary
+# spells each byte as a printable character (bytes_to_unicode below); we store
+# the raw bytes instead, so run.cpp never needs the mapping. Text is split into
+# words by a fixed regex (the "split" kind), each word's UTF-8 bytes start as
+# one-byte pieces, and merges apply by rank (the pair listed first wins, not the
+# best piece: two splits can make one piece at different ranks).
+
+SPLIT_KINDS = {  # the pre-tokenizer regexes run.cpp implements, by number
+    1: r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+       r"\s*[\r\n]+|\s+(?!\S)|\s+",                                        # Llama 3
+    2: r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",  # GPT-2
+}
+SPLIT_GPT2_DIGITS = 3  # GPT-2's regex after splitting off each ASCII digit (SmolLM2)
+CLASS_LETTER, CLASS_NUMBER, CLASS_SPACE = 1, 2, 3
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> character table: printable Latin-1 bytes stand for
+    themselves, the other 68 for U+0100 onwards in byte order."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = [b for b in range(256) if b not in keep]
+    table = {b: chr(b) for b in keep}
+    table.update({b: chr(0x100 + n) for n, b in enumerate(extra)})
+    return table
+
+
+def pre_tokenizer_kind(path, pre):
+    """Which of run.cpp's splits `pre` is (SPLIT_KINDS), or fail naming it."""
+    def byte_level(p, use_regex):
+        if p.get("type") != "ByteLevel":
+            return False
+        if p.get("add_prefix_space"):
+            fail(f"{path}: ByteLevel add_prefix_space is not supported")
+        return p.get("use_regex", True) == use_regex
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    if not isinstance(steps, list) or not all(isinstance(p, dict) for p in steps):
+        fail(f"{path}: pre_tokenizer {pre!r} is not supported")
+    if len(steps) == 1 and byte_level(steps[0], True):
+        return 2
+    if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") \
+            and byte_level(steps[1], True):
+        return SPLIT_GPT2_DIGITS
+    if len(steps) == 2 and steps[0].get("type") == "Split" and byte_level(steps[1], False):
+        split = steps[0]
+        regex = split.get("pattern", {}).get("Regex") if isinstance(split.get("pattern"), dict) else None
+        if regex == SPLIT_KINDS[1] and split.get("behavior") == "Isolated" and not split.get("invert"):
+            return 1
+        fail(f"{path}: pre_tokenizer splits by {regex!r}; run.cpp implements Llama 3's and GPT-2's regexes")
+    fail(f"{path}: pre_tokenizer {json.dumps(pre)[:200]} is not supported "
+         "(Llama 3's Split + ByteLevel, GPT-2's ByteLevel, or Digits + ByteLevel)")
+
+
+def unicode_ranges():
+    """[(first, last, class)]: the code points the splits call letters (\\p{L}),
+    numbers (\\p{N}) and white space (\\s, as JavaScript and the reference
+    tokenizer define it: Zs, tab to carriage return, U+2028, U+2029, U+FEFF),
+    from this Python's Unicode database."""
+    import unicodedata
+    space = {9, 10, 11, 12, 13, 0x2028, 0x2029, 0xFEFF}
+    ranges = []
+    for cp in range(0x110000):
+        cat = unicodedata.category(chr(cp))
+        c = (CLASS_SPACE if cp in space or cat == "Zs" else CLASS_LETTER if cat[0] == "L"
+             else CLASS_NUMBER if cat[0] == "N" else 0)
+        if c and ranges and ranges[-1][2] == c and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        elif c:
+            ranges.append([cp, cp, c])
+    return [tuple(r) for r in ranges]
+
+
+def read_config_ids(path, tj):
+    """bos and eos ids: the token the post-processor puts first (else
+    tokenizer_config.json's bos_token when add_bos_token is set), and every
+    end-of-sequence id named in tokenizer_config.json, config.json or
+    generation_config.json beside the tokenizer."""
+    folder = os.path.dirname(os.path.abspath(path))
+
+    def load(name):
+        p = os.path.join(folder, name)
+        if not os.path.exists(p):
+            return {}
+        try:
+            with open(p, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"{p}: not JSON ({e})")
+        if not isinstance(d, dict):
+            fail(f"{p}: not a JSON object")
+        return d
+    added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+
+    def token_id(where, tok):
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        if tok is None:
+            return None
+        if tok not in added:
+            fail(f"{where}: {tok!r} is not one of the tokenizer's added tokens")
+        return added[tok]
+
+    def ids(where, v):
+        v = v if isinstance(v, list) else [v]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            fail(f"{where}: token ids {v!r} are not integers")
+        return v
+    tcfg, cfg, gen = load("tokenizer_config.json"), load("config.json"), load("generation_config.json")
+    bos = None
+    post = tj.get("post_processor") or {}
+    for p in post.get("processors", [post]) if isinstance(post, dict) else []:
+        first = (p.get("single") or [None])[0] if p.get("type") == "TemplateProcessing" else None
+        if isinstance(first, dict) and "SpecialToken" in first:
+            bos = token_id(f"{path}: post_processor", first["SpecialToken"].get("id"))
+    if bos is None and tcfg.get("add_bos_token"):
+        bos = token_id(os.path.join(folder, "tokenizer_config.json"), tcfg.get("bos_token"))
+    eos = []
+    if "eos_token" in tcfg:
+        eos.append(token_id(os.path.join(folder, "tokenizer_config.json"), tcfg["eos_token"]))
+    for name, d in (("config.json", cfg), ("generation_config.json", gen)):
+        if d.get("eos_token_id") is not None:
+            eos += ids(os.path.join(folder, name), d["eos_token_id"])
+    return bos, sorted({i for i in eos if i is not None})
+
+
+def read_byte_level(path, tj):
+    """A byte-level BPE tokenizer.json as pieces [(bytes, score, type)], bos,
+    eos ids and the extension run.cpp needs (write_tokenizer_bin's layout)."""
+    model = tj["model"]
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            fail(f"{path}: BPE {key} = {model[key]!r} is not supported")
+    if tj.get("normalizer") is not None:
+        fail(f"{path}: normalizer {json.dumps(tj['normalizer'])[:100]} is not supported (byte-level BPE without one)")
+    split = pre_tokenizer_kind(path, tj.get("pre_tokenizer"))
+    vocab = dict(model["vocab"])
+    added = tj.get("added_tokens", [])
+    if not isinstance(added, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str) and t["content"]
+                                              and isinstance(t.get("id"), int) for t in added):
+        fail(f"{path}: added_tokens must be a list of {{id, content}}")
+    for t in added:
+        if vocab.setdefault(t["content"], t["id"]) != t["id"]:
+            fail(f"{path}: added token {t['content']!r} has id {t['id']}, the vocabulary {vocab[t['content']]}")
+    by_id = ids_to_pieces(path, vocab)
+    special = sorted({t["id"] for t in added})
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    pieces = []
+    for i, piece in enumerate(by_id):
+        if i in special:
+            pieces.append(piece.encode())
+        elif all(c in decoder for c in piece):
+            pieces.append(bytes(decoder[c] for c in piece))
+        else:
+            fail(f"{path}: piece {i} {piece!r} is not in the byte-level alphabet")
+    missing = sorted(set(range(256)) - {p[0] for i, p in enumerate(pieces) if len(p) == 1 and i not in special})
+    if missing:
+        fail(f"{path}: the byte 0x{missing[0]:02X} has no piece of its own (a byte-level BPE needs all 256)")
+    ids = {p: i for i, p in enumerate(pieces) if i not in special}
+    pairs, rank = [], {}
+    for r, (left, right) in enumerate(split_merges(path, model["merges"])):
+        try:
+            lb, rb = (bytes(decoder[c] for c in s) for s in (left, right))
+            pair = (ids[lb], ids[rb], ids[lb + rb])
+        except KeyError:
+            fail(f"{path}: merge {r} ({left!r} {right!r}) joins pieces that are not in the vocabulary")
+        pairs.append(pair[:2])
+        rank.setdefault(pair[2], r)
+    # llama2.c's runner reads the pieces and ignores the extension; these scores
+    # make its merge-the-best-piece encoder approximate ours
+    out = [(p, -float(rank[i]) if i in rank else 0.0, 1) for i, p in enumerate(pieces)]
+    bos, eos = read_config_ids(path, tj)
+    ext = dict(split=split, ignore_merges=bool(model.get("ignore_merges")), bos=bos, eos=eos,
+               special=special, merges=pairs, ranges=unicode_ranges())
+    return out, bos, eos, ext
 
 
 def read_tokenizer_bin(path, vocab_size=None):
@@ -133,7 +332,8 @@ def read_tokenizer_bin(path, vocab_size=None):
     if max_len <= 0:
         fail(f"{path}: bad max_token_length {max_len}")
     off, pieces, scores = 4, [], []
-    while off < len(data) and (vocab_size is None or len(pieces) < vocab_size):
+    while off < len(data) and (vocab_size is None or len(pieces) < vocab_size) \
+            and data[off:off + 4] != b"tokx":  # a byte-level BPE's extension block follows the pieces
         if len(data) - off < 8:
             fail(f"{path}: piece {len(pieces)} is cut off after {len(data) - off} bytes")
         score, n = struct.unpack_from("<fi", data, off)
@@ -146,7 +346,7 @@ def read_tokenizer_bin(path, vocab_size=None):
         pieces.append(data[off + 8:off + 8 + n])
         scores.append(score)
         off += 8 + n
-    if vocab_size is not None and (len(pieces) != vocab_size or off != len(data)):
+    if vocab_size is not None and (len(pieces) != vocab_size or (off != len(data) and data[off:off + 4] != b"tokx")):
         fail(f"{path}: holds {len(pieces)} pieces{' and more bytes' if off != len(data) else ''}, "
              f"but the model's vocabulary has {vocab_size}")
     return pieces, scores

@@ -4,11 +4,12 @@
 #                                    (Debian's PyTorch multiplies matrices ~35x faster with it)
 #   sh tests/install-deps.sh         make test: also pytest and sentencepiece, clang++ with its
 #                                    OpenMP and libFuzzer runtimes, valgrind, and the ARM
-#                                    cross-compiler with qemu to run what it builds
+#                                    cross-compiler with qemu to run what it builds, and node
+#                                    with npm (the tests' JavaScript references)
 set -e
 PYTHON=${PYTHON:-/usr/bin/python3}
 TRAIN_PKGS="python3-torch python3-numpy libopenblas0-pthread"
-PKGS="$TRAIN_PKGS python3-pytest python3-sentencepiece clang libomp-dev libclang-rt-14-dev valgrind g++-aarch64-linux-gnu qemu-user"
+PKGS="$TRAIN_PKGS python3-pytest python3-sentencepiece clang libomp-dev libclang-rt-14-dev valgrind g++-aarch64-linux-gnu qemu-user nodejs npm"
 
 has_training() {
     $PYTHON -c 'import torch, numpy' 2>/dev/null &&
@@ -20,7 +21,8 @@ has_testing() {
     echo 'extern "C" int LLVMFuzzerTestOneInput(const char*, long) { return 0; }' |
         clang++ -fsanitize=fuzzer -x c++ - -o /dev/null 2>/dev/null &&
     command -v valgrind >/dev/null &&
-    command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null
+    command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null &&
+    command -v node >/dev/null && command -v npm >/dev/null
 }
 
 if [ "${1:-}" = train ]; then

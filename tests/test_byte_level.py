@@ -1,0 +1,134 @@
+"""Byte-level BPE tokenizers (Llama 3, GPT-2, SmolLM2 style) against an
+independent implementation: transformers.js' tokenizer from npm (installed into
+build/npm by make), loading the real tokenizer.json files its packages ship.
+Our export of the same tokenizer.json, encoded by run.cpp (build/tokenize_many),
+must give the same ids and decode to the same bytes for every string."""
+
+import json
+import random
+import subprocess
+import sys
+import unicodedata
+
+import pytest
+
+from conftest import ROOT
+from exporter.tokenizers import read_tokenizer_bin
+from test_tokenizer import varied_strings
+
+NPM = ROOT / "build" / "npm" / "node_modules"
+LLAMA3 = NPM / "@lenml" / "tokenizer-llama3" / "models"
+GPT2 = NPM / "@lenml" / "tokenizer-gpt2" / "models"
+
+
+def package(models):
+    if not (models / "tokenizer.json").exists():
+        pytest.fail(f"{models} is missing: the npm test references (make test installs them into build/npm)")
+    return models / "tokenizer.json", models / "tokenizer_config.json"
+
+
+def export(tokenizer_json, out):
+    subprocess.run([sys.executable, str(ROOT / "export.py"), "--tokenizer", str(tokenizer_json), "-o", str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    tj, cfg = package(LLAMA3)
+    return export(tj, tmp_path_factory.mktemp("llama3") / "tok.bin"), tj, cfg, 128256
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    tj, cfg = package(GPT2)
+    return export(tj, tmp_path_factory.mktemp("gpt2") / "tok.bin"), tj, cfg, 50257
+
+
+@pytest.fixture(scope="module")
+def smollm_like(tmp_path_factory):
+    """GPT-2's vocabulary behind SmolLM2's pre-tokenizer: each ASCII digit split
+    off first, then GPT-2's regex (no package ships SmolLM2's tokenizer.json;
+    transformers.js implements the Digits step on its own)."""
+    tj_path, cfg = package(GPT2)
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, tj["pre_tokenizer"]]}
+    d = tmp_path_factory.mktemp("smollm")
+    (d / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    return export(d / "tokenizer.json", d / "tok.bin"), d / "tokenizer.json", cfg, 50257
+
+
+def assigned(cp):
+    """A code point whose class the exporter's Unicode database knows: ours
+    comes from Python's (14.0 on Debian 12), node's may be newer, and a
+    character assigned in between (CJK Extension H, Kawi, ...) is a letter to
+    it but "other" to us."""
+    return not 0xD800 <= cp < 0xE000 and unicodedata.category(chr(cp)) != "Cn"
+
+
+def byte_strings(n, seed):
+    """At least n byte strings: stories, accents, CJK, emoji, code and
+    whitespace (varied_strings), numbers of every length, whitespace runs of
+    every kind, contractions in every case, special-token text, random
+    characters from all planes, and ill-formed UTF-8."""
+    rnd = random.Random(seed)
+    out = [s.encode() for s in varied_strings(n // 2, seed)]
+    digits = "".join(str(i % 10) for i in range(1, 30))
+    out += [digits[:k].encode() for k in range(1, 30)] + [f"x{digits[:k]} {digits[:k]}y".encode() for k in range(1, 12)]
+    out += [f"{rnd.randint(0, 10 ** rnd.randint(1, 15))}{rnd.choice(['', '.', ',', ' ', 'px', '%'])}"
+            f"{rnd.randint(0, 999)}".encode() for _ in range(100)]
+    spaces = [" ", "  ", "\t", "\n", "\r", "\r\n", "\u00a0", "\u3000", "\u2028", "\u0085", "\ufeff", "\u200b", "\x0b"]
+    out += ["".join(rnd.choice(spaces) for _ in range(rnd.randint(1, 6))).join(
+        rnd.choice(["", "a", "!", "1", "é", "中"]) for _ in range(3)).encode() for _ in range(300)]
+    words = ["it", "I", "we", "THEY", "you", "she", "Don", "o", ""]
+    tails = ["s", "S", "t", "T", "re", "RE", "Re", "rE", "ve", "VE", "m", "M", "ll", "LL", "lL", "d", "D", "x", "", "ſ"]
+    out += [f"{rnd.choice(words)}'{rnd.choice(tails)}{rnd.choice(['', ' ', '.', 'abc', '!'])}".encode()
+            for _ in range(200)]
+    out += [t.encode() for t in ["<|begin_of_text|>", "<|eot_id|>hi", "a<|endoftext|>b", "<|start_header_id|>user"]]
+    for _ in range(n // 4):  # random characters from every plane, mixed with ASCII
+        cps = [rnd.choice([rnd.randint(0x20, 0x7E), rnd.randint(0x80, 0x7FF), rnd.randint(0x800, 0xFFFF),
+                           rnd.randint(0x10000, 0x10FFFF)]) for _ in range(rnd.randint(1, 20))]
+        out.append("".join(chr(c) for c in cps if assigned(c)).encode())
+    for _ in range(n // 8):  # ill-formed UTF-8: random bytes, cut characters, surrogates, overlongs
+        parts = [bytes(rnd.randint(0, 255) for _ in range(rnd.randint(1, 4))), "é中😀".encode()[:rnd.randint(1, 8)],
+                 b"\xed\xa0\x80", b"\xc0\xaf", b"\xf4\x90\x80\x80", b"\xe2\x82", b"abc ", b"\n"]
+        out.append(b"".join(rnd.choice(parts) for _ in range(rnd.randint(1, 6))))
+    return [s.replace(b"\0", b"") for s in out]
+
+
+def compare(tok, tj, cfg, vocab, strings):
+    data = b"".join(s + b"\0" for s in strings)
+    ref = subprocess.run(["node", str(ROOT / "tests" / "tokenizer_reference.js"), str(tj), str(cfg)], input=data,
+                         capture_output=True, check=True).stdout.decode().splitlines()
+    got = subprocess.run([str(ROOT / "build" / "tokenize_many"), str(tok), str(vocab), "--decode"], input=data,
+                         capture_output=True, check=True).stdout.decode().splitlines()
+    assert len(ref) == len(got) == 2 * len(strings)
+    bad = [(s, r, g) for s, r, g in zip(strings, ref[0::2], got[0::2]) if r != g]
+    assert not bad, f"{len(bad)} of {len(strings)} strings get other ids; first: {bad[0]!r}"
+    bad = [(s, r, g) for s, r, g in zip(strings, ref[1::2], got[1::2]) if r != g]
+    assert not bad, f"{len(bad)} of {len(strings)} strings decode otherwise; first: {bad[0]!r}"
+    # the round trip is exact for well-formed text (and the reference agrees)
+    for s, g in zip(strings, got[1::2]):
+        if s.decode("utf-8", "replace").encode() == s:
+            assert bytes.fromhex(g) == s
+    return [list(map(int, line.split())) for line in got[0::2]]
+
+
+def test_llama3_matches_reference(llama3):
+    # and every 20th piece of the vocabulary as text: some of them (" việc",
+    # "ektedir") are pieces the merges never make, which ignore_merges keeps whole
+    pieces = read_tokenizer_bin(str(llama3[0]), 128256)[0][:128000:20]
+    strings = byte_strings(3000, seed=0) + [p for p in pieces if b"\0" not in p]
+    assert len(strings) >= 3000
+    ids = compare(*llama3, strings)
+    assert not any(i >= 128000 for row in ids for i in row), "text became a special token"
+
+
+def test_gpt2_matches_reference(gpt2):
+    ids = compare(*gpt2, byte_strings(1500, seed=1))
+    assert 50256 not in {i for row in ids for i in row}, "text became <|endoftext|>"
+
+
+def test_smollm_style_digits_match_reference(smollm_like):
+    compare(*smollm_like, byte_strings(1000, seed=2))
