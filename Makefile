@@ -180,7 +180,7 @@ bench-kernels: build/bench_kernels   # one matmul (int8, then int4), technique b
 # per input kind, seeded with small valid files. make fuzz FUZZ_SECONDS=600;
 # make test runs a fixed number of inputs from a fixed seed, so CI is reproducible.
 
-FUZZ_TARGETS = checkpoint checkpoint-q8 tokenizer encode cli
+FUZZ_TARGETS = checkpoint checkpoint-q8 tokenizer encode encode-bpe cli
 FUZZ_SECONDS ?= 60
 FUZZ_LIMIT ?= -max_total_time=$(FUZZ_SECONDS)
 # -fsanitize=fuzzer: libFuzzer's main and coverage instrumentation (clang only)
@@ -190,6 +190,7 @@ FUZZ_FLAGS_checkpoint    = -DFUZZ_CHECKPOINT
 FUZZ_FLAGS_checkpoint-q8 = -DFUZZ_CHECKPOINT -DQUANTIZED
 FUZZ_FLAGS_tokenizer     = -DFUZZ_TOKENIZER
 FUZZ_FLAGS_encode        = -DFUZZ_ENCODE -DTOKENIZER_PATH='"$(abspath ../shared/models/stories260K/tok512.bin)"'
+FUZZ_FLAGS_encode-bpe    = -DFUZZ_ENCODE -DTOKENIZER_PATH='"$(abspath build/fuzz/seeds/tokenizer/bpe512.bin)"'
 FUZZ_FLAGS_cli           = -DFUZZ_CLI
 
 build/fuzz-%: tests/fuzz.cpp run.cpp runq.cpp | build/.deps

@@ -2059,6 +2059,7 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
                      const std::string& prompt, int steps, const TestHooks& hooks) {
     const int vocab = tr.config().vocab_size;
     const std::vector<int> prompt_tokens = encode(tok, prompt, true);
+    if (prompt_tokens.empty()) fatal("-i: this tokenizer has no BOS token to start from; give a prompt");
     const int n_prompt = (int)prompt_tokens.size();
     if (n_prompt > steps)
         fatal("the prompt is %d tokens (with BOS) but -n allows %d positions", n_prompt, steps);
@@ -2077,7 +2078,7 @@ static void generate(Transformer& tr, const Tokenizer& tok, Sampler& sampler,
         const int next = sample(sampler, logits, vocab);
         generated++;
         dump_next(hooks.dump, next);
-        if (next == kBos || next == kEos) break;
+        if (next == tok.bos || std::find(tok.eos.begin(), tok.eos.end(), next) != tok.eos.end()) break;
         out.write(decode(tok, token, next, &byte));
         token = next;
         if (pos >= steps) break;
@@ -2109,8 +2110,10 @@ static void perplexity(Transformer& tr, const Tokenizer& tok, std::string_view t
     const double start = now_seconds();
     std::vector<int> w;
     for (size_t first = 0; first < ids.size(); first += window - 1, windows++) {
-        w.assign(1, kBos);
-        w.insert(w.end(), ids.begin() + first, ids.begin() + std::min(ids.size(), first + window - 1));
+        // BOS, then window - 1 tokens; without a BOS the window's first token starts it
+        w.clear();
+        if (tok.bos >= 0) w.push_back(tok.bos);
+        w.insert(w.end(), ids.begin() + first, ids.begin() + std::min(ids.size(), first + window - (tok.bos < 0)));
         for (size_t i = 0; i + 1 < w.size(); i += kBlock) {
             const int n = (int)std::min(w.size() - 1 - i, (size_t)kBlock);  // inputs whose next token is known
             const float* logits = forward(tr, &w[i], n, (int)i, true);
@@ -2139,28 +2142,90 @@ static bool read_line(const char* label, std::string& line) {
     return static_cast<bool>(std::getline(std::cin, line));
 }
 
-// Llama 2 chat: each user turn is "[INST] ... [/INST]" with BOS, the first one
-// carrying the system prompt; the assistant answers until EOS, which stays in
-// the context so the next turn sees a finished answer.
-// One chat turn as tokens, in the model's template. The end-of-sequence markers
-// inside a template go in as the EOS id, never as text for the tokenizer to split.
+// One chat turn as tokens, in the model's template. The control tokens inside a
+// template go in as their ids, never as text for the tokenizer to split.
 //   llama2: [BOS] [INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]   (first turn)
 //           [BOS] [INST] {user} [/INST]                                  (later turns)
 //   zephyr: [BOS] <|system|>\n{system} [EOS] \n<|user|>\n{user} [EOS] \n<|assistant|>\n
 //           later turns start at \n<|user|>, after the answer's EOS. Only the
 //           conversation's first text gets SentencePiece's leading space.
-static std::vector<int> render_turn(const Tokenizer& tok, const std::string& tmpl, bool first,
+//   llama3: <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>
+//           <|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>
+//           <|start_header_id|>assistant<|end_header_id|>\n\n
+//           (one line; later turns start at the user's header; the system part
+//           only with a system prompt; {system} and {user} trimmed of white
+//           space, as the template's `| trim` does)
+// An answer ends at `end` or any of the tokenizer's EOS ids (and, for
+// SentencePiece's templates, at BOS); `close` then goes into the context, so
+// that the next turn sees a finished answer.
+struct ChatTemplate {
+    std::string name;
+    int close = kEos;
+    std::vector<int> end{kBos, kEos};
+    int begin = -1, header = -1, header_end = -1;  // llama3's control tokens
+};
+
+static int special_id(const Tokenizer& tok, const char* piece) {
+    for (int i = 0; i < (int)tok.vocab.size(); i++)
+        if (tok.special[i] && tok.vocab[i] == piece) return i;
+    fatal("-c llama3: the tokenizer has no %s token", piece);
+}
+
+static ChatTemplate chat_template(const Tokenizer& tok, const std::string& name) {
+    ChatTemplate t;
+    const bool byte_level = tok.split != kSentencePiece;
+    t.name = !name.empty() ? name : byte_level ? "llama3" : "llama2";
+    if (t.name != "llama3") {
+        if (byte_level)
+            fatal("-c %s: a SentencePiece template, but the tokenizer is a byte-level BPE (try -c llama3)", t.name.c_str());
+        return t;
+    }
+    if (!byte_level) fatal("-c llama3 needs Llama 3's tokenizer (a byte-level BPE), not a SentencePiece one");
+    t.begin = special_id(tok, "<|begin_of_text|>");
+    t.header = special_id(tok, "<|start_header_id|>");
+    t.header_end = special_id(tok, "<|end_header_id|>");
+    t.close = special_id(tok, "<|eot_id|>");
+    t.end = tok.eos;
+    t.end.push_back(t.close);
+    return t;
+}
+
+static std::string trimmed(const std::string& s) {
+    const char* space = " \t\n\r\v\f";
+    const size_t a = s.find_first_not_of(space), b = s.find_last_not_of(space);
+    return a == std::string::npos ? std::string() : s.substr(a, b - a + 1);
+}
+
+static std::vector<int> render_turn(const Tokenizer& tok, const ChatTemplate& tmpl, bool first,
                                     const std::string& system, const std::string& user) {
-    if (tmpl == "llama2") {
+    if (tmpl.name == "llama2") {
         if (first && !system.empty())
             return encode(tok, "[INST] <<SYS>>\n" + system + "\n<</SYS>>\n\n" + user + " [/INST]", true);
         return encode(tok, "[INST] " + user + " [/INST]", true);
     }
     std::vector<int> ids;
     auto text = [&](const std::string& s) {
-        const std::vector<int> t = encode(tok, s, first && ids.empty(), first && ids.empty());
+        const bool start = tmpl.name == "zephyr" && first && ids.empty();
+        const std::vector<int> t = encode(tok, s, start, start);
         ids.insert(ids.end(), t.begin(), t.end());
     };
+    if (tmpl.name == "llama3") {
+        auto message = [&](const char* role, const std::string& content) {
+            ids.push_back(tmpl.header);
+            text(role);
+            ids.push_back(tmpl.header_end);
+            text("\n\n" + trimmed(content));
+            ids.push_back(tmpl.close);
+        };
+        if (first) ids.push_back(tmpl.begin);
+        if (first && !system.empty()) message("system", system);
+        message("user", user);
+        ids.push_back(tmpl.header);
+        text("assistant");
+        ids.push_back(tmpl.header_end);
+        text("\n\n");
+        return ids;
+    }
     if (first && !system.empty()) {
         text("<|system|>\n" + system);
         ids.push_back(kEos);
@@ -2171,7 +2236,7 @@ static std::vector<int> render_turn(const Tokenizer& tok, const std::string& tmp
     return ids;
 }
 
-static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler, const std::string& tmpl,
+static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler, const ChatTemplate& tmpl,
                  const std::string& first_user_prompt, const std::string& cli_system_prompt,
                  bool have_system_prompt, int steps, const TestHooks& hooks) {
     const int vocab = tr.config().vocab_size;
@@ -2202,9 +2267,11 @@ static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler, const 
         for (;;) {
             const int next = sample(sampler, logits, vocab);
             dump_next(hooks.dump, next);
-            if (next == kEos || next == kBos) {
-                if (next == kEos && pos < steps) {  // into the history
-                    dump_logits(hooks.dump, pos, kEos, forward(tr, &next, 1, pos, false), vocab);
+            if (std::find(tmpl.end.begin(), tmpl.end.end(), next) != tmpl.end.end()) {
+                // into the history: the closing token (SentencePiece's templates: EOS, not BOS)
+                const int close = tmpl.name == "llama3" || next == kEos ? tmpl.close : -1;
+                if (close >= 0 && pos < steps) {
+                    dump_logits(hooks.dump, pos, close, forward(tr, &close, 1, pos, false), vocab);
                     dump_next(hooks.dump, -1);
                     pos++;
                 }
@@ -2245,7 +2312,8 @@ static void usage(std::FILE* f) {
         "  -m <mode>   generate | chat | tokenize | perplexity, default generate\n"
         "  -f <path>   text file whose perplexity to measure (-n: window, default seq_len)\n"
         "  -y <string> system prompt (chat mode)\n"
-        "  -c <name>   chat template: llama2 (default) | zephyr (TinyLlama-Chat and other Zephyr-style models)\n"
+        "  -c <name>   chat template: llama2 | zephyr (TinyLlama-Chat and other Zephyr-style models) |\n"
+        "              llama3 (Llama 3.x Instruct); default llama3 with a byte-level tokenizer, else llama2\n"
         "  -h, --help  this help\n",
         kProgram, kProgram);
 }
@@ -2271,7 +2339,7 @@ struct Options {
     std::string prompt, system_prompt;
     bool have_system_prompt = false;
     std::string mode = "generate";
-    std::string chat_template = "llama2";
+    std::string chat_template;  // default: llama2, or llama3 for a byte-level tokenizer
     const char* text_file = nullptr;  // -f, for perplexity
 };
 
@@ -2333,8 +2401,8 @@ static Options parse_args(int argc, char** argv) {
         case 'f': o.text_file = val; break;
         case 'c':
             o.chat_template = val;
-            if (o.chat_template != "llama2" && o.chat_template != "zephyr")
-                fatal("-c: chat template '%s' is not llama2 or zephyr", val);
+            if (o.chat_template != "llama2" && o.chat_template != "zephyr" && o.chat_template != "llama3")
+                fatal("-c: chat template '%s' is not llama2, zephyr or llama3", val);
             break;
         }
     }
@@ -2390,7 +2458,8 @@ static int run_main(int argc, char** argv) {
     } else if (o.mode == "generate")
         generate(tr, tok, sampler, o.prompt, o.steps, hooks);
     else
-        chat(tr, tok, sampler, o.chat_template, o.prompt, o.system_prompt, o.have_system_prompt, o.steps, hooks);
+        chat(tr, tok, sampler, chat_template(tok, o.chat_template), o.prompt, o.system_prompt, o.have_system_prompt,
+             o.steps, hooks);
     if (hooks.dump && std::fclose(hooks.dump) != 0) fatal("RUN_DUMP_LOGITS: write failed");
     return 0;
 }

@@ -211,3 +211,22 @@ def decode_text(pieces, tokens):
 
 def read_tokenizer(path, vocab):
     return read_tokenizer_bin(path)[0][:vocab]
+
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def byte_level_json(merges=("a b", "ab c", "Ġ a"), specials=LLAMA3_SPECIALS):
+    """A small byte-level BPE tokenizer.json with Llama 3's pre-tokenizer: the
+    256 byte pieces in GPT-2's spelling, `merges` (their pieces added in
+    order) and `specials` as added tokens."""
+    from exporter.tokenizers import SPLIT_KINDS, bytes_to_unicode
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode()[b] for b in range(256))}
+    for m in merges:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    added = [{"id": len(vocab) + i, "content": s, "special": True} for i, s in enumerate(specials)]
+    return {"model": {"type": "BPE", "vocab": vocab, "merges": list(merges), "ignore_merges": True},
+            "normalizer": None, "added_tokens": added,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": SPLIT_KINDS[1]}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}}

@@ -9,6 +9,7 @@
 //   tokenizer   the bytes are a tokenizer.bin for a 512-token model: load it,
 //               then encode and decode a sample text with it
 //   encode      the bytes are a prompt for stories260K's tokenizer
+//   encode-bpe  the same for a byte-level BPE (build/fuzz/seeds/tokenizer/bpe512.bin)
 //   cli         the bytes, split at NULs, are the command line
 
 #define RUN_NO_MAIN

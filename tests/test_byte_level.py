@@ -11,8 +11,9 @@ import sys
 import unicodedata
 
 import pytest
+import torch
 
-from conftest import ROOT
+from conftest import ROOT, random_model, read_dump, run
 from exporter.tokenizers import read_tokenizer_bin
 from test_tokenizer import varied_strings
 
@@ -132,3 +133,55 @@ def test_gpt2_matches_reference(gpt2):
 
 def test_smollm_style_digits_match_reference(smollm_like):
     compare(*smollm_like, byte_strings(1000, seed=2))
+
+
+# ---------------------------------------------------------------------------
+# Chat: -c llama3 against the template in the package's tokenizer_config.json
+
+
+def eager_model(end_id, vocab=128256):
+    """A random model whose every greedy choice is end_id: the embeddings share
+    a large first coordinate that survives the small layers, and only end_id's
+    classifier row reads it. An answer then ends at once and the next turn follows."""
+    m = random_model(7, dim=8, hidden_dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=vocab,
+                     max_seq_len=256, shared_classifier=False)
+    with torch.no_grad():
+        m.tok_embeddings.weight[:, 0] = 50
+        for layer in m.layers:
+            layer.attention.wo.weight.mul_(0.01)
+            layer.feed_forward.w2.weight.mul_(0.01)
+        m.output.weight.mul_(0.01)
+        m.output.weight[end_id] = 0
+        m.output.weight[end_id, 0] = 10
+    return m
+
+
+def chat_reference(tj, cfg, conversations):
+    p = subprocess.run(["node", str(ROOT / "tests" / "chat_reference.js"), str(tj), str(cfg)],
+                       input=json.dumps(conversations).encode(), capture_output=True, check=True)
+    return [list(map(int, line.split())) for line in p.stdout.decode().splitlines()]
+
+
+@pytest.mark.parametrize("end", ["<|eot_id|>", "<|end_of_text|>"])
+@pytest.mark.parametrize("system", ["be brief", ""])
+def test_llama3_chat_renders_the_template(engine, llama3, tmp_path, system, end):
+    tok, tj, cfg, vocab = llama3
+    ids = {t["content"]: t["id"] for t in json.loads(tj.read_text(encoding="utf-8"))["added_tokens"]}
+    ckpt = engine.save(eager_model(ids[end]), tmp_path / "m.bin", 8)
+    # the template trims each message; special-token text in a message stays text
+    # here (test_llama3_matches_reference), where the reference's rendered string would not
+    users = ["  Hi there, it's me!\t ", "again: 123"]
+    sys_msg = [{"role": "system", "content": system}] if system else []
+    turn1, full = chat_reference(tj, cfg, [
+        sys_msg + [{"role": "user", "content": users[0]}],
+        sys_msg + [{"role": "user", "content": users[0]}, {"role": "assistant", "content": ""},
+                   {"role": "user", "content": users[1]}]])
+    eot = ids["<|eot_id|>"]
+    assert full[:len(turn1)] == turn1 and full[len(turn1)] == eot
+    dump = tmp_path / "dump.bin"
+    run(engine.binary, ckpt, "-z", tok, "-m", "chat", "-c", "llama3", "-y", system, "-t", "0", "-n", 256,
+        stdin="\n".join(users).encode() + b"\n", env={"RUN_DUMP_LOGITS": str(dump)})
+    _, fed, _, chosen = read_dump(dump, vocab)
+    # each answer is the end token at once; <|eot_id|> closes it in the context
+    assert fed == full + [eot], f"{fed}\n{full}"
+    assert chosen[len(turn1) - 1] == ids[end] and chosen[len(turn1)] == -1

@@ -5,6 +5,7 @@ Every bad input is generated here from tiny models. Under `make test` each
 case runs against every build, the AddressSanitizer + UBSan one included
 (which turns any out-of-bounds read into a failure)."""
 
+import json
 import os
 import resource
 import struct
@@ -17,7 +18,8 @@ import pytest
 import torch
 
 import export as E
-from conftest import BINARIES, QBINARIES, assert_threads, LLAMA_MODEL, ROOT, STORIES, TOK512, existing, random_model, run, write_tokenizer
+from conftest import (BINARIES, LLAMA3_SPECIALS, QBINARIES, assert_threads, LLAMA_MODEL, ROOT, STORIES, TOK512,
+                      byte_level_json, existing, random_model, run, write_tokenizer)
 from test_cli import expect_error, stories
 
 STORIES_BYTES = STORIES.read_bytes()
@@ -469,3 +471,148 @@ def test_valgrind_generate_and_chat(binary, stories_q8):
         p = subprocess.run(vg + [existing(binary), str(model), "-z", str(TOK512)] + [str(a) for a in args],
                            input=stdin, capture_output=True, timeout=600)
         assert p.returncode == 0 and b"==" not in p.stderr, p.stderr.decode(errors="replace")
+
+
+# ---------------------------------------------------------------------------
+# Byte-level BPE tokenizers: bad tokenizer.json files for export.py, corrupt
+# extension blocks and template mismatches for the engines
+
+
+def write_json(path, d):
+    path.write_text(json.dumps(d), encoding="utf-8")
+    return path
+
+
+def mutated(change):
+    d = byte_level_json()
+    change(d)
+    return d
+
+
+BAD_TOKENIZER_JSON = {
+    "normalizer": (lambda d: d.update(normalizer={"type": "NFC"}), "normalizer"),
+    "metaspace": (lambda d: d.update(pre_tokenizer={"type": "Metaspace"}), "pre_tokenizer"),
+    "other-regex": (lambda d: d["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\w+"), r"\\w+"),
+    "prefix-space": (lambda d: d["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True), "add_prefix_space"),
+    "dropout": (lambda d: d["model"].update(dropout=0.1), "dropout"),
+    "unknown-merge": (lambda d: d["model"]["merges"].append("x yz"), "merge 3"),
+    "bad-merge": (lambda d: d["model"]["merges"].append("abc"), "merge 3"),
+    "missing-byte": (lambda d: d["model"]["vocab"].pop("Ā"), "missing"),
+    "no-byte-piece": (lambda d: d["model"]["vocab"].update({"ĀĀ": d["model"]["vocab"].pop("Ā")}), "0x00"),
+    "not-byte-alphabet": (lambda d: d["model"]["vocab"].update({"\u2581a": d["model"]["vocab"].pop("Ġa")}),
+                          "byte-level alphabet"),
+    "added-id-clash": (lambda d: d["added_tokens"].append({"id": 3, "content": "<x>"}), "is both"),
+    "merges-not-list": (lambda d: d["model"].update(merges="a b"), "not a tokenizer.json"),
+    "wordpiece": (lambda d: d["model"].update(type="WordPiece"), "WordPiece"),
+}
+BAD_TOKENIZER_CONFIGS = {  # the files beside tokenizer.json: special tokens that do not match it
+    "eos-not-added": ("tokenizer_config.json", {"eos_token": "<|im_end|>"}, "<|im_end|>"),
+    "bos-not-added": ("tokenizer_config.json", {"add_bos_token": True, "bos_token": {"content": "<s>"}}, "<s>"),
+    "eos-ids-not-ints": ("generation_config.json", {"eos_token_id": ["x"]}, "not integers"),
+    "not-json": ("config.json", "{", "not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TOKENIZER_JSON) + list(BAD_TOKENIZER_CONFIGS))
+def test_export_refuses_bad_tokenizer_json(tmp_path, case):
+    if case in BAD_TOKENIZER_JSON:
+        change, words = BAD_TOKENIZER_JSON[case]
+        write_json(tmp_path / "tokenizer.json", mutated(change))
+    else:
+        name, content, words = BAD_TOKENIZER_CONFIGS[case]
+        write_json(tmp_path / "tokenizer.json", byte_level_json())
+        if isinstance(content, str):
+            (tmp_path / name).write_text(content)
+        else:
+            write_json(tmp_path / name, content)
+    before = sorted(os.listdir(tmp_path))
+    p = export("--tokenizer", tmp_path / "tokenizer.json", "-o", tmp_path / "tok.bin")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1 and words in err and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written, no temporary left
+
+
+@pytest.fixture(scope="module")
+def byte_level(tmp_path_factory):
+    """A tiny model over byte_level_json's vocabulary (264 ids), its tokenizer,
+    and the tokenizer's bytes with the offset of the extension block."""
+    d = tmp_path_factory.mktemp("bbpe")
+    write_json(d / "tokenizer.json", byte_level_json())
+    write_json(d / "tokenizer_config.json", {"eos_token": "<|end_of_text|>"})
+    assert export("--tokenizer", d / "tokenizer.json", "-o", d / "tok.bin").returncode == 0
+    data = (d / "tok.bin").read_bytes()
+    m = random_model(3, **dict(ARGS, vocab_size=264))
+    return m, d / "tok.bin", data, data.index(b"tokx")
+
+
+def patched(data, off, fmt, *values):
+    b = bytearray(data)
+    struct.pack_into(fmt, b, off, *values)
+    return bytes(b)
+
+
+def test_byte_level_tokenizer_runs(engine, byte_level, tmp_path):
+    m, tok, _, _ = byte_level
+    ckpt = engine.save(m, tmp_path / "m.bin", 8)
+    # words "abc", " ab", " a": merged by rank within each, " a" whole (ignore_merges)
+    assert run(engine.binary, ckpt, "-z", tok, "-m", "tokenize", "-i", "abc ab a").stdout == b"257 32 256 258\n"
+    p = run(engine.binary, ckpt, "-z", tok, "-n", 8, "-i", "abc", "-t", "0")
+    assert p.stdout.startswith(b"abc")
+
+
+def corrupt_extensions(data, x):
+    """(name, bytes, words in the error) for a tokenizer.bin whose extension
+    block starts at x: cut at every field of the header and inside each table,
+    and each field made invalid."""
+    n_merges_at = x + 24 + 4 + 4 * 1 + 4 + 4 * 5  # header, eos (1 id), specials (5 ids)
+    ranges_at = n_merges_at + 4 + 8 * 3
+    cases = [(f"cut-{c}", data[:c], "") for c in
+             [x + 2, x + 4, x + 10, x + 24, x + 30, n_merges_at + 2, n_merges_at + 10, ranges_at + 2, ranges_at + 9,
+              len(data) - 1]]
+    cases += [
+        ("version", patched(data, x + 4, "<i", 2), "version 2"),
+        ("kind", patched(data, x + 8, "<i", 0), "kind 0"),
+        ("split", patched(data, x + 12, "<i", 9), "split kind 9"),
+        ("flags", patched(data, x + 16, "<i", 6), "flags"),
+        ("bos", patched(data, x + 20, "<i", 264), "bos id 264"),
+        ("eos-count", patched(data, x + 24, "<i", 2 ** 30), "eos count"),
+        ("eos-negative", patched(data, x + 24, "<i", -1), "eos count"),
+        ("eos-id", patched(data, x + 28, "<i", -5), "eos id -5"),
+        ("special-id", patched(data, x + 36, "<i", 2 ** 31 - 1), "special token id"),
+        ("merge-count", patched(data, n_merges_at, "<i", 2 ** 29), "merge count"),
+        ("merge-id", patched(data, n_merges_at + 4, "<i", 264), "merge id 264"),
+        ("merge-makes-nothing", patched(data, n_merges_at + 4, "<2i", 98, 98), "merge 0"),
+        ("merge-of-special", patched(data, n_merges_at + 4, "<i", 262), "merge 0"),
+        ("range-count", patched(data, ranges_at, "<i", 2 ** 28), "Unicode range count"),
+        ("range-order", patched(data, ranges_at + 4, "<2I", 0x41, 0x5A), "Unicode range 1"),
+        ("range-beyond", patched(data, ranges_at + 4 + 12 * 3 + 4, "<I", 0x110000), "Unicode range 3"),
+        ("range-class", patched(data, ranges_at + 4 + 8, "<I", 7), "Unicode range 0"),
+        ("trailing", data + b"\0", "after the byte-level block"),
+        ("other-magic", data[:x] + b"tokX" + data[x + 4:], "bytes after"),
+    ]
+    return cases
+
+
+def test_corrupt_byte_level_block(engine, byte_level, tmp_path):
+    m, _, data, x = byte_level
+    ckpt = engine.save(m, tmp_path / "m.bin", 8)
+    tok = tmp_path / "bad.bin"
+    for name, bad, words in corrupt_extensions(data, x):
+        tok.write_bytes(bad)
+        p = run(engine.binary, ckpt, "-z", tok, "-i", "abc", check=False)
+        err = p.stderr.decode(errors="replace")
+        assert p.returncode == 1 and err.count("\n") == 1 and str(tok) in err and words in err, (name, err)
+
+
+def test_chat_template_must_match_tokenizer(engine, byte_level, tiny, tmp_path):
+    m, tok, data, x = byte_level
+    ckpt = engine.save(m, tmp_path / "m.bin", 8)
+    expect_error(engine, ckpt, "-z", tok, "-m", "chat", "-c", "llama2", "-i", "hi", mentions="byte-level")
+    expect_error(engine, checkpoint_of(engine, tiny), "-z", tiny[2], "-m", "chat", "-c", "llama3", "-i", "hi",
+                 mentions="SentencePiece")
+    # the same tokenizer without <|eot_id|> among its special tokens
+    d = tmp_path / "noeot"
+    d.mkdir()
+    write_json(d / "tokenizer.json", byte_level_json(specials=LLAMA3_SPECIALS[:-1] + ["<|eom_id|>"]))
+    assert export("--tokenizer", d / "tokenizer.json", "-o", d / "tok.bin").returncode == 0
+    expect_error(engine, ckpt, "-z", d / "tok.bin", "-m", "chat", "-i", "hi", mentions="<|eot_id|>")
