@@ -335,11 +335,11 @@ def test_tokenizer_json_encodes_like_tokenizer_model(tmp_path):
     assert ids[0].count(b"\n") == 1000 and ids[0] == ids[1]
 
 
-def test_tokenizer_json_without_byte_fallback_refused(tmp_path):
+def test_tokenizer_json_neither_byte_fallback_nor_byte_level_refused(tmp_path):
     tj = {"model": {"type": "BPE", "byte_fallback": False, "vocab": {"a": 0}, "merges": []}}
     (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
     p = export("--tokenizer", tmp_path / "tokenizer.json", "-o", tmp_path / "tok.bin", check=False)
-    assert p.returncode == 1 and b"byte fallback" in p.stderr and not (tmp_path / "tok.bin").exists()
+    assert p.returncode == 1 and b"pre_tokenizer" in p.stderr and not (tmp_path / "tok.bin").exists()
 
 
 def test_pytorch_model_bin_same_as_safetensors(tmp_path):
@@ -352,3 +352,67 @@ def test_pytorch_model_bin_same_as_safetensors(tmp_path):
     for d in ("st", "pt"):
         export(tmp_path / f"{d}.bin", "--version", 1, "--hf", tmp_path / d)
     assert (tmp_path / "st.bin").read_bytes() == (tmp_path / "pt.bin").read_bytes()
+
+
+# ---------------------------------------------------------------------------
+# Llama 3.2's shape end to end: a fake Hugging Face directory with its real
+# tokenizer (from the npm package test_byte_level.py uses), rope_scaling llama3,
+# grouped-query attention, tied embeddings and 128,256 ids; exported in fp32,
+# int8 and int4 and run against hf_forward on the weights each file holds.
+
+LLAMA32 = dict(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, max_seq_len=48,
+               rope_theta=500000.0, rope_scaling=(32.0, 1.0, 4.0, 40))  # past position 40: scaled; 8 frequencies:
+#                                                                        one kept, one blended, six divided
+LLAMA32_GROUP = 32
+
+
+@pytest.fixture(scope="module")
+def llama32(tmp_path_factory):
+    from test_byte_level import LLAMA3, package
+    d = tmp_path_factory.mktemp("llama32")
+    m = random_model(32, **LLAMA32)
+    make_hf_dir(d / "hf", m, "BF16", bos_token_id=128000, eos_token_id=[128001, 128008, 128009])
+    tj_path, cfg_path = package(LLAMA3)
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    # as in Meta's release: the post-processor puts <|begin_of_text|> first
+    tj["post_processor"] = {"type": "Sequence", "processors": [tj["post_processor"], {
+        "type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                                                 {"Sequence": {"id": "A", "type_id": 0}}]}]}
+    (d / "hf" / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    (d / "hf" / "tokenizer_config.json").write_bytes(cfg_path.read_bytes())
+    export("--tokenizer", d / "hf" / "tokenizer.json", "-o", d / "tok.bin")
+    files = {}
+    for version in (1, 2, 3):
+        files[version] = d / f"v{version}.bin"
+        export(files[version], "--version", version, "--group-size", LLAMA32_GROUP, "--hf", d / "hf")
+    return d / "tok.bin", files
+
+
+@pytest.mark.parametrize("version", [1, 2, 3], ids=["fp32", "int8", "int4"])
+def test_llama32_shaped_hf_directory(pair, llama32, tmp_path, version):
+    tok, files = llama32
+    binary = pair[0] if version == 1 else pair[1]
+    prompt = "The capital of France is"
+    ids = [int(t) for t in run(binary, files[version], "-z", tok, "-m", "tokenize", "-i", prompt).stdout.split()]
+    assert ids[0] == 128000 and len(ids) == 6  # BOS from the post-processor, then the text's 5 tokens
+    dump = tmp_path / "logits"
+    a = M.load_checkpoint(str(files[version])).args
+    run(binary, files[version], "-z", tok, "-t", "0", "-n", a.max_seq_len, "-i", prompt,
+        env={"RUN_DUMP_LOGITS": str(dump)})
+    pos, tokens, logits, chosen = read_dump(dump, a.vocab_size)
+    assert len(pos) >= 10, "generation stopped too early to test"
+    # the reference runs on the weights this file holds (bf16 for fp32, else dequantized)
+    m = M.load_checkpoint(str(files[version]))
+    ref, magnitude = hf_forward({k: v.double() for k, v in hf_state_dict(m).items()}, a, tokens)
+    bound = rounding_depth(a, len(tokens)) * U * magnitude
+    if version > 1:  # plus the int8 rounding of the activations
+        bound = bound + quantization_bound(m, LLAMA32_GROUP, tokens, exact_weights=True)
+    worst = ((logits - ref).abs() / bound).max().item()
+    assert worst <= 1.0, f"logits off by {worst:.2f} x the bound"
+    # greedy: each generated token is the reference's argmax wherever the bound decides it
+    best = ref.argmax(-1)
+    rivals = (ref + bound).scatter(1, best[:, None], float("-inf")).max(-1).values
+    decided = ((ref - bound).gather(1, best[:, None])[:, 0] > rivals).tolist()
+    generated = [(i, c) for i, c in enumerate(chosen) if i >= len(ids) - 1 and c != -1 and decided[i]]
+    assert len(generated) >= 5 and all(best[i].item() == c for i, c in generated), \
+        f"greedy differs ({len(generated)} positions decided)"
