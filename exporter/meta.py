@@ -1,4 +1,4 @@
-"""Meta's Llama 2 directories: params.json and consolidated.NN.pth, one shard
+"""Meta's Llama 2 directories (Llama 3.1+ with use_scaled_rope are refused): params.json and consolidated.NN.pth, one shard
 per model-parallel rank. Meta's names are model.py's, and its q/k rows are
 already in interleaved-pair order."""
 
@@ -34,6 +34,9 @@ def load_meta(folder, seq_len):
         fail("--meta needs --seq-len: params.json does not say the context length (Llama 2: 4096)")
     try:
         p = json.load(open(params_path))
+        if p.get("use_scaled_rope"):  # Meta's scaling constants live in its code, not in params.json
+            fail(f"{params_path}: use_scaled_rope (Llama 3.1 and later) is not supported with --meta; "
+                 "export the Hugging Face release with --hf, whose config.json states its rope_scaling")
         parts = []
         for f in shards:
             progress(f"reading {f}")

@@ -228,6 +228,10 @@ def test_meta_shards_concatenate(tmp_path, monkeypatch):
         == (tmp_path / "direct.bin").read_bytes()
     p = export(tmp_path / "x.bin", "--meta", tmp_path / "meta2", check=False)
     assert p.returncode == 1 and b"--seq-len" in p.stderr
+    (tmp_path / "meta1" / "params.json").write_text(json.dumps(dict(params, use_scaled_rope=True)))
+    p = export(tmp_path / "x.bin", "--meta", tmp_path / "meta1", "--seq-len", 32, check=False)
+    assert p.returncode == 1 and p.stderr.count(b"\n") == 1 and b"use_scaled_rope" in p.stderr
+    assert not (tmp_path / "x.bin").exists()
 
 
 def corrupt(tmp_path, mutate):
