@@ -9,7 +9,9 @@
 set -e
 PYTHON=${PYTHON:-/usr/bin/python3}
 TRAIN_PKGS="python3-torch python3-numpy libopenblas0-pthread"
-PKGS="$TRAIN_PKGS python3-pytest python3-sentencepiece clang libomp-dev libclang-rt-14-dev valgrind g++-aarch64-linux-gnu qemu-user nodejs npm"
+PKGS="$TRAIN_PKGS python3-pytest python3-sentencepiece clang libomp-dev libclang-rt-14-dev valgrind g++-aarch64-linux-gnu qemu-user"
+# Debian's npm conflicts with a NodeSource nodejs (which bundles npm): only when npm is missing
+command -v npm >/dev/null || PKGS="$PKGS nodejs npm"
 
 has_training() {
     $PYTHON -c 'import torch, numpy' 2>/dev/null &&
