@@ -47,6 +47,7 @@
 #endif
 
 constexpr const char* kProgram = "runq";  // for the usage text
+constexpr bool kDefaultKvInt8 = false;   // -k: an f32 KV cache unless asked
 
 // ----------------------------------------------------------------------------
 // Errors: every problem a user can cause ends here, as one line on stderr and
@@ -469,6 +470,82 @@ static Checkpoint load_checkpoint(const char* path) {
 }
 
 // ----------------------------------------------------------------------------
+// KV cache: every layer's keys and values for the positions read so far, the
+// memory each new token's attention reads in full. `-k f32` keeps floats;
+// `-k int8` keeps int8 values with one float scale per position and kv head
+// (the head's head_size values are the group), a quarter of the bytes.
+// A position is quantized once, when attention stores it (keys after RoPE),
+// and never again.
+
+// calloc'd so a large KV cache costs nothing until it is written
+struct FreeDeleter { void operator()(void* p) const { std::free(p); } };
+using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
+using Int8Buffer = std::unique_ptr<int8_t[], FreeDeleter>;
+static void* alloc_zeroed(uint64_t n, size_t size) {
+    void* p = std::calloc(n, size);
+    if (!p) fatal("out of memory allocating %llu x %zu bytes", (unsigned long long)n, size);
+    return p;
+}
+static FloatBuffer alloc_floats(uint64_t n) { return FloatBuffer(static_cast<float*>(alloc_zeroed(n, sizeof(float)))); }
+static Int8Buffer alloc_int8(uint64_t n) { return Int8Buffer(static_cast<int8_t*>(alloc_zeroed(n, 1))); }
+
+struct KVCache {
+    bool int8 = false;
+    FloatBuffer key, value;              // f32:  (layer, positions, kv_dim)
+    Int8Buffer key8, value8;             // int8: (layer, positions, kv_dim)
+    FloatBuffer key_scale, value_scale;  // int8: (layer, positions, n_kv_heads)
+};
+
+static uint64_t kv_cache_bytes(const Config& c, int positions, bool int8) {
+    const uint64_t rows = mul_ck(c.n_layers, positions);  // one row per layer and position
+    const uint64_t row = int8 ? c.kv_dim() + (uint64_t)c.n_kv_heads * sizeof(float) : c.kv_dim() * sizeof(float);
+    return mul_ck(2 * rows, row);  // keys and values
+}
+
+static KVCache make_kv_cache(const Config& c, int positions, bool int8) {
+    const uint64_t n = mul_ck(mul_ck(c.n_layers, positions), c.kv_dim());
+    const uint64_t scales = mul_ck(mul_ck(c.n_layers, positions), c.n_kv_heads);
+    KVCache kv;
+    kv.int8 = int8;
+    if (int8) {
+        kv.key8 = alloc_int8(n), kv.value8 = alloc_int8(n);
+        kv.key_scale = alloc_floats(scales), kv.value_scale = alloc_floats(scales);
+    } else {
+        kv.key = alloc_floats(n), kv.value = alloc_floats(n);
+    }
+    return kv;
+}
+
+// Symmetric int8 of n values sharing one scale: scale = max|x| / 127,
+// q = round(x / scale) in [-127, 127] (ties to even), so x is within half a
+// step, scale / 2, of q * scale. Returns the scale (0 for an all-zero group).
+static float quantize_group(int8_t* q, const float* x, int n) {
+    float amax = 0;
+    for (int i = 0; i < n; i++) amax = std::max(amax, std::fabs(x[i]));
+    const float scale = amax / 127.0f;
+    for (int i = 0; i < n; i++) q[i] = (int8_t)(scale > 0 ? std::nearbyint(x[i] / scale) : 0.0f);
+    return scale;
+}
+
+// Writes the keys and values of positions pos .. pos + n - 1 of layer l (k and
+// v: (n, kv_dim), keys already rotated) into the cache.
+static void store_kv(KVCache& kv, const Config& c, int positions, int l, int pos, int n, const float* k,
+                     const float* v) {
+    const int kv_dim = c.kv_dim(), head_size = c.head_size();
+    const size_t row = (size_t)l * positions + pos;  // the first (layer, position) row written
+    if (!kv.int8) {
+        std::memcpy(kv.key.get() + row * kv_dim, k, (size_t)n * kv_dim * sizeof(float));
+        std::memcpy(kv.value.get() + row * kv_dim, v, (size_t)n * kv_dim * sizeof(float));
+        return;
+    }
+    for (int i = 0; i < n * c.n_kv_heads; i++) {  // i: (position, head)
+        const size_t at = row * kv_dim + (size_t)i * head_size, scale = row * c.n_kv_heads + i;
+        kv.key_scale[scale] = quantize_group(kv.key8.get() + at, k + (size_t)i * head_size, head_size);
+        kv.value_scale[scale] = quantize_group(kv.value8.get() + at, v + (size_t)i * head_size, head_size);
+    }
+}
+
+// ----------------------------------------------------------------------------
 // Run state: the activations of a block of up to kBlock positions, and the KV
 // cache. Allocated once; forward() allocates nothing.
 
@@ -476,15 +553,6 @@ static Checkpoint load_checkpoint(const char* path) {
 // serves the whole block, so reading a prompt costs far less memory traffic
 // per token than generating does.
 constexpr int kBlock = 128;
-
-// calloc'd so a large KV cache costs nothing until it is written
-struct FreeDeleter { void operator()(float* p) const { std::free(p); } };
-using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
-static FloatBuffer alloc_floats(uint64_t n) {
-    float* p = static_cast<float*>(std::calloc(n, sizeof(float)));
-    if (!p) fatal("out of memory allocating %llu floats", (unsigned long long)n);
-    return FloatBuffer(p);
-}
 
 // Storage for activation rows in int8: a matmul's input is quantized here, in
 // the weights' groups (so a row of n values has t.groups(n) scales).
@@ -510,10 +578,12 @@ struct RunState {
     QuantizedBuffer xq;       // (block, dim) int8 input of the dim-wide matmuls
     QuantizedBuffer hq;       // (block, hidden_dim) int8 input of w2
     FloatBuffer q;            // (block, dim) queries
+    FloatBuffer k, v;         // (block, kv_dim) the block's keys and values, until attention stores them
+    Int8Buffer q8;            // (block, dim) int8 queries, for an int8 KV cache
+    FloatBuffer q_scale;      // (block, n_heads) their scales
     FloatBuffer att;          // (block, n_heads, positions) attention scores
     FloatBuffer logits;       // (block, vocab_size)
-    FloatBuffer key_cache;    // (layer, positions, kv_dim)
-    FloatBuffer value_cache;  // (layer, positions, kv_dim)
+    KVCache kv;               // (layer, positions, kv_dim) keys and values
     FloatBuffer rope_cos;     // (positions, head_size / 2)
     FloatBuffer rope_sin;     // (positions, head_size / 2)
     int positions;            // the context this run can fill: -n, at most seq_len
@@ -521,16 +591,17 @@ struct RunState {
 
 // Sized for `positions` (-n), not the model's whole seq_len, and refused up
 // front if it could not fit in this machine's memory once filled.
-static RunState make_run_state(const Config& c, int positions) {
-    const uint64_t cache = mul_ck(mul_ck(c.n_layers, positions), c.kv_dim());
+static RunState make_run_state(const Config& c, int positions, bool kv_int8) {
     const uint64_t half = c.head_size() / 2, att = mul_ck(kBlock * c.n_heads, positions);
     const uint64_t dim = kBlock * c.dim, hidden = kBlock * c.hidden_dim, logits = kBlock * c.vocab_size;
-    const uint64_t floats = 5 * dim + 2 * hidden + att + logits + 2 * cache + 2 * positions * half;
-    check_fits_in_memory(floats * sizeof(float), positions);
+    const uint64_t kv = kBlock * c.kv_dim(), heads = kBlock * c.n_heads;
+    const uint64_t floats = 5 * dim + 2 * hidden + 2 * kv + heads + att + logits + 2 * positions * half;
+    check_fits_in_memory(add_ck(floats * sizeof(float) + dim, kv_cache_bytes(c, positions, kv_int8)), positions);
     RunState s{alloc_floats(dim), alloc_floats(dim), alloc_floats(dim),
                alloc_floats(hidden), alloc_floats(hidden),
                QuantizedBuffer(kBlock, c.dim, c.group_size), QuantizedBuffer(kBlock, c.hidden_dim, c.group_size),
-               alloc_floats(dim), alloc_floats(att), alloc_floats(logits), alloc_floats(cache), alloc_floats(cache),
+               alloc_floats(dim), alloc_floats(kv), alloc_floats(kv), alloc_int8(dim), alloc_floats(heads),
+               alloc_floats(att), alloc_floats(logits), make_kv_cache(c, positions, kv_int8),
                alloc_floats(positions * half), alloc_floats(positions * half), positions};
     fill_rope_tables(s.rope_cos.get(), s.rope_sin.get(), c, positions);
     return s;
@@ -681,6 +752,15 @@ static inline float dot(const float* a, const float* b, int n) {
     return hsum16(lane) + tail;
 }
 
+// head_dot_i8: a . b over n int8 values (an int8 cache's q . k), exact in
+// int32 (|sum| <= n 127^2 < 2^31 for any head size). A plain loop: compilers
+// turn it into widening multiply-adds (vpmaddwd; vpdpwssd with VNNI).
+static inline int32_t head_dot_i8(const int8_t* a, const int8_t* b, int n) {
+    int32_t sum = 0;
+    for (int j = 0; j < n; j++) sum += (int32_t)a[j] * b[j];
+    return sum;
+}
+
 // Weights with NaN or infinity in them make every later token garbage: stop
 // at the first position whose logits (rows of vocab) are not all finite.
 static void check_logits(const float* logits, int vocab, int first_pos, int rows) {
@@ -728,38 +808,62 @@ static void rope(float* v, int n_heads, int head_size, const float* cos, const f
 }
 
 // attention for layer l, for the n tokens at positions pos .. pos + n - 1 whose
-// queries are in s.q and whose keys and values are already in the cache.
-// Rotates the queries and those keys, then for token b, query head h, over
-// positions t <= pos + b (causal):
+// queries are in s.q and whose keys and values are in s.k and s.v. Rotates the
+// queries and those keys, stores the keys and values in the cache, then for
+// token b, query head h, over positions t <= pos + b (causal):
 //   s.xb[b, h] = softmax(q_bh . k_t / sqrt(head_size)) @ v_t
 // Query head h reads kv head h / (n_heads / n_kv_heads): grouped-query attention.
+// With an int8 cache the query head is quantized too (one scale, as a key), so
+// q . k is an exact int32 sum times the two scales, and each value is scaled
+// as it is summed: the f32 computation on the dequantized query, keys and
+// values, with 3 more roundings per score and one per value term.
 // (token, head) pairs run in parallel; each is computed whole by one thread.
 static void attention(RunState& s, const Config& c, int l, int pos, int n) {
     const int head_size = c.head_size(), half = head_size / 2, kv_dim = c.kv_dim();
     const int kv_mul = c.n_heads / c.n_kv_heads;
-    float* k_layer = s.key_cache.get() + (size_t)l * s.positions * kv_dim;
-    const float* v_layer = s.value_cache.get() + (size_t)l * s.positions * kv_dim;
     for (int b = 0; b < n; b++) {
         const float* cos = s.rope_cos.get() + (size_t)(pos + b) * half;
         const float* sin = s.rope_sin.get() + (size_t)(pos + b) * half;
         rope(s.q.get() + (size_t)b * c.dim, c.n_heads, head_size, cos, sin);
-        rope(k_layer + (size_t)(pos + b) * kv_dim, c.n_kv_heads, head_size, cos, sin);
+        rope(s.k.get() + (size_t)b * kv_dim, c.n_kv_heads, head_size, cos, sin);
     }
+    KVCache& kv = s.kv;
+    store_kv(kv, c, s.positions, l, pos, n, s.k.get(), s.v.get());
+    if (kv.int8)  // (token, head) rows of head_size, like the cache's
+        for (int bh = 0; bh < n * c.n_heads; bh++)
+            s.q_scale[bh] = quantize_group(s.q8.get() + (size_t)bh * head_size, s.q.get() + (size_t)bh * head_size,
+                                           head_size);
 
+    const size_t layer = (size_t)l * s.positions;  // the layer's first (layer, position) row
     const float inv_sqrt = 1.0f / std::sqrt((float)head_size);
     #pragma omp parallel for schedule(static)
     for (int bh = 0; bh < n * c.n_heads; bh++) {
-        const int b = bh / c.n_heads, h = bh % c.n_heads, last = pos + b;
-        const float* qh = s.q.get() + (size_t)b * c.dim + h * head_size;
-        const int kv_off = (h / kv_mul) * head_size;
+        const int b = bh / c.n_heads, h = bh % c.n_heads, last = pos + b, g = h / kv_mul;
+        const size_t head = (size_t)g * head_size;  // the kv head's offset in a row
         float* att = s.att.get() + (size_t)bh * s.positions;
-        for (int t = 0; t <= last; t++) att[t] = dot(qh, k_layer + (size_t)t * kv_dim + kv_off, head_size) * inv_sqrt;
-        softmax(att, last + 1);
-        float* out = s.xb.get() + (size_t)b * c.dim + h * head_size;
+        float* out = s.xb.get() + (size_t)bh * head_size;
         std::fill(out, out + head_size, 0.0f);
-        for (int t = 0; t <= last; t++) {
-            const float* vt = v_layer + (size_t)t * kv_dim + kv_off;
-            for (int i = 0; i < head_size; i++) out[i] = madd(att[t], vt[i], out[i]);
+        if (!kv.int8) {
+            const float* qh = s.q.get() + (size_t)bh * head_size;
+            for (int t = 0; t <= last; t++)
+                att[t] = dot(qh, kv.key.get() + (layer + t) * kv_dim + head, head_size) * inv_sqrt;
+            softmax(att, last + 1);
+            for (int t = 0; t <= last; t++) {
+                const float* vt = kv.value.get() + (layer + t) * kv_dim + head;
+                for (int i = 0; i < head_size; i++) out[i] = madd(att[t], vt[i], out[i]);
+            }
+        } else {
+            const int8_t* qh = s.q8.get() + (size_t)bh * head_size;
+            const float qs = s.q_scale[bh] * inv_sqrt;
+            for (int t = 0; t <= last; t++)
+                att[t] = (float)head_dot_i8(qh, kv.key8.get() + (layer + t) * kv_dim + head, head_size) *
+                         (qs * kv.key_scale[(layer + t) * c.n_kv_heads + g]);
+            softmax(att, last + 1);
+            for (int t = 0; t <= last; t++) {
+                const int8_t* vt = kv.value8.get() + (layer + t) * kv_dim + head;
+                const float a = att[t] * kv.value_scale[(layer + t) * c.n_kv_heads + g];
+                for (int i = 0; i < head_size; i++) out[i] = madd(a, (float)vt[i], out[i]);
+            }
         }
     }
 }
@@ -1440,9 +1544,9 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
         // h = self.attention_norm(x)
         for (int b = 0; b < n; b++) rmsnorm(s.xb.get() + b * dim, x + b * dim, w.rms_att + l * dim, dim, c.norm_eps);
 
-        // q, k, v = wq(h), wk(h), wv(h) on the int8 h; k and v go straight into the cache
-        float* k = s.key_cache.get() + (l * s.positions + pos) * kv_dim;
-        float* v = s.value_cache.get() + (l * s.positions + pos) * kv_dim;
+        // q, k, v = wq(h), wk(h), wv(h) on the int8 h; attention stores k and v in the cache
+        float* k = s.k.get();
+        float* v = s.v.get();
         quantize(xq, s.xb.get(), n, dim);
         {
             Stopwatch clock{tr.matmul_seconds};
@@ -2311,11 +2415,12 @@ static void usage(std::FILE* f) {
         "  -z <path>   tokenizer, default tokenizer.bin\n"
         "  -m <mode>   generate | chat | tokenize | perplexity, default generate\n"
         "  -f <path>   text file whose perplexity to measure (-n: window, default seq_len)\n"
+        "  -k <type>   KV cache: f32 | int8 (a quarter of the memory), default %s\n"
         "  -y <string> system prompt (chat mode)\n"
         "  -c <name>   chat template: llama2 | zephyr (TinyLlama-Chat and other Zephyr-style models) |\n"
         "              llama3 (Llama 3.x Instruct); default llama3 with a byte-level tokenizer, else llama2\n"
         "  -h, --help  this help\n",
-        kProgram, kProgram);
+        kProgram, kProgram, kDefaultKvInt8 ? "int8" : "f32");
 }
 
 // Strict number parsing: the whole string must be a number in range.
@@ -2341,6 +2446,7 @@ struct Options {
     std::string mode = "generate";
     std::string chat_template;  // default: llama2, or llama3 for a byte-level tokenizer
     const char* text_file = nullptr;  // -f, for perplexity
+    bool kv_int8 = kDefaultKvInt8;    // -k
 };
 
 static Options parse_args(int argc, char** argv) {
@@ -2357,7 +2463,7 @@ static Options parse_args(int argc, char** argv) {
     for (int i = 2; i < argc; i += 2) {
         const char* flag = argv[i];
         if (flag[0] != '-' || std::strlen(flag) != 2) fatal("unknown argument '%s' (see --help)", flag);
-        if (!std::strchr("tpsnizmycf", flag[1])) fatal("unknown flag %s (see --help)", flag);
+        if (!std::strchr("tpsnizmycfk", flag[1])) fatal("unknown flag %s (see --help)", flag);
         if (i + 1 >= argc) fatal("%s needs a value", flag);
         const char* val = argv[i + 1];
         switch (flag[1]) {
@@ -2399,6 +2505,10 @@ static Options parse_args(int argc, char** argv) {
             break;
         case 'y': o.system_prompt = val; o.have_system_prompt = true; break;
         case 'f': o.text_file = val; break;
+        case 'k':
+            if (std::strcmp(val, "f32") && std::strcmp(val, "int8")) fatal("-k: KV cache type '%s' is not f32 or int8", val);
+            o.kv_int8 = !std::strcmp(val, "int8");
+            break;
         case 'c':
             o.chat_template = val;
             if (o.chat_template != "llama2" && o.chat_template != "zephyr" && o.chat_template != "llama3")
@@ -2436,7 +2546,7 @@ static int run_main(int argc, char** argv) {
                          c.seq_len);
         o.steps = c.seq_len;
     }
-    tr.state = make_run_state(c, o.steps);
+    tr.state = make_run_state(c, o.steps, o.kv_int8);
     const uint64_t seed = o.seed ? o.seed : (uint64_t)std::time(nullptr);
     Sampler sampler{o.temperature, o.topp, seed, {}};
     sampler.candidates.reserve(c.vocab_size);

@@ -38,7 +38,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         const std::string path = as_file(data, size);
         Transformer tr{load_checkpoint(path.c_str()), {}};
         const Config& c = tr.config();
-        tr.state = make_run_state(c, std::min(c.seq_len, 4));
+        tr.state = make_run_state(c, std::min(c.seq_len, 4), size % 2 == 1);  // either KV cache
         const int tokens[2] = {kBos, c.vocab_size - 1};
         forward(tr, tokens, std::min(c.seq_len, 2), 0, true);
 #elif defined(FUZZ_TOKENIZER)

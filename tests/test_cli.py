@@ -169,6 +169,7 @@ BAD_FLAGS = [
     (["-n", "-5"], "-n"), (["-n", "1e3"], "-n"), (["-n", "99999999999"], "-n"), (["-n", "ten"], "-n"),
     (["-m", "poem"], "poem"), (["-x", "1"], "-x"), (["-temp", "1"], "-temp"), (["stray"], "stray"),
     (["-t"], "-t"), (["-n", "3", "-i", "Once upon a time"], "-n"), (["-c", "chatml"], "chatml"),
+    (["-k", "int4"], "int4"), (["-k", "F32"], "F32"), (["-k"], "-k"),
 ]
 
 
@@ -304,15 +305,17 @@ def test_unencodable_prompt_without_byte_fallback(engine, tmp_path):
 # Prompt blocks: reading the prompt many tokens per pass must change nothing.
 
 
-def test_prompt_blocks_change_nothing(engine, tmp_path):
+@pytest.mark.parametrize("cache", ["f32", "int8"])
+def test_prompt_blocks_change_nothing(engine, tmp_path, cache):
     """Every position's logits, to the bit, and the text, for blocks of 1 (token
-    by token), 7 (blocks that do not divide the prompt) and the default 128."""
+    by token), 7 (blocks that do not divide the prompt) and the default 128,
+    with either KV cache (an int8 one is written once per position, whatever the block)."""
     prompt = "Once upon a time, there was a little dog named Max. He liked to run in the park and " * 2
     outs = []
     for block in ("1", "7", None):
         dump = tmp_path / f"block{block}.logits"
         env = {"RUN_DUMP_LOGITS": str(dump), **({"RUN_BLOCK": block} if block else {})}
-        out = stories(engine, "-s", 5, "-n", 160, "-i", prompt, env=env).stdout
+        out = stories(engine, "-s", 5, "-n", 160, "-k", cache, "-i", prompt, env=env).stdout
         outs.append((out, dump.read_bytes()))
     assert len(outs[0][1]) > 100 * 2060 and outs[0] == outs[1] == outs[2]
 

@@ -7,6 +7,7 @@ case runs against every build, the AddressSanitizer + UBSan one included
 
 import json
 import os
+import re
 import resource
 import struct
 import subprocess
@@ -207,6 +208,17 @@ def test_kv_cache_larger_than_memory(binary, tmp_path):
     expect_error(types.SimpleNamespace(binary=binary), path, "-z", tok, "-n", 0, mentions="KV cache")
     # asking for fewer positions with -n makes it fit, and it runs
     assert run(binary, path, "-z", tok, "-n", 8, "-i", "a").returncode == 0
+    # -k int8 takes (kv_dim + 4 n_kv_heads) / (4 kv_dim) = 3/8 of the bytes here (kv_dim 16, 2
+    # heads): positions whose f32 cache needs 1.5x the limit the engine names fit in int8
+    path.write_bytes(raw_v1(16, 16, 1024, 2, 2, 8, 2**20))  # the most layers: then n < seq_len
+    err = run(binary, path, "-z", tok, "-n", 0, check=False).stderr.decode()
+    limit = float(re.search(r"more than the ([0-9.]+) GB", err).group(1)) * 1e9
+    n = int(1.5 * limit / (2 * 1024 * 16 * 4))
+    assert n < 2**20 // 2
+    expect_error(types.SimpleNamespace(binary=binary), path, "-z", tok, "-n", n, "-i", "a", mentions="KV cache")
+    assert run(binary, path, "-z", tok, "-n", n, "-k", "int8", "-i", "a").returncode == 0
+    expect_error(types.SimpleNamespace(binary=binary), path, "-z", tok, "-n", 2 * n, "-k", "int8", "-i", "a",
+                 mentions="KV cache")
 
 
 def test_one_position_context(engine, tmp_path):
@@ -317,10 +329,12 @@ def test_stdout_closed_early(engine):
 
 @pytest.mark.parametrize("sampling", [["-t", "0"], ["-t", "1.0", "-s", "7"], ["-t", "0.8", "-p", "0.9", "-s", "3"]],
                          ids=["greedy", "sampled", "top-p"])
-def test_same_bytes_for_1_to_4_threads(threaded_engine, sampling):
+@pytest.mark.parametrize("cache", ["f32", "int8"])
+def test_same_bytes_for_1_to_4_threads(threaded_engine, sampling, cache):
     outs = set()
     for t in (1, 2, 3, 4):
-        p = stories(threaded_engine, *sampling, "-n", 200, "-i", "Once upon a time", env={"OMP_NUM_THREADS": str(t)})
+        p = stories(threaded_engine, *sampling, "-k", cache, "-n", 200, "-i", "Once upon a time",
+                    env={"OMP_NUM_THREADS": str(t)})
         assert_threads(p, t)
         outs.add(p.stdout)
     assert len(outs) == 1

@@ -105,7 +105,15 @@ static void test_matmul() {
 // (|s - max| + T + 4) u plus how much the score errors move each probability
 // (its own and the largest, through the normalizing sum), and the weighted
 // sum's T u sum p |v| over the T positions attended to.
+// With an int8 cache the reference reads what the engine computes on: the
+// query as quantized (s.q8, s.q_scale) and the keys and values as stored,
+// dequantized. Their q . k is exact; the scales add 5u (the 1/sqrt's 2u and
+// three products) to each score and u to each value term. Separately, every
+// stored key and value is within half a quantization step (plus the division's
+// u |x| and, for keys, rope's error) of the exact value; and attending one
+// position more leaves every stored position's bytes as they were.
 static void test_attention() {
+    for (bool int8 : {false, true})
     for (int head_size : {2, 8, 64})
         for (int kv_mul : {1, 3})
             for (int pos : {0, 7, 40})
@@ -114,14 +122,14 @@ static void test_attention() {
                     c.n_kv_heads = 2, c.n_heads = 2 * kv_mul, c.dim = c.n_heads * head_size, c.n_layers = 2;
                     c.hidden_dim = 4, c.vocab_size = 4, c.seq_len = 64, c.rope_theta = 10000.0f;
                     const int kv_dim = c.kv_dim(), half = head_size / 2, l = 1;
-                    RunState s = make_run_state(c, c.seq_len);
+                    RunState s = make_run_state(c, c.seq_len, int8);
                     const std::vector<float> q = random_floats((size_t)n * c.dim, -2, 2);
                     const std::vector<float> k = random_floats((size_t)(pos + n) * kv_dim, -2, 2);
                     const std::vector<float> v = random_floats((size_t)(pos + n) * kv_dim, -1, 1);
                     std::memcpy(s.q.get(), q.data(), q.size() * sizeof(float));
-                    const size_t layer = (size_t)l * s.positions * kv_dim;
-                    std::memcpy(s.key_cache.get() + layer, k.data(), k.size() * sizeof(float));
-                    std::memcpy(s.value_cache.get() + layer, v.data(), v.size() * sizeof(float));
+                    if (pos > 0) store_kv(s.kv, c, s.positions, l, 0, pos, k.data(), v.data());  // as if rotated before
+                    std::memcpy(s.k.get(), k.data() + (size_t)pos * kv_dim, (size_t)n * kv_dim * sizeof(float));
+                    std::memcpy(s.v.get(), v.data() + (size_t)pos * kv_dim, (size_t)n * kv_dim * sizeof(float));
                     attention(s, c, l, pos, n);
 
                     // rotate a head in double: values and their rope error bounds
@@ -135,16 +143,49 @@ static void test_attention() {
                             err[2 * i] = err[2 * i + 1] = 3 * u * (std::fabs(a) + std::fabs(b));
                         }
                     };
-                    double worst = 0;
+                    // the cache as the engine reads it: (keys, values) of position t, kv head g
+                    const size_t layer = (size_t)l * s.positions;
+                    const auto cached = [&](const KVCache& kv, int t, int g, bool value, int i) {
+                        const size_t at = (layer + t) * kv_dim + (size_t)g * head_size + i;
+                        if (!kv.int8) return (double)(value ? kv.value : kv.key)[at];
+                        const float scale = (value ? kv.value_scale : kv.key_scale)[(layer + t) * c.n_kv_heads + g];
+                        return (double)(value ? kv.value8 : kv.key8)[at] * scale;
+                    };
+                    double worst = 0, worst_stored = 0;
+                    if (int8)  // each stored value within half a step of the exact one
+                        for (int t = 0; t < pos + n; t++)
+                            for (int g = 0; g < c.n_kv_heads; g++) {
+                                const float* kt = &k[(size_t)t * kv_dim + g * head_size];
+                                const float* vt = &v[(size_t)t * kv_dim + g * head_size];
+                                std::vector<double> kr, ke;
+                                if (t < pos) kr.assign(kt, kt + head_size), ke.assign(head_size, 0);
+                                else rotate(kt, t, kr, ke);
+                                const size_t sc = (layer + t) * c.n_kv_heads + g;
+                                for (int i = 0; i < head_size; i++) {
+                                    const double dk = s.kv.key_scale[sc] / 2 + u * std::fabs(kr[i]) + ke[i];
+                                    const double dv = s.kv.value_scale[sc] / 2 + u * std::fabs(vt[i]);
+                                    worst_stored = std::max({worst_stored, std::fabs(cached(s.kv, t, g, false, i) - kr[i]) / dk,
+                                                             std::fabs(cached(s.kv, t, g, true, i) - vt[i]) / dv});
+                                }
+                            }
                     for (int b = 0; b < n; b++)
                         for (int h = 0; h < c.n_heads; h++) {
-                            const int last = pos + b, T = last + 1, kv_off = (h / kv_mul) * head_size;
+                            const int last = pos + b, T = last + 1, g = h / kv_mul, kv_off = g * head_size;
                             std::vector<double> qr, qe, kr, ke, score(T), serr(T);
-                            rotate(&q[(size_t)b * c.dim + h * head_size], pos + b, qr, qe);
+                            if (int8) {  // the query as quantized, exact
+                                const size_t bh = (size_t)b * c.n_heads + h;
+                                for (int i = 0; i < head_size; i++) qr.push_back((double)s.q8[bh * head_size + i] * s.q_scale[bh]);
+                                qe.assign(head_size, 0);
+                            } else {
+                                rotate(&q[(size_t)b * c.dim + h * head_size], pos + b, qr, qe);
+                            }
                             const double scale = 1.0 / std::sqrt((double)head_size);
                             for (int t = 0; t < T; t++) {
                                 const float* kt = &k[(size_t)t * kv_dim + kv_off];
-                                if (t < pos) {  // already rotated: exact as stored
+                                if (int8) {  // as stored, exact
+                                    kr.assign(head_size, 0), ke.assign(head_size, 0);
+                                    for (int i = 0; i < head_size; i++) kr[i] = cached(s.kv, t, g, false, i);
+                                } else if (t < pos) {  // already rotated: exact as stored
                                     kr.assign(kt, kt + head_size), ke.assign(head_size, 0);
                                 } else {
                                     rotate(kt, t, kr, ke);
@@ -155,7 +196,8 @@ static void test_attention() {
                                     prop += qe[i] * std::fabs(kr[i]) + std::fabs(qr[i]) * ke[i] + qe[i] * ke[i];
                                 }
                                 score[t] = dot * scale;
-                                serr[t] = (head_size * u * 1.01 * (mag + prop) + prop) * scale + 3 * u * std::fabs(score[t]);
+                                serr[t] = int8 ? 5 * u * 1.01 * std::fabs(score[t])
+                                               : (head_size * u * 1.01 * (mag + prop) + prop) * scale + 3 * u * std::fabs(score[t]);
                             }
                             const double mx = *std::max_element(score.begin(), score.end());
                             const double max_err = *std::max_element(serr.begin(), serr.end());
@@ -165,15 +207,33 @@ static void test_attention() {
                             for (int i = 0; i < head_size; i++) {
                                 double exact = 0, bound = 0;
                                 for (int t = 0; t < T; t++) {
-                                    const double p = std::exp(score[t] - mx) / sum, vt = v[(size_t)t * kv_dim + kv_off + i];
-                                    const double rel = 1.01 * (serr[t] + max_err) + (mx - score[t] + T + 4) * u + T * u;
+                                    const double p = std::exp(score[t] - mx) / sum, vt = cached(s.kv, t, g, true, i);
+                                    const double rel = 1.01 * (serr[t] + max_err) + (mx - score[t] + T + 4 + int8) * u + T * u;
                                     exact += p * vt, bound += 1.01 * rel * p * std::fabs(vt);
                                 }
                                 worst = std::max(worst, std::fabs(got[i] - exact) / (bound + 1e-300));
                             }
                         }
-                    CHECK(worst <= 1.0, "attention head_size=%d kv_mul=%d pos=%d n=%d: %.2f x the bound", head_size,
-                          kv_mul, pos, n, worst);
+                    CHECK(worst <= 1.0, "attention%s head_size=%d kv_mul=%d pos=%d n=%d: %.2f x the bound", int8 ? " (int8 cache)" : "",
+                          head_size, kv_mul, pos, n, worst);
+                    CHECK(worst_stored <= 1.0, "int8 cache head_size=%d pos=%d n=%d: stored %.2f x half a step away", head_size,
+                          pos, n, worst_stored);
+
+                    // one more position: the ones stored stay exactly as they are
+                    const size_t rows = (size_t)(pos + n) * kv_dim, heads = (size_t)(pos + n) * c.n_kv_heads;
+                    const std::vector<int8_t> k8 = int8 ? std::vector<int8_t>(s.kv.key8.get() + layer * kv_dim,
+                                                                              s.kv.key8.get() + layer * kv_dim + rows) : std::vector<int8_t>();
+                    const std::vector<float> ks = int8 ? std::vector<float>(s.kv.key_scale.get() + layer * c.n_kv_heads,
+                                                                            s.kv.key_scale.get() + layer * c.n_kv_heads + heads)
+                                                       : std::vector<float>(s.kv.key.get() + layer * kv_dim, s.kv.key.get() + layer * kv_dim + rows);
+                    std::memcpy(s.q.get(), q.data(), c.dim * sizeof(float));
+                    std::memcpy(s.k.get(), k.data(), kv_dim * sizeof(float));
+                    std::memcpy(s.v.get(), v.data(), kv_dim * sizeof(float));
+                    attention(s, c, l, pos + n, 1);
+                    const bool same = int8 ? std::equal(k8.begin(), k8.end(), s.kv.key8.get() + layer * kv_dim) &&
+                                                 std::equal(ks.begin(), ks.end(), s.kv.key_scale.get() + layer * c.n_kv_heads)
+                                           : std::equal(ks.begin(), ks.end(), s.kv.key.get() + layer * kv_dim);
+                    CHECK(same, "attention%s pos=%d n=%d: a later position changed the stored keys", int8 ? " (int8 cache)" : "", pos, n);
                 }
 }
 
@@ -183,7 +243,7 @@ static void test_rope() {
             Config c{};
             c.dim = 3 * head_size, c.n_heads = 3, c.n_kv_heads = 3, c.n_layers = 1;
             c.hidden_dim = 4, c.vocab_size = 4, c.seq_len = 600, c.rope_theta = theta;
-            RunState s = make_run_state(c, c.seq_len);
+            RunState s = make_run_state(c, c.seq_len, false);
             for (int pos : {0, 1, 7, 511, 599}) {
                 std::vector<float> v = random_floats(c.dim, -3, 3), r = v;
                 const size_t half = head_size / 2;
