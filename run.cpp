@@ -1665,7 +1665,7 @@ static void perplexity(Transformer& tr, const Tokenizer& tok, std::string_view t
         // BOS, then window - 1 tokens; without a BOS the window's first token starts it
         w.clear();
         if (tok.bos >= 0) w.push_back(tok.bos);
-        w.insert(w.end(), ids.begin() + first, ids.begin() + std::min(ids.size(), first + window - (tok.bos < 0)));
+        w.insert(w.end(), ids.begin() + first, ids.begin() + std::min(ids.size(), first + window - (tok.bos >= 0)));
         for (size_t i = 0; i + 1 < w.size(); i += kBlock) {
             const int n = (int)std::min(w.size() - 1 - i, (size_t)kBlock);  // inputs whose next token is known
             const float* logits = forward(tr, &w[i], n, (int)i, true);

@@ -99,12 +99,12 @@ def weight_bytes(path):
     return matrices * per_value + 4 * (2 * args.n_layers + 1) * args.dim + per_value * args.dim
 
 
-def run_once(binary, model, tokenizer, steps, threads, prompt, dump=None):
+def run_once(binary, model, tokenizer, steps, threads, prompt, dump=None, cache="f32"):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if dump:
         env["RUN_DUMP_LOGITS"] = dump
-    p = subprocess.run([binary, str(model), "-z", str(tokenizer), "-t", "0", "-n", str(steps), "-i", prompt],
-                       capture_output=True, env=env, check=True)
+    p = subprocess.run([binary, str(model), "-z", str(tokenizer), "-t", "0", "-n", str(steps), "-i", prompt,
+                        "-k", cache], capture_output=True, env=env, check=True)
     m = re.search(rb"prompt: (\d+) tokens, ([\d.]+) tok/s; generation: (\d+) tokens, ([\d.]+) tok/s "
                   rb"\((\d+)% matmuls, (\d+)% attention\)", p.stderr)
     return float(m[2]), float(m[4]), int(m[1]), 100 - int(m[5]), int(m[6])
@@ -133,6 +133,47 @@ def agreement(pairs, tokenizer, prompt, steps, vocab):
     top1 = (z32[:n].argmax(-1) == zq[:n].argmax(-1)).double().mean().item()
     rel = ((zq[:n] - z32[:n]).abs().amax(-1) / z32[:n].std(-1)).max().item()
     return n, top1, rel
+
+
+KV_POSITIONS = {"110M": (64, 256, 1024), "7B-2layer": (64, 256, 1024, 4096)}  # up to the full context
+DECODE_AT = 32  # generated tokens that measure the decode speed just before each position
+
+
+def kv_table(shapes, run_bin, runq_bin, t, repeats):
+    """Decode speed and attention's share at position n with each KV cache: a
+    prompt of n - 32 tokens (read in blocks), then 32 generated tokens."""
+    configs = []
+    for name in shapes:
+        fp32, q8, _, tok = checkpoints(name)
+        engines = [("runq (int8)", runq_bin, q8)] + ([("run (fp32)", run_bin, fp32)] if name == "110M" else [])
+        for n in KV_POSITIONS[name]:
+            prompt = prompt_of(n - DECODE_AT, run_bin, fp32, tok)
+            for engine, b, model in engines:
+                for cache in ("f32", "int8"):
+                    configs.append((name, engine, n, cache, b, model, tok, prompt))
+    print("warming up the KV cache runs", file=sys.stderr, flush=True)
+    for name, _, n, cache, b, model, tok, prompt in configs:
+        run_once(b, model, tok, n, t, prompt, cache=cache)
+    results = [[] for _ in configs]
+    for r in range(repeats):
+        print(f"KV cache round {r + 1} of {repeats}", file=sys.stderr, flush=True)
+        for i, (name, _, n, cache, b, model, tok, prompt) in enumerate(configs):
+            results[i].append(run_once(b, model, tok, n, t, prompt, cache=cache))
+    print(f"\n## The KV cache: decode at position n, f32 against int8 cache ({t} threads, {DECODE_AT} tokens "
+          f"generated up to n after a prompt of n - {DECODE_AT}; median of {repeats} interleaved rounds)\n")
+    print("| model | engine | n | KV cache | cache MB at n | decode tok/s | attention | matmuls | int8 / f32 |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    f32_speed = {}
+    for i, (name, engine, n, cache, b, model, tok, prompt) in enumerate(configs):
+        args, *_ = M.read_header(open(model, "rb").read(256))
+        row = args.n_layers * n * args.n_kv_heads * args.head_size
+        mb = 2 * (row * 4 if cache == "f32" else row + 4 * args.n_layers * n * args.n_kv_heads) / 1e6
+        dec = statistics.median(r[1] for r in results[i])
+        att = statistics.median(r[4] for r in results[i])
+        matmuls = statistics.median(100 - r[3] for r in results[i])
+        f32_speed.setdefault((name, engine, n), dec)
+        ratio = f"{dec / f32_speed[name, engine, n]:.2f}x" if cache == "int8" else ""
+        print(f"| {name} | {engine} | {n} | {cache} | {mb:.1f} | {dec:.1f} | {att:.0f}% | {matmuls:.0f}% | {ratio} |")
 
 
 def main():
@@ -191,16 +232,9 @@ def main():
         print(f"| {name} | {engine} | {t} | {prompt_tps:.1f} | {dec:.1f} | {prompt_tps / dec:.1f}x | {mb:.2f} | "
               f"{gbs:.1f} | {100 * gbs / ref_bw:.0f}% | {outside:.0f}% ({att:.0f}%) | {speedup} | {vs8} |")
 
-    if "110M" in names:  # where decode time goes as the context grows
-        fp32, q8, _, tok = checkpoints("110M")
-        t = max(threads)
-        print(f"\n## Where decode time goes: 110M, {t} threads, a one-word prompt, decoding to n positions\n")
-        print("| engine | positions | decode tok/s | matmuls | attention | everything else |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for engine, b, model in (("run (fp32)", run_bin, fp32), ("runq (int8)", runq_bin, q8)):
-            for steps in (64, 256, 1024):
-                _, dec, _, outside, att = run_once(b, model, tok, steps, t, "Once")
-                print(f"| {engine} | {steps} | {dec:.1f} | {100 - outside}% | {att}% | {outside - att}% |")
+    kv_shapes = [n for n in ("110M", "7B-2layer") if n in names]
+    if kv_shapes:  # the KV cache as the context grows: f32 against int8
+        kv_table(kv_shapes, run_bin, runq_bin, max(threads), a.repeats)
 
     print("\n## Accuracy against fp32: one prompt read by both engines (teacher forcing)\n")
     print("| model | format | positions | top-1 agreement | max logit difference / logit std |")

@@ -8,8 +8,11 @@ int8 (version 2, group size 64 or the largest divisor below it), int4 (version
 100,000 bytes of the TinyStories sample). Each is measured on held-out text,
 the sample's last 100,000 bytes (story separators removed), which the
 calibration never saw (for the project's own model they are also outside its
-training data): perplexity with `-m perplexity`, and decode speed as the median
-of --repeats interleaved greedy runs. Exported files go to build/quality/.
+training data): perplexity with `-m perplexity` (windows of the model's whole
+context) with the f32 and the int8 KV cache (`-k`), how often the int8 cache's
+most likely next token is the f32 cache's (one prompt of the held-out text
+filling the context, read by both), and decode speed as the median of
+--repeats interleaved greedy runs. Exported files go to build/quality/.
 
   python3 bench/quality.py [--model M.bin --tokenizer T.bin] [--repeats 3]
 """
@@ -44,9 +47,9 @@ def export(src, dst, args, tokenizer, calib):
                    check=True, capture_output=True)
 
 
-def perplexity(engine, model, tokenizer, text):
-    out = subprocess.run([str(ROOT / engine), str(model), "-z", str(tokenizer), "-m", "perplexity", "-f", str(text)],
-                         capture_output=True, text=True, check=True).stdout
+def perplexity(engine, model, tokenizer, text, cache="f32"):
+    out = subprocess.run([str(ROOT / engine), str(model), "-z", str(tokenizer), "-m", "perplexity", "-f", str(text),
+                          "-k", cache], capture_output=True, text=True, check=True).stdout
     m = re.match(r"perplexity (\S+) \+- (\S+) .* over (\d+) tokens", out)
     return float(m[1]), float(m[2]), int(m[3])
 
@@ -55,6 +58,28 @@ def decode_speed(engine, model, tokenizer):
     p = subprocess.run([str(ROOT / engine), str(model), "-z", str(tokenizer), "-t", "0", "-n", "256",
                         "-i", "Once upon a time"], capture_output=True, text=True, check=True)
     return float(re.search(r"generation: \d+ tokens, ([\d.]+) tok/s", p.stderr)[1])
+
+
+def cache_agreement(engine, model, tokenizer, text):
+    """Top-1 agreement of the int8 KV cache with the f32 one over a prompt that
+    fills the model's context (teacher forcing: both read the same tokens)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import fit_prompt, read_dump
+    import model as M
+    args, *_ = M.read_header(open(model, "rb").read(256))
+    words = text.read_text(errors="ignore").split()[: 4 * args.max_seq_len]
+    prompt = fit_prompt(words, args.max_seq_len, str(ROOT / engine), model, tokenizer)
+    tops = []
+    for cache in ("f32", "int8"):
+        dump = OUT / f"agree-{cache}.logits"
+        subprocess.run([str(ROOT / engine), str(model), "-z", str(tokenizer), "-t", "0", "-n", str(args.max_seq_len),
+                        "-k", cache, "-i", prompt], capture_output=True, check=True,
+                       env=dict(os.environ, RUN_DUMP_LOGITS=str(dump)))
+        _, fed, logits, _ = read_dump(dump, args.vocab_size)
+        tops.append((fed, logits.argmax(-1)))
+    (fed32, top32), (fed8, top8) = tops
+    n = next((i for i, (a, b) in enumerate(zip(fed32, fed8)) if a != b), min(len(fed32), len(fed8)))
+    return (top32[:n] == top8[:n]).double().mean().item(), n
 
 
 def main():
@@ -88,6 +113,8 @@ def main():
 
     print("measuring perplexity", file=sys.stderr, flush=True)
     ppl = {r[:2]: perplexity(r[2], r[3], r[4], heldout) for r in rows}
+    ppl8 = {r[:2]: perplexity(r[2], r[3], r[4], heldout, "int8") for r in rows}
+    agree = {r[:2]: cache_agreement(r[2], r[3], r[4], heldout) for r in rows}
     for _, _, engine, path, tok in rows:  # warm-up
         decode_speed(engine, path, tok)
     speeds = {r[:2]: [] for r in rows}
@@ -100,12 +127,16 @@ def main():
     threads = os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))
     print(f"\n## Quality against speed: {cpu}, {threads} threads; held-out text: the last 100,000 bytes of the "
           f"TinyStories sample; decode: median of {a.repeats} interleaved greedy runs of 256 positions\n")
-    print("| model | format | file MB | perplexity | tokens | decode tok/s |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| model | format | file MB | perplexity | tokens | decode tok/s | perplexity, int8 KV cache | "
+          "change | top-1 agreement with the f32 cache |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, label, _, path, _ in rows:
         p, se, n = ppl[name, label]
+        p8, se8, _ = ppl8[name, label]
+        top1, positions = agree[name, label]
         print(f"| {name} | {label} | {path.stat().st_size / 1e6:.2f} | {p:.3f} +- {se:.3f} | {n} | "
-              f"{statistics.median(speeds[name, label]):.0f} |")
+              f"{statistics.median(speeds[name, label]):.0f} | {p8:.3f} +- {se8:.3f} | {100 * (p8 / p - 1):+.2f}% | "
+              f"{top1:.1%} of {positions} |")
     print()
     for name, *_ in models:
         fp, q4, awq = (ppl[name, f][0] for f in ("fp32", "int4", "int4 + AWQ"))

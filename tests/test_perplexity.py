@@ -74,3 +74,28 @@ def test_perplexity_bad_inputs(engine, tmp_path):
     (tmp_path / "t.txt").write_text("hello")
     expect_error(engine, engine.stories, "-z", TOK512, "-m", "perplexity",
                  "-f", tmp_path / "t.txt", "-n", 1, mentions="-n")
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_perplexity_without_bos(engine, tmp_path, window):
+    """A byte-level tokenizer without BOS: each window starts at its first token,
+    which the previous window predicted, so every token but the text's first is
+    predicted exactly once."""
+    import json
+    import subprocess
+    import sys
+    from conftest import ROOT, byte_level_json
+    (tmp_path / "tokenizer.json").write_text(json.dumps(byte_level_json()))
+    subprocess.run([sys.executable, str(ROOT / "export.py"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+                    "-o", str(tmp_path / "tok.bin")], check=True, capture_output=True)
+    ckpt, z, magnitude = constant_model(engine, tmp_path, 264)
+    text = "abc ab a cab " * 8
+    (tmp_path / "text.txt").write_text(text)
+    ids = [int(t) for t in run(engine.binary, ckpt, "-z", tmp_path / "tok.bin", "-m", "tokenize", "-i", text).stdout.split()]
+    nll = (torch.logsumexp(z, 0) - z[ids[1:]]).mean().item()
+    args = ["-n", window] if window else []
+    out = run(engine.binary, ckpt, "-z", tmp_path / "tok.bin", "-m", "perplexity", "-f", tmp_path / "text.txt",
+              *args).stdout.decode()
+    got = re.fullmatch(r"perplexity (\S+) \+- (\S+) \(mean NLL (\S+) \+- (\S+) nats\) over (\d+) tokens\n", out)
+    assert got and int(got[5]) == len(ids) - 1, out
+    assert abs(float(got[3]) - nll) <= 2 * (1.5 * 16 + 8) * U * magnitude.max().item() + 0.5e-5
