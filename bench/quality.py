@@ -56,7 +56,7 @@ def perplexity(engine, model, tokenizer, text, cache="f32"):
 
 def decode_speed(engine, model, tokenizer):
     p = subprocess.run([str(ROOT / engine), str(model), "-z", str(tokenizer), "-t", "0", "-n", "256",
-                        "-i", "Once upon a time"], capture_output=True, text=True, check=True)
+                        "-k", "f32", "-i", "Once upon a time"], capture_output=True, text=True, check=True)
     return float(re.search(r"generation: \d+ tokens, ([\d.]+) tok/s", p.stderr)[1])
 
 

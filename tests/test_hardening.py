@@ -234,7 +234,8 @@ def test_one_position_context(engine, tmp_path):
 
 @pytest.mark.parametrize("where", ["token_embedding", "wq", "w2"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_weights(engine, tiny, tmp_path, where, value):
+@pytest.mark.parametrize("cache", ["f32", "int8"])
+def test_non_finite_weights(engine, tiny, tmp_path, where, value, cache):
     m, _, tok = tiny
     bad = random_model(3, **ARGS, shared_classifier=False)
     with torch.no_grad():
@@ -243,7 +244,7 @@ def test_non_finite_weights(engine, tiny, tmp_path, where, value):
                "w2": "layers.1.feed_forward.w2.weight"}[where]
         sd[key].view(-1)[ARGS["dim"] + 5] = value  # in BOS's embedding row, for the first
     path = engine.save(bad, tmp_path / "bad.bin", 8)
-    p = run(engine.binary, path, "-z", tok, "-n", 8, "-i", "a b", check=False)
+    p = run(engine.binary, path, "-z", tok, "-n", 8, "-k", cache, "-i", "a b", check=False)
     err = p.stderr.decode()
     assert p.returncode == 1 and err.count("\n") == 1 and "position" in err and "not finite" in err, err
     assert p.stdout == b""

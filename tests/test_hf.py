@@ -174,7 +174,7 @@ def test_hf_export_matches_hf_forward(pair, tmp_path, case):
     T = a.max_seq_len
     for binary, ckpt in ((run_bin, "fp32.bin"), (runq_bin, "q8.bin")):
         dump = tmp_path / f"{ckpt}.logits"
-        run(binary, tmp_path / ckpt, "-z", tok, "-t", "0", "-n", T, "-i", "ab cd",
+        run(binary, tmp_path / ckpt, "-z", tok, "-t", "0", "-n", T, "-k", "f32", "-i", "ab cd",
             env={"RUN_DUMP_LOGITS": str(dump)})
         pos, tokens, logits, chosen = read_dump(dump, a.vocab_size)
         assert len(pos) >= 10, "generation stopped too early to test"
@@ -401,7 +401,7 @@ def test_llama32_shaped_hf_directory(pair, llama32, tmp_path, version):
     assert ids[0] == 128000 and len(ids) == 6  # BOS from the post-processor, then the text's 5 tokens
     dump = tmp_path / "logits"
     a = M.load_checkpoint(str(files[version])).args
-    run(binary, files[version], "-z", tok, "-t", "0", "-n", a.max_seq_len, "-i", prompt,
+    run(binary, files[version], "-z", tok, "-t", "0", "-n", a.max_seq_len, "-k", "f32", "-i", prompt,
         env={"RUN_DUMP_LOGITS": str(dump)})
     pos, tokens, logits, chosen = read_dump(dump, a.vocab_size)
     assert len(pos) >= 10, "generation stopped too early to test"

@@ -144,12 +144,10 @@ static void test_attention() {
                         }
                     };
                     // the cache as the engine reads it: (keys, values) of position t, kv head g
-                    const size_t layer = (size_t)l * s.positions;
                     const auto cached = [&](const KVCache& kv, int t, int g, bool value, int i) {
-                        const size_t at = (layer + t) * kv_dim + (size_t)g * head_size + i;
+                        const size_t row = kv.head(c, s.positions, l, g) + t, at = row * head_size + i;
                         if (!kv.int8) return (double)(value ? kv.value : kv.key)[at];
-                        const float scale = (value ? kv.value_scale : kv.key_scale)[(layer + t) * c.n_kv_heads + g];
-                        return (double)(value ? kv.value8 : kv.key8)[at] * scale;
+                        return (double)(value ? kv.value8 : kv.key8)[at] * (value ? kv.value_scale : kv.key_scale)[row];
                     };
                     double worst = 0, worst_stored = 0;
                     if (int8)  // each stored value within half a step of the exact one
@@ -160,7 +158,7 @@ static void test_attention() {
                                 std::vector<double> kr, ke;
                                 if (t < pos) kr.assign(kt, kt + head_size), ke.assign(head_size, 0);
                                 else rotate(kt, t, kr, ke);
-                                const size_t sc = (layer + t) * c.n_kv_heads + g;
+                                const size_t sc = s.kv.head(c, s.positions, l, g) + t;
                                 for (int i = 0; i < head_size; i++) {
                                     const double dk = s.kv.key_scale[sc] / 2 + u * std::fabs(kr[i]) + ke[i];
                                     const double dv = s.kv.value_scale[sc] / 2 + u * std::fabs(vt[i]);
@@ -220,19 +218,20 @@ static void test_attention() {
                           pos, n, worst_stored);
 
                     // one more position: the ones stored stay exactly as they are
-                    const size_t rows = (size_t)(pos + n) * kv_dim, heads = (size_t)(pos + n) * c.n_kv_heads;
-                    const std::vector<int8_t> k8 = int8 ? std::vector<int8_t>(s.kv.key8.get() + layer * kv_dim,
-                                                                              s.kv.key8.get() + layer * kv_dim + rows) : std::vector<int8_t>();
-                    const std::vector<float> ks = int8 ? std::vector<float>(s.kv.key_scale.get() + layer * c.n_kv_heads,
-                                                                            s.kv.key_scale.get() + layer * c.n_kv_heads + heads)
-                                                       : std::vector<float>(s.kv.key.get() + layer * kv_dim, s.kv.key.get() + layer * kv_dim + rows);
+                    const auto stored = [&]() {  // every key and value of positions < pos + n, as the engine reads them
+                        std::vector<double> all;
+                        for (int g = 0; g < c.n_kv_heads; g++)
+                            for (int t = 0; t < pos + n; t++)
+                                for (int i = 0; i < head_size; i++)
+                                    all.push_back(cached(s.kv, t, g, false, i)), all.push_back(cached(s.kv, t, g, true, i));
+                        return all;
+                    };
+                    const std::vector<double> before = stored();
                     std::memcpy(s.q.get(), q.data(), c.dim * sizeof(float));
                     std::memcpy(s.k.get(), k.data(), kv_dim * sizeof(float));
                     std::memcpy(s.v.get(), v.data(), kv_dim * sizeof(float));
                     attention(s, c, l, pos + n, 1);
-                    const bool same = int8 ? std::equal(k8.begin(), k8.end(), s.kv.key8.get() + layer * kv_dim) &&
-                                                 std::equal(ks.begin(), ks.end(), s.kv.key_scale.get() + layer * c.n_kv_heads)
-                                           : std::equal(ks.begin(), ks.end(), s.kv.key.get() + layer * kv_dim);
+                    const bool same = stored() == before;
                     CHECK(same, "attention%s pos=%d n=%d: a later position changed the stored keys", int8 ? " (int8 cache)" : "", pos, n);
                 }
 }
