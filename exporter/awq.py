@@ -204,6 +204,10 @@ def calibration_windows(text_path, tokenizer_path, seq_len, vocab_size, n_tokens
     for p in (text_path, tokenizer_path):
         if not os.path.isfile(p):
             fail(f"{p}: no such file")
+    with open(tokenizer_path, "rb") as f:
+        if b"tokx" in f.read():  # the byte-level BPE block (export.py's write_tokenizer_bin)
+            fail(f"{tokenizer_path}: --awq calibrates with a SentencePiece-style tokenizer; "
+                 "this one is a byte-level BPE")
     with open(text_path, encoding="utf-8", errors="replace") as f:
         text = f.read(16 * n_tokens)  # far more characters than tokens needed
     ids = encode(*read_tokenizer_bin(tokenizer_path, vocab_size), text)[:n_tokens]

@@ -104,10 +104,18 @@ def test_awq_lowers_int4_perplexity(qbinary, tmp_path, report):
     (["--version", "0", "--awq", "CALIB"], "--version 2 or 3"),
     (["--version", "3", "--awq", "missing.txt"], "missing.txt"),
     (["--version", "3", "--awq", "CALIB", "--awq-tokenizer", "missing.bin"], "missing.bin"),
+    (["--version", "3", "--awq", "CALIB", "--awq-tokenizer", "BPE"], "byte-level BPE"),
 ])
 def test_awq_errors(tmp_path, args, message):
     (tmp_path / "calib.txt").write_text("Once upon a time")
-    args = [str(tmp_path / "calib.txt") if a == "CALIB" else a for a in args]
+    if "BPE" in args:  # a byte-level tokenizer of stories260K's 512 ids: its encoder is not AWQ's
+        import json
+        from conftest import byte_level_json
+        merges = [f"{a} {b}" for a in "abcdefghijklmnopqrstuvwxyz" for b in "abcdefghijklmnopqrstuvwxyz"][:251]
+        (tmp_path / "tokenizer.json").write_text(json.dumps(byte_level_json(merges)))
+        assert export("--tokenizer", tmp_path / "tokenizer.json", "-o", tmp_path / "bpe.bin").returncode == 0
+    args = [str(tmp_path / "calib.txt") if a == "CALIB" else str(tmp_path / "bpe.bin") if a == "BPE" else a
+            for a in args]
     p = export(tmp_path / "out.bin", "--bin", STORIES, *args)
     err = p.stderr.decode()
     assert p.returncode == 1 and err.count("\n") == 1 and message in err, err
