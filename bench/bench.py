@@ -15,14 +15,19 @@ one row) times tokens per second, next to the memory read bandwidth that
 bench/bandwidth.cpp measures in the same run. "Outside matmuls" is the share of
 decode time the engine itself reports spending elsewhere: attention (shown apart:
 it reads the KV cache, which grows with the position), norms, quantizing
-activations, sampling, starting and joining threads.
+activations, sampling, starting and joining threads. These runs use the f32 KV
+cache (-k f32), so the formats compare the weights alone.
+
+KV cache: for the 110M and 7B-slice shapes, decode speed and attention's share
+at positions 64, 256, 1024 and the full context (4096 for the 7B slice), with
+the f32 and the int8 cache: a prompt of n - 32 tokens, then 32 generated.
 
 Accuracy: the real stories260K model and each random model read one prompt that
 fills every position (teacher forcing) in both engines; the table shows how
 often int8's most likely next token is fp32's, and the largest logit difference
 relative to the spread (standard deviation) of the fp32 logits.
 
-  python3 bench/bench.py [--repeats N] [--threads 1,2] [--only 15M,110M,7B]
+  python3 bench/bench.py [--repeats N] [--threads 1,2] [--only 260K,15M,110M,7B-2layer]
 """
 
 import argparse
