@@ -29,7 +29,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__FMA__)  // madd16's fused multiply-adds
+#if defined(__FMA__) || defined(__AVX2__)  // madd16's fused multiply-adds, load16's int8 widening
 #include <immintrin.h>
 #elif defined(__ARM_FEATURE_FMA)
 #include <arm_neon.h>
