@@ -1729,7 +1729,6 @@ static void load_byte_level(Tokenizer& t, const uint8_t* p, size_t size, size_t 
     for (int i = count("special token", 4); i > 0; i--) t.special[id("special token")] = true;
 
     // normal pieces only: text never turns into a special token
-    t.ids.clear();
     for (int i = 0; i < n; i++)
         if (!t.special[i]) t.ids.emplace(t.vocab[i], i);
     for (int b = 0; b < 256; b++) {
@@ -1807,8 +1806,11 @@ static Tokenizer load_tokenizer(const char* path, int vocab_size) {
     // Only normal pieces take part in lookups and merges, as in SentencePiece:
     // the text "<unk>" or "<0x41>" must not become a special or byte token.
     const int first_normal = t.byte_fallback ? 259 : 3;
+    if (extended) {  // byte-level: its own lookup table (all but the special tokens)
+        load_byte_level(t, p, size, off + 4, path);
+        return t;
+    }
     for (int i = first_normal; i < vocab_size; i++) t.ids.emplace(t.vocab[i], i);  // first id wins
-    if (extended) load_byte_level(t, p, size, off + 4, path);
     return t;
 }
 
