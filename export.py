@@ -5,6 +5,7 @@
   python3 export.py OUT.bin --version 3 --awq CALIB.txt --awq-tokenizer tok.bin --bin IN.bin  # with AWQ
   python3 export.py OUT.bin [--version 0|1|2|3] [--group-size N] --hf DIR             # Hugging Face Llama
   python3 export.py OUT.bin [--version 0|1|2|3] [--group-size N] --meta DIR --seq-len 4096  # Meta Llama 2
+  python3 export.py OUT.bin [--version 0|1|2|3] --gguf IN.gguf [-o tokenizer.bin]  # llama.cpp's GGUF
   python3 export.py --tokenizer tokenizer.model|tokenizer.json [-o tokenizer.bin]  # -> tokenizer.bin
 
 The layouts are documented byte by byte in README.md. Files are written to a
@@ -21,6 +22,7 @@ import model as M
 from exporter import fail, progress
 from exporter.awq import apply_awq, calibration_windows, clip_awq
 from exporter.checkpoint import load_training_checkpoint
+from exporter.gguf import default_version, gguf_tokenizer, load_gguf
 from exporter.hf import load_hf
 from exporter.meta import load_meta
 from exporter.quantize import quantize_q4, quantize_q8
@@ -31,8 +33,9 @@ from exporter.tokenizers import read_sentencepiece, read_tokenizer_json
 # Checkpoints
 
 
-def header_bytes(args, version, group_size=0):
-    """The header: 28 bytes for version 0, 256 for versions 1, 2 and 3."""
+def header_bytes(args, version, group_size=0, int8_tensors=0):
+    """The header: 28 bytes for version 0, 256 for versions 1, 2 and 3.
+    int8_tensors (version 3): bit 0 the embedding, bit 1 the classifier in int8."""
     fields = (args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads)
     if version == 0:
         if args.rope_theta != M.DEFAULT_ROPE_THETA or args.norm_eps != M.DEFAULT_NORM_EPS:
@@ -50,11 +53,14 @@ def header_bytes(args, version, group_size=0):
     if args.rope_scaling is not None:  # offset 72: kind 1 (llama3) and its four parameters
         factor, low, high, original = args.rope_scaling
         head += struct.pack("<i3fi", 1, factor, low, high, original)
+    if int8_tensors:  # offset 92
+        head = head.ljust(92, b"\0") + struct.pack("<i", int8_tensors)
     return head.ljust(M.HEADER_BYTES, b"\0")
 
 
 def file_order(model, version):
-    """[(label, function returning the tensor)] in the order the weights are
+    """[(label, function returning the tensor, its state-dict name or None for
+    the stacked norms and RoPE tables)] in the order the weights are
     stored: each tensor is made only when it is written (a lazy model then
     holds one matrix at a time). Versions 0/1 store each kind of matrix for all
     layers in a row, so writing them layer after layer gives that layout;
@@ -63,19 +69,19 @@ def file_order(model, version):
     L = args.n_layers
     stack = lambda name: lambda: torch.stack([sd[f"layers.{i}.{name}"] for i in range(L)])
     tensor = lambda name: lambda: sd[name]
-    norms = [("rms_att", stack("attention_norm.weight")), ("rms_ffn", stack("ffn_norm.weight"))]
-    emb = ("token_embedding", tensor("tok_embeddings.weight"))
-    mats = [[(f"{name.split('.')[1]}[{i}]", tensor(f"layers.{i}.{name}")) for i in range(L)]
+    norms = [("rms_att", stack("attention_norm.weight"), None), ("rms_ffn", stack("ffn_norm.weight"), None)]
+    emb = ("token_embedding", tensor("tok_embeddings.weight"), "tok_embeddings.weight")
+    mats = [[(f"{name.split('.')[1]}[{i}]", tensor(f"layers.{i}.{name}"), f"layers.{i}.{name}") for i in range(L)]
             for name, _ in M.layer_tensors(args)]
-    final = ("rms_final", tensor("norm.weight"))
+    final = ("rms_final", tensor("norm.weight"), "norm.weight")
     if version == 0:
         cos, sin = M.rope_tables(args.head_size, args.max_seq_len, args.rope_theta, args.rope_scaling)
         out = [emb, norms[0], *sum(mats[:4], []), norms[1], *sum(mats[4:], []), final,
-               ("freq_cis_real", lambda: cos), ("freq_cis_imag", lambda: sin)]
+               ("freq_cis_real", lambda: cos, None), ("freq_cis_imag", lambda: sin, None)]
     else:
         out = [*norms, final, emb, *sum(mats, [])]
     if not args.shared_classifier:
-        out.append(("classifier", tensor("output.weight")))
+        out.append(("classifier", tensor("output.weight"), "output.weight"))
     return out
 
 
@@ -124,26 +130,48 @@ def group_size_for(args, version, wanted=None):
 
 
 def write_checkpoint(model, path, version, group_size=None):
+    """The model as one of our versions. A model read from GGUF offers its
+    Q8_0 / Q4_0 tensors exactly (`model.stored`): they are copied, not
+    requantized, when their blocks are this file's groups; version 3 then keeps a
+    Q8_0 embedding or classifier in int8 (header offset 92)."""
     gs = group_size_for(model.args, version, group_size)
+    stored = getattr(model, "stored", None)
+    exact = lambda name, bits: stored and name and stored(name, bits, gs)
+    int8 = 0
+    if version == 3 and stored:
+        for bit, name in ((1, "tok_embeddings.weight"), (2, None if model.args.shared_classifier else "output.weight")):
+            if name and exact(name, 4) is None and exact(name, 8) is not None:
+                int8 |= bit
     worst = 0.0
 
     def chunks():
         nonlocal worst
-        yield header_bytes(model.args, version, gs)
-        for label, make in file_order(model, version):
-            t = make()
+        yield header_bytes(model.args, version, gs, int8)
+        for label, make, name in file_order(model, version):
             if version >= 2 and not label.startswith("rms_"):
+                bits = 8 if version == 2 or (name == "tok_embeddings.weight" and int8 & 1) or \
+                    (name == "output.weight" and int8 & 2) else 4
+                copy = exact(name, bits)
+                if copy is not None:
+                    q, scale = copy
+                    progress(f"  {label:16s} copied exactly ({bits}-bit groups of {gs})")
+                    yield q.tobytes() + scale.astype("<f4").tobytes()
+                    continue
+                t = make()
+                if stored:
+                    progress(f"  {label:16s} requantized from its {model.kind(name)} values (not exact)")
                 q, scale, err = quantize_q8(t, gs) if version == 2 else quantize_q4(t, gs)
                 worst = max(worst, err)
                 progress(f"  {label:16s} {tuple(t.shape)}  max quantization error {err:.3g}")
                 yield q.numpy().tobytes() + scale.numpy().astype("<f4").tobytes()
             else:
+                t = make()
                 progress(f"  {label:16s} {tuple(t.shape)}")
                 yield t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
 
     progress(f"writing {path} (version {version}{f', group size {gs}' if gs else ''})")
     write_atomically(path, chunks())
-    if version >= 2:
+    if version >= 2 and worst:
         progress(f"max quantization error over all tensors: {worst:.3g}")
     progress(f"wrote {path}: {os.path.getsize(path)} bytes")
 
@@ -175,8 +203,10 @@ def write_tokenizer_bin(path, pieces, scores, ext=None):
     write_atomically(path, chunks)
 
 
-def export_tokenizer(model_path, out_path):
-    if model_path.endswith(".json"):
+def export_tokenizer(model_path, out_path, gguf=None):
+    if gguf is not None:
+        (pieces, bos, eos), ext = gguf_tokenizer(gguf), None
+    elif model_path.endswith(".json"):
         pieces, bos, eos, ext = read_tokenizer_json(model_path)
     else:
         (pieces, bos, eos), ext = read_sentencepiece(model_path), None
@@ -204,9 +234,9 @@ def export_tokenizer(model_path, out_path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", nargs="?", help="output checkpoint (.bin)")
-    ap.add_argument("--version", type=int, default=0,
+    ap.add_argument("--version", type=int,
                     help="0 (llama2.c legacy fp32, default), 1 (fp32), 2 (int8 groups) or 3 (int4 groups); "
-                         "2 and 3 run with runq")
+                         "2 and 3 run with runq. --gguf: default 3 for a Q4_0 file, 2 for Q8_0, else 0")
     ap.add_argument("--group-size", type=int,
                     help="versions 2 and 3: values per scale. Version 2: default 64, backs off to a divisor "
                          "of dim and hidden_dim; version 3: default 32, at most 256, a row's last group may be shorter")
@@ -215,13 +245,16 @@ def main():
     src.add_argument("--bin", help="one of our .bin checkpoints, any version")
     src.add_argument("--hf", metavar="DIR", help="Hugging Face Llama directory (config.json + safetensors)")
     src.add_argument("--meta", metavar="DIR", help="Meta Llama directory (params.json + consolidated.*.pth)")
+    src.add_argument("--gguf", metavar="IN.gguf", help="llama.cpp's GGUF (v2/v3, Llama; F32, F16, BF16, Q8_0, "
+                     "Q4_0); its tokenizer goes to -o")
     src.add_argument("--tokenizer", help="sentencepiece tokenizer.model, or a Hugging Face tokenizer.json")
     ap.add_argument("--seq-len", type=int, help="--meta: the context length (Llama 2: 4096)")
     ap.add_argument("--awq", metavar="CALIB.txt",
                     help="versions 2 and 3: activation-aware scaling, calibrated on this text")
     ap.add_argument("--awq-tokenizer", default="tokenizer.bin", help="--awq: the model's tokenizer.bin")
     ap.add_argument("--awq-tokens", type=int, default=4096, help="--awq: calibration tokens (default 4096)")
-    ap.add_argument("-o", dest="tokenizer_out", default="tokenizer.bin", help="tokenizer output (default tokenizer.bin)")
+    ap.add_argument("-o", dest="tokenizer_out", default="tokenizer.bin",
+                    help="tokenizer output of --tokenizer and --gguf (default tokenizer.bin)")
     a = ap.parse_args()
     out = a.tokenizer_out if a.tokenizer else a.out
     if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):  # before any work
@@ -238,6 +271,18 @@ def main():
         model = load_hf(a.hf)
     elif a.meta:
         model = load_meta(a.meta, a.seq_len)
+    elif a.gguf:
+        model = load_gguf(a.gguf)
+        if a.version is None:
+            a.version = default_version(model)
+            if a.version == 0 and (model.args.rope_theta != M.DEFAULT_ROPE_THETA
+                                   or model.args.norm_eps != M.DEFAULT_NORM_EPS):
+                a.version = 1
+        if a.group_size is None and a.version in (2, 3):
+            a.group_size = 32  # GGUF's blocks: copied exactly
+        n = len(model.gguf.meta.get("tokenizer.ggml.tokens") or [])
+        if n != model.args.vocab_size:
+            fail(f"{a.gguf}: tokenizer.ggml.tokens has {n} tokens, token_embd.weight {model.args.vocab_size} rows")
     else:
         if not os.path.isfile(a.bin):
             fail(f"{a.bin}: no such file")
@@ -257,7 +302,11 @@ def main():
         progress(f"AWQ: calibrating on {sum(len(w) - 1 for w in windows)} tokens of {a.awq}")
         apply_awq(model, windows, gs, 7 if a.version == 3 else 127)
         clip_awq(model, windows, gs, 7 if a.version == 3 else 127)
+    if a.version is None:
+        a.version = 0
     write_checkpoint(model, a.out, a.version, a.group_size)
+    if a.gguf:
+        export_tokenizer(a.gguf, a.tokenizer_out, model.gguf)
 
 
 if __name__ == "__main__":

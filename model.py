@@ -292,14 +292,20 @@ def load_checkpoint(path):
             weights = lambda *shape: r.quantized(group_size, *shape)
         else:
             weights = lambda *shape: r.quantized4(group_size, *shape)
-        sd["tok_embeddings.weight"] = weights(args.vocab_size, D)
+        # version 3 may keep the embedding (bit 0) and classifier (bit 1) in int8
+        int8 = struct.unpack_from("<i", data, 92)[0] if version == 3 else 0
+        if int8 & ~3 or (int8 and D % group_size):
+            raise ValueError(f"int8 tensor flags {int8} with group size {group_size}")
+        int8_weights = lambda *shape: r.quantized(group_size, *shape)
+        sd["tok_embeddings.weight"] = (int8_weights if int8 & 1 else weights)(args.vocab_size, D)
         for name, shape in layer_tensors(args):
             if version == 1:
                 per_layer(name, weights(L, *shape))
             else:  # versions 2 and 3 quantize each layer's matrix separately
                 for i in range(L):
                     sd[f"layers.{i}.{name}"] = weights(*shape)
-    sd["output.weight"] = sd["tok_embeddings.weight"] if args.shared_classifier else weights(args.vocab_size, D)
+    sd["output.weight"] = sd["tok_embeddings.weight"] if args.shared_classifier else \
+        (int8_weights if version == 3 and int8 & 2 else weights)(args.vocab_size, D)
     if r.offset != len(data):
         raise ValueError(f"{path}: {len(data) - r.offset} bytes left over after the weights")
     model.load_state_dict(sd)

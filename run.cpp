@@ -165,6 +165,7 @@ struct Config {
     RopeScaling rope_scaling;  // Llama 3.1's, or none (header offsets 72-91)
     int version;       // 0 (legacy), 1 (fp32), 2 (int8) or 3 (int4)
     int group_size;    // versions 2 and 3: values per quantization scale (offset 37)
+    int int8_tensors;  // version 3: bit 0 the token embedding, bit 1 the classifier in int8 (offset 92)
     size_t header_bytes;
     int head_size() const { return dim / n_heads; }
     int kv_dim() const { return dim / n_heads * n_kv_heads; }
@@ -201,6 +202,8 @@ static std::string config_problem(const Config& c) {
                          r.original_context > 0))
         return say("rope scaling factor %g, frequency factors %g and %g, original context %d (needs factor >= 1, "
                    "0 < low < high, context > 0)", r.factor, r.low_freq_factor, r.high_freq_factor, r.original_context);
+    if (c.int8_tensors != 0 && (c.version != 3 || (c.int8_tensors & ~3) != 0 || (c.shared_classifier && c.int8_tensors & 2)))
+        return say("int8 tensor flags %d (version 3 only: bit 0 embedding, bit 1 unshared classifier)", c.int8_tensors);
     return "";
 }
 
@@ -241,6 +244,7 @@ static Config read_config(const MappedFile& f, const char* path) {
         c.norm_eps = read_at<float>(data, 68);
         c.rope_scaling = {read_at<int32_t>(data, 72), read_at<float>(data, 76), read_at<float>(data, 80),
                           read_at<float>(data, 84), read_at<int32_t>(data, 88)};
+        c.int8_tensors = read_at<int32_t>(data, 92);
         c.header_bytes = kHeaderBytes;
     } else {
         if (size < kLegacyHeaderBytes) {

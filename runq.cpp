@@ -172,6 +172,7 @@ struct Config {
     RopeScaling rope_scaling;  // Llama 3.1's, or none (header offsets 72-91)
     int version;       // 0 (legacy), 1 (fp32), 2 (int8) or 3 (int4)
     int group_size;    // versions 2 and 3: values per quantization scale (offset 37)
+    int int8_tensors;  // version 3: bit 0 the token embedding, bit 1 the classifier in int8 (offset 92)
     size_t header_bytes;
     int head_size() const { return dim / n_heads; }
     int kv_dim() const { return dim / n_heads * n_kv_heads; }
@@ -208,6 +209,8 @@ static std::string config_problem(const Config& c) {
                          r.original_context > 0))
         return say("rope scaling factor %g, frequency factors %g and %g, original context %d (needs factor >= 1, "
                    "0 < low < high, context > 0)", r.factor, r.low_freq_factor, r.high_freq_factor, r.original_context);
+    if (c.int8_tensors != 0 && (c.version != 3 || (c.int8_tensors & ~3) != 0 || (c.shared_classifier && c.int8_tensors & 2)))
+        return say("int8 tensor flags %d (version 3 only: bit 0 embedding, bit 1 unshared classifier)", c.int8_tensors);
     return "";
 }
 
@@ -248,6 +251,7 @@ static Config read_config(const MappedFile& f, const char* path) {
         c.norm_eps = read_at<float>(data, 68);
         c.rope_scaling = {read_at<int32_t>(data, 72), read_at<float>(data, 76), read_at<float>(data, 80),
                           read_at<float>(data, 84), read_at<int32_t>(data, 88)};
+        c.int8_tensors = read_at<int32_t>(data, 92);
         c.header_bytes = kHeaderBytes;
     } else {
         if (size < kLegacyHeaderBytes) {
@@ -397,8 +401,9 @@ struct WeightCursor {
         p += n * sizeof(float);
         return r;
     }
-    QuantizedTensor quantized(uint64_t rows, int n) {
+    QuantizedTensor quantized(uint64_t rows, int n, int bits = 0) {  // bits: 0 = shape's
         QuantizedTensor t = shape;
+        if (bits) t.bits = bits;
         t.q = const_cast<int8_t*>(reinterpret_cast<const int8_t*>(p));
         p += rows * t.row_bytes(n);
         const uint64_t scales = rows * t.groups(n);
@@ -438,18 +443,23 @@ static Checkpoint load_checkpoint(const char* path) {
               path, gs, c.dim, c.hidden_dim);
     if (c.version == 3 && (gs <= 0 || gs > kMaxGroup4))
         fatal("%s: group_size %d is not in 1..%d", path, gs, kMaxGroup4);
+    // version 3 may keep the embedding and classifier in int8 (a GGUF q4_0 file's q8_0 output, exactly)
+    const int emb_bits = c.int8_tensors & 1 ? 8 : shape.bits, cls_bits = c.int8_tensors & 2 ? 8 : shape.bits;
+    if (c.int8_tensors && c.dim % gs != 0)
+        fatal("%s: int8 tensors need group_size %d to divide dim %d", path, gs, c.dim);
 
     // The exact size the header promises, in bytes.
     const uint64_t L = c.n_layers, dim = c.dim, hid = c.hidden_dim, kv = c.kv_dim();
     const uint64_t vocab = c.vocab_size;
-    auto quantized = [&](uint64_t rows, int n) {
-        return mul_ck(rows, add_ck(shape.row_bytes(n), mul_ck(shape.groups(n), sizeof(float))));
+    auto quantized = [&](uint64_t rows, int n, int bits = 0) {
+        const uint64_t values = bits == 8 ? n : shape.row_bytes(n);
+        return mul_ck(rows, add_ck(values, mul_ck(shape.groups(n), sizeof(float))));
     };
     uint64_t n = add_ck(c.header_bytes, mul_ck(add_ck(mul_ck(L, 2 * dim), dim), sizeof(float)));  // norms
-    n = add_ck(n, quantized(vocab, c.dim));                                             // token_embedding
+    n = add_ck(n, quantized(vocab, c.dim, emb_bits));                                   // token_embedding
     n = add_ck(n, mul_ck(L, add_ck(mul_ck(2, quantized(dim, c.dim)), mul_ck(2, quantized(kv, c.dim)))));  // wq wk wv wo
     n = add_ck(n, mul_ck(L, add_ck(mul_ck(2, quantized(hid, c.dim)), quantized(dim, c.hidden_dim))));  // w1 w2 w3
-    if (!c.shared_classifier) n = add_ck(n, quantized(vocab, c.dim));                  // wcls
+    if (!c.shared_classifier) n = add_ck(n, quantized(vocab, c.dim, cls_bits));        // wcls
     check_file_size(n, ck.file.size(), path);
 
     TransformerWeights& w = ck.w;
@@ -457,7 +467,7 @@ static Checkpoint load_checkpoint(const char* path) {
     w.rms_att = cur.floats(L * dim);
     w.rms_ffn = cur.floats(L * dim);
     w.rms_final = cur.floats(dim);
-    w.token_embedding = cur.quantized(vocab, c.dim);
+    w.token_embedding = cur.quantized(vocab, c.dim, emb_bits);
     w.wq = cur.layers(L, dim, c.dim);
     w.wk = cur.layers(L, kv, c.dim);
     w.wv = cur.layers(L, kv, c.dim);
@@ -465,7 +475,7 @@ static Checkpoint load_checkpoint(const char* path) {
     w.w1 = cur.layers(L, hid, c.dim);
     w.w2 = cur.layers(L, dim, c.hidden_dim);
     w.w3 = cur.layers(L, hid, c.dim);
-    w.wcls = c.shared_classifier ? w.token_embedding : cur.quantized(vocab, c.dim);
+    w.wcls = c.shared_classifier ? w.token_embedding : cur.quantized(vocab, c.dim, cls_bits);
     return ck;
 }
 

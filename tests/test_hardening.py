@@ -51,7 +51,7 @@ def region_ends(m, version):
     """Byte offsets where the file's regions end: the header, then every tensor
     (versions 2 and 3: the values and the scales of each matrix separately)."""
     ends = [len(E.header_bytes(m.args, version, 8))]
-    for label, make in E.file_order(m, version):
+    for label, make, _ in E.file_order(m, version):
         t = make()
         if version == 2 and not label.startswith("rms_"):
             ends += [ends[-1] + t.numel(), ends[-1] + t.numel() + t.numel() // 8 * 4]

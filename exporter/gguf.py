@@ -1,0 +1,335 @@
+"""GGUF, llama.cpp's format, read (export.py --gguf) and written (--to-gguf).
+
+Layout (versions 2 and 3; all little-endian): "GGUF", uint32 version, uint64
+tensor count, uint64 metadata count; the metadata as (string key, uint32 type,
+value); per tensor (string name, uint32 n_dims, uint64 ne[n_dims] with ne[0]
+the contiguous dimension, uint32 ggml type, uint64 offset); zero padding to
+general.alignment (default 32); then the tensor data, each tensor at its
+offset from there (a multiple of the alignment). A string is a uint64 length
+and that many UTF-8 bytes; an array a uint32 element type, a uint64 count and
+the elements.
+
+Llama's q/k rows: llama.cpp's converter permutes Hugging Face's rotate-half
+rows back to Meta's interleaved pairs, which llama.cpp's RoPE (LLAMA_ROPE_TYPE_NORM)
+rotates, as run.cpp does: GGUF and our files hold the same rows, so neither
+direction permutes (tests/test_gguf.py shows that permuting breaks agreement
+with llama.cpp)."""
+
+import math
+import mmap
+import os
+import struct
+
+import numpy as np
+import torch
+
+import model as M
+from exporter import LazyModel, check_args, fail, our_shapes, progress
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+# metadata value types: struct format (None: string 8, array 9)
+VALUE_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+STRING, ARRAY = 8, 9
+
+# ggml tensor types we read: name, values per block, bytes per block
+F32, F16, Q4_0, Q8_0, BF16 = 0, 1, 2, 8, 30
+TYPES = {F32: ("F32", 1, 4), F16: ("F16", 1, 2), Q4_0: ("Q4_0", 32, 18), Q8_0: ("Q8_0", 32, 34),
+         BF16: ("BF16", 1, 2)}
+OTHER_TYPES = {3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K",
+               14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
+               21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
+               29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+
+# ours (model.py's state-dict names) -> llama.cpp's, per layer
+GGUF_NAMES = {
+    "attention_norm.weight": "attn_norm.weight", "ffn_norm.weight": "ffn_norm.weight",
+    "attention.wq.weight": "attn_q.weight", "attention.wk.weight": "attn_k.weight",
+    "attention.wv.weight": "attn_v.weight", "attention.wo.weight": "attn_output.weight",
+    "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w2.weight": "ffn_down.weight",
+    "feed_forward.w3.weight": "ffn_up.weight",
+}
+
+
+def gguf_name(name):
+    if name.startswith("layers."):
+        _, i, rest = name.split(".", 2)
+        return f"blk.{i}.{GGUF_NAMES[rest]}"
+    return {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+            "output.weight": "output.weight"}[name]
+
+
+# ----------------------------------------------------------------------------
+# Reading: every count, length and offset is checked against the bytes that
+# are left before it is used, so a cut or hostile file fails with one line.
+
+class Cursor:
+    def __init__(self, buf, path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n, what):
+        if n > len(self.buf) - self.pos:
+            fail(f"{self.path}: {what} at byte {self.pos} needs {n} bytes, only {len(self.buf) - self.pos} are left")
+        self.pos += n
+        return self.buf[self.pos - n:self.pos]
+
+    def unpack(self, fmt, what):
+        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt), what))
+
+    def string(self, what):
+        (n,) = self.unpack("Q", what)
+        raw = self.take(n, what)
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            fail(f"{self.path}: {what} is not UTF-8")
+
+    def value(self, kind, what):
+        if kind == STRING:
+            return self.string(what)
+        if kind == ARRAY:
+            inner, n = self.unpack("IQ", what)
+            if inner == ARRAY:
+                fail(f"{self.path}: {what} is an array of arrays")
+            if inner == STRING:  # each at least its 8-byte length
+                if n > (len(self.buf) - self.pos) // 8:
+                    fail(f"{self.path}: {what}: {n} strings cannot fit in the {len(self.buf) - self.pos} bytes left")
+                return [self.string(what) for _ in range(n)]
+            if inner not in VALUE_FORMATS:
+                fail(f"{self.path}: {what} has element type {inner}")
+            size = struct.calcsize(VALUE_FORMATS[inner])
+            if n > (len(self.buf) - self.pos) // size:
+                fail(f"{self.path}: {what}: {n} values cannot fit in the {len(self.buf) - self.pos} bytes left")
+            dtype = np.dtype("<" + VALUE_FORMATS[inner].replace("?", "b1"))
+            return np.frombuffer(self.take(n * size, what), dtype=dtype).tolist()
+        if kind not in VALUE_FORMATS:
+            fail(f"{self.path}: {what} has value type {kind}")
+        return self.unpack(VALUE_FORMATS[kind], what)[0]
+
+
+class GGUF:
+    """A GGUF file: its metadata {key: value} and tensors {name: (ggml type,
+    shape as (rows, ..., ne[0]), byte offset in the file)}, validated; the
+    data is read from the memory map only when asked for."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else b""
+        except OSError as e:
+            fail(f"cannot read {path}: {e.strerror}")
+        c = Cursor(memoryview(self.buf), path)
+        if bytes(c.take(4, "the magic")) != MAGIC:
+            fail(f"{path}: not a GGUF file (no GGUF magic)")
+        (version,) = c.unpack("I", "the version")
+        if version not in (2, 3):
+            swapped = struct.unpack("<I", struct.pack(">I", version))[0]
+            fail(f"{path}: big-endian GGUF is not supported" if swapped in (2, 3) else
+                 f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+        self.version = version
+        n_tensors, n_kv = c.unpack("QQ", "the counts")
+        self.meta = {}
+        for i in range(n_kv):
+            key = c.string(f"metadata key {i}")
+            if key in self.meta:
+                fail(f"{path}: metadata key {key} appears twice")
+            (kind,) = c.unpack("I", f"the type of {key}")
+            self.meta[key] = c.value(kind, key)
+        if n_tensors > (len(self.buf) - c.pos) // 24:  # each info at least 8 + 4 + 4 + 8 bytes
+            fail(f"{path}: {n_tensors} tensor infos cannot fit in the {len(self.buf) - c.pos} bytes left")
+        align = self.meta.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
+            fail(f"{path}: general.alignment {align!r} is not a power of two")
+        infos = []
+        for i in range(n_tensors):
+            name = c.string(f"tensor {i}'s name")
+            (n_dims,) = c.unpack("I", f"tensor {name}'s dimension count")
+            if not 1 <= n_dims <= 4:
+                fail(f"{path}: tensor {name} has {n_dims} dimensions (1 to 4 allowed)")
+            ne = c.unpack(f"{n_dims}Q", f"tensor {name}'s dimensions")
+            kind, offset = c.unpack("IQ", f"tensor {name}'s type and offset")
+            infos.append((name, ne, kind, offset))
+        self.data_start = -(-c.pos // align) * align
+        data_size = len(self.buf) - self.data_start
+        if data_size < 0:
+            fail(f"{path}: the tensor data would start at byte {self.data_start}, past the end of the file")
+        self.tensors, spans = {}, []
+        for name, ne, kind, offset in infos:
+            if name in self.tensors:
+                fail(f"{path}: tensor {name} appears twice")
+            if kind not in TYPES:
+                fail(f"{path}: tensor {name} has type {OTHER_TYPES.get(kind, kind)}; "
+                     "only F32, F16, BF16, Q8_0 and Q4_0 are supported")
+            if any(d == 0 for d in ne) or math.prod(ne) > data_size:
+                fail(f"{path}: tensor {name} has dimensions {list(ne)}, more values than the file has bytes")
+            type_name, block, block_bytes = TYPES[kind]
+            if ne[0] % block:
+                fail(f"{path}: tensor {name}: {type_name} rows of {ne[0]} values are not whole blocks of {block}")
+            nbytes = math.prod(ne) // block * block_bytes
+            if offset % align or offset > data_size or nbytes > data_size - offset:
+                fail(f"{path}: tensor {name}: offset {offset} + {nbytes} bytes is misaligned or past the data's "
+                     f"{data_size} bytes")
+            spans.append((offset, offset + nbytes, name))
+            self.tensors[name] = (kind, tuple(reversed(ne)), self.data_start + offset)
+        spans.sort()
+        for (_, end0, name0), (begin1, _, name1) in zip(spans, spans[1:]):
+            if begin1 < end0:
+                fail(f"{path}: tensors {name0} and {name1} overlap")
+
+    def raw(self, name):
+        """The tensor's bytes and (type, shape)."""
+        kind, shape, start = self.tensors[name]
+        _, block, block_bytes = TYPES[kind]
+        return np.frombuffer(self.buf, np.uint8, math.prod(shape) // block * block_bytes, start), kind, shape
+
+    def blocks(self, name):
+        """Q8_0 / Q4_0: (fp16 scales widened to float32 (rows, blocks),
+        values as int8 (rows, cols)); Q4_0's nibbles are q - 8, element j of a
+        block in the low nibble of byte j, element j + 16 in its high nibble."""
+        raw, kind, shape = self.raw(name)
+        rows, cols = math.prod(shape[:-1]), shape[-1]
+        block = raw.reshape(rows, cols // 32, TYPES[kind][2])
+        d = block[..., :2].copy().view("<f2")[..., 0].astype(np.float32)
+        if kind == Q8_0:
+            q = block[..., 2:].view(np.int8)
+        else:
+            nib = block[..., 2:]
+            q = np.concatenate([nib & 15, nib >> 4], axis=-1).astype(np.int8) - 8
+        return d, q.reshape(rows, cols)
+
+    def get(self, name):
+        """The tensor as float32 torch, in our shape (rows, cols). Every
+        type widens exactly: an fp16 scale times a small integer fits float32."""
+        raw, kind, shape = self.raw(name)
+        if kind == F32:
+            arr = raw.view("<f4")
+        elif kind == F16:
+            arr = raw.view("<f2").astype(np.float32)
+        elif kind == BF16:
+            arr = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            d, q = self.blocks(name)
+            arr = (q.reshape(d.shape[0], -1, 32).astype(np.float32) * d[..., None])
+        return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+
+
+# ----------------------------------------------------------------------------
+# GGUF -> our model
+
+
+def meta_int(g, key, default=None):
+    v = g.meta.get(key, default)
+    if v is None:
+        fail(f"{g.path}: no {key}")
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 2**31:
+        fail(f"{g.path}: {key} = {v!r} (must be a positive integer)")
+    return v
+
+
+def meta_float(g, key, default):
+    v = g.meta.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        fail(f"{g.path}: {key} = {v!r} (must be a positive number)")
+    # a float32 in the file: the default's float32 means the default
+    return default if default is not None and np.float32(v) == np.float32(default) else float(v)
+
+
+def gguf_args(g):
+    arch = g.meta.get("general.architecture")
+    if arch != "llama":
+        fail(f"{g.path}: general.architecture {arch!r}: only 'llama' is supported")
+    heads = meta_int(g, "llama.attention.head_count")
+    args = M.ModelArgs(dim=meta_int(g, "llama.embedding_length"), hidden_dim=meta_int(g, "llama.feed_forward_length"),
+                       n_layers=meta_int(g, "llama.block_count"), n_heads=heads,
+                       n_kv_heads=meta_int(g, "llama.attention.head_count_kv", heads),
+                       vocab_size=g.tensors["token_embd.weight"][1][0] if "token_embd.weight" in g.tensors else 1,
+                       max_seq_len=meta_int(g, "llama.context_length"),
+                       norm_eps=meta_float(g, "llama.attention.layer_norm_rms_epsilon", M.DEFAULT_NORM_EPS),
+                       rope_theta=meta_float(g, "llama.rope.freq_base", M.DEFAULT_ROPE_THETA),
+                       shared_classifier="output.weight" not in g.tensors)
+    check_args(args, g.path)
+    rot = g.meta.get("llama.rope.dimension_count", args.head_size)
+    if rot != args.head_size:
+        fail(f"{g.path}: llama.rope.dimension_count {rot!r} is not the head size {args.head_size} "
+             "(partial rotary embeddings are not supported)")
+    scaling = g.meta.get("llama.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in g.tensors:
+        fail(f"{g.path}: RoPE scaling ({scaling if scaling != 'none' else 'rope_freqs.weight'}) is not supported; "
+             "a Llama 3.1 model converts from its Hugging Face directory with --hf")
+    return args
+
+
+def load_gguf(path):
+    """(lazy model, GGUF): the model's tensors are produced one at a time, as
+    float32; write_checkpoint asks `stored` for a tensor's exact quantized form."""
+    g = GGUF(path)
+    args = gguf_args(g)
+    ours = our_shapes(args)
+    wanted = {gguf_name(n): n for n in ours}
+    extra = [k for k in g.tensors if k not in wanted]
+    if extra:
+        fail(f"{path}: tensor {extra[0]} is not part of a Llama model we run"
+             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for name, ours_name in wanted.items():
+        if name not in g.tensors:
+            fail(f"{path}: tensor {name} is missing")
+        if g.tensors[name][1] != ours[ours_name]:
+            fail(f"{path}: tensor {name} has shape {g.tensors[name][1]}, the metadata makes it {ours[ours_name]}")
+    # a classifier stored as a copy of the embedding (llama2.c's converter does that) is shared
+    if not args.shared_classifier:
+        (a, ka, _), (b, kb, _) = g.raw("token_embd.weight"), g.raw("output.weight")
+        if ka == kb and np.array_equal(a, b):
+            args.shared_classifier = True
+            del ours["output.weight"]
+    kinds = sorted({TYPES[g.tensors[gguf_name(n)][0]][0] for n in ours})
+    progress(f"{path}: GGUF v{g.version}, {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads "
+             f"({args.n_kv_heads} kv), vocab {args.vocab_size}, {'/'.join(kinds)}")
+    model = LazyModel(args, set(ours), lambda name: g.get(gguf_name(name)))
+    model.stored = lambda name, bits, group_size: stored(g, gguf_name(name), bits, group_size)
+    model.kind = lambda name: TYPES[g.tensors[gguf_name(name)][0]][0]
+    model.gguf = g
+    return model
+
+
+def stored(g, name, bits, group_size):
+    """A Q8_0 / Q4_0 tensor as our version 2 / 3 tensor exactly (values, scales),
+    or None when its blocks are not that format's groups (then it is requantized).
+    Q8_0 -> int8 groups of 32. Q4_0 -> 4 bits: q - 8 is in -8..7, which the
+    two's complement nibble holds; our nibbles run in value order, low first."""
+    kind = g.tensors[name][0]
+    if group_size != 32 or (kind, bits) not in ((Q8_0, 8), (Q4_0, 4)):
+        return None
+    d, q = g.blocks(name)
+    if bits == 8:
+        return q.reshape(-1).copy(), d.reshape(-1)
+    nib = (q & 15).astype(np.uint8)
+    return nib[:, 0::2] | (nib[:, 1::2] << 4), d
+
+
+def default_version(model):
+    """What --gguf writes without --version: the file's quantization kept exactly."""
+    kinds = {model.gguf.tensors[name][0] for name in model.gguf.tensors}
+    return 3 if Q4_0 in kinds else 2 if Q8_0 in kinds else 0
+
+
+def gguf_tokenizer(g):
+    """tokenizer.ggml.* -> ([(piece bytes, score, type)], bos, eos) as
+    read_sentencepiece gives them (SentencePiece's U+2581 still in the pieces)."""
+    kind = g.meta.get("tokenizer.ggml.model")
+    if kind != "llama":
+        fail(f"{g.path}: tokenizer.ggml.model {kind!r}: only 'llama' (SentencePiece) vocabularies are supported")
+    tokens = g.meta.get("tokenizer.ggml.tokens")
+    n = len(tokens) if isinstance(tokens, list) else 0
+    scores = g.meta.get("tokenizer.ggml.scores", [0.0] * n)
+    types = g.meta.get("tokenizer.ggml.token_type", [1] * n)
+    if not n or not all(isinstance(t, str) for t in tokens):
+        fail(f"{g.path}: tokenizer.ggml.tokens is not a list of strings")
+    if not (isinstance(scores, list) and len(scores) == n and all(isinstance(s, float) and math.isfinite(s) for s in scores)):
+        fail(f"{g.path}: tokenizer.ggml.scores is not {n} finite numbers")
+    if not (isinstance(types, list) and len(types) == n and all(isinstance(t, int) for t in types)):
+        fail(f"{g.path}: tokenizer.ggml.token_type is not {n} integers")
+    bos = g.meta.get("tokenizer.ggml.bos_token_id", 1)
+    eos = g.meta.get("tokenizer.ggml.eos_token_id", 2)
+    return [(t.encode(), s, k) for t, s, k in zip(tokens, scores, types)], bos, eos
