@@ -1,0 +1,204 @@
+"""GGUF, llama.cpp's format, both ways, against llama.cpp itself: the npm
+package node-llama-cpp (its prebuilt CPU library, installed into build/npm by
+make; tests/gguf_reference.js) loads the same GGUF file and evaluates it.
+
+Both engines compute the float64 forward of the file's weights (model.py in
+double, the reference) up to their own roundings:
+  - float32 arithmetic, in any summation order: at most rounding_depth x u x
+    the logit's magnitude sum_k |W[v,k] h[k]| (test_model.py), for each engine;
+  - for Q8_0 / Q4_0 weights, the int8 rounding of every matmul's input in
+    groups of 32: runq's q = round(x / d), d = max|group| / 127, off by at most
+    d / 2 per value; llama.cpp's the same but with d stored in fp16, so at most
+    d / 2 + 127 |fp16(d) - d| <= 1.124 x d / 2.
+The int8 roundings' worst case (quantization_bound, test_runq.py) is far
+looser than the logits (it adds every error with the same sign through every
+layer); here they are treated as rounding error analysis treats many small
+roundings (Higham and Mary, "A new approach to probabilistic rounding error
+analysis", 2019): independent, mean zero, within their half step. Then a
+logit's change is, to first order, a sum of independent bounded terms, and by
+Hoeffding's inequality exceeds z x sqrt(3) x its standard deviation sigma with
+probability at most 2 exp(-z^2 / 2): z = 8.3 makes that 1e-15 per logit. sigma
+is measured by SAMPLES forwards of the reference with every matmul input
+perturbed uniformly within its half step; with 64 samples the estimate of
+sigma^2 falls below a third of the truth with probability below 1e-8, so it is
+multiplied by 3 (sqrt(3) on sigma). Logits of ours and llama.cpp's must be
+within the two engines' bounds at every position of the same token sequence,
+and the next token the same wherever the reference's lead over every rival
+exceeds each engine's bound on that difference."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import MODELS, ROOT, M, read_dump, run
+from test_model import U, rounding_depth
+from test_runq import group_error
+
+GGUF = MODELS / "gguf"
+NODE_LLAMA = ROOT / "build" / "npm" / "node_modules" / "node-llama-cpp"
+LLAMA_Q8_0 = 1 + 2 * 127 * 2.0 ** -11 / 1  # llama.cpp's Q8_0 activation error over runq's half step: 1 + 127 / 1024
+PROMPTS = ["Once upon a time", "Lily and Tom went to the park to play with a", "The cat sat on the", "One day, a"]
+
+# the GGUF files written by llama.cpp's own tools: name -> (quantized, the engine that runs the import)
+FILES = {"stories260K-f32": False, "tinystories-f32": False, "tinystories-q8_0": True, "tinystories-q4_0": True}
+
+
+def export(*args, check=True):
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, args)], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"export.py {args} exited {p.returncode}: {p.stderr}")
+    return p
+
+
+_answers = {}
+
+
+def llama_cpp(gguf, request):
+    """node-llama-cpp's answer to a request (see tests/gguf_reference.js), cached."""
+    key = (str(gguf), json.dumps(request, sort_keys=True))
+    if key not in _answers:
+        if not NODE_LLAMA.exists():
+            pytest.fail(f"{NODE_LLAMA} is missing: the npm test references (make test installs them into build/npm)")
+        p = subprocess.run(["node", str(ROOT / "tests" / "gguf_reference.js"), str(gguf)], input=json.dumps(request),
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr
+        _answers[key] = json.loads(p.stdout)
+    return _answers[key]
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """Each shared GGUF file imported with export.py's defaults: {name: (checkpoint, tokenizer)}."""
+    out = tmp_path_factory.mktemp("gguf")
+    files = {}
+    for name in FILES:
+        export(out / f"{name}.bin", "--gguf", GGUF / f"{name}.gguf", "-o", out / f"{name}-tok.bin")
+        files[name] = out / f"{name}.bin", out / f"{name}-tok.bin"
+    return files
+
+
+SAMPLES = 64
+Z = 8.3 * 3 ** 0.5 * 3 ** 0.5  # Hoeffding's z, uniform's sqrt(3), the estimate's margin sqrt(3)
+
+
+def int8_spread(m, tokens):
+    """The logits' changes (SAMPLES, T, vocab) when every matmul input of the
+    float64 reference is perturbed uniformly within half its int8 step (groups
+    of 32), one draw per input tensor (q, k and v share theirs, as in runq)."""
+    gen = torch.Generator().manual_seed(len(tokens))
+    drawn = {}
+
+    def perturb(module, args):
+        x = args[0]
+        key = (x.data_ptr(), tuple(x.shape))
+        if key not in drawn:  # x is kept, so its address is not reused within this forward
+            drawn[key] = x, (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) * group_error(x, 32)
+        return (x + drawn[key][1],)
+
+    with torch.no_grad():
+        ref = m.output(m.hidden(torch.tensor([tokens]))[0])
+        hooks = [mod.register_forward_pre_hook(perturb) for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+        try:
+            changes = []
+            for _ in range(SAMPLES):
+                drawn.clear()
+                changes.append(m.output(m.hidden(torch.tensor([tokens]))[0]) - ref)
+        finally:
+            for h in hooks:
+                h.remove()
+    return torch.stack(changes)
+
+
+def engine_bounds(m, tokens, quantized):
+    """(reference logits (T, vocab), our bound, llama.cpp's bound on each logit,
+    and a function giving both engines' larger bound on ref[p, a] - ref[p, b]
+    for every b, at position p)."""
+    m = m.double()
+    with torch.no_grad():
+        h = m.hidden(torch.tensor([tokens]))[0]
+        ref, magnitude = m.output(h), h.abs() @ m.output.weight.abs().T
+    fp32 = rounding_depth(m.args, len(tokens)) * U * magnitude
+    if not quantized:
+        return ref, fp32, fp32, lambda p, a: fp32[p, a] + fp32[p]
+    changes = int8_spread(m, tokens)
+    sigma = changes.pow(2).mean(0).sqrt()
+    pair = lambda p, a: LLAMA_Q8_0 * Z * (changes[:, p, a:a + 1] - changes[:, p]).pow(2).mean(0).sqrt() \
+        + fp32[p, a] + fp32[p]
+    return ref, fp32 + Z * sigma, fp32 + LLAMA_Q8_0 * Z * sigma, pair
+
+
+def compare_with_llama_cpp(binary, ckpt, tok, gguf, quantized, tmp_path, report, label):
+    """Our greedy generation from each prompt, to the end of the context; the
+    same sequence evaluated by llama.cpp; llama.cpp's own greedy generation."""
+    m = M.load_checkpoint(str(ckpt))
+    T = m.args.max_seq_len
+    worst, decided, free_agree = 0.0, 0, []
+    for i, prompt in enumerate(PROMPTS):
+        dump = tmp_path / f"{i}.logits"
+        run(binary, ckpt, "-z", tok, "-t", "0", "-n", T, "-k", "f32", "-i", prompt, env={"RUN_DUMP_LOGITS": str(dump)})
+        _, tokens, ours, chosen = read_dump(dump, m.args.vocab_size)
+        n_prompt = len(run(binary, ckpt, "-z", tok, "-m", "tokenize", "-i", prompt).stdout.split())
+        steps = len(tokens) - n_prompt + 1
+        # twice the context: node-llama-cpp shifts a full context (drops its start) before the last token
+        answer = llama_cpp(gguf, {"context": 2 * T, "texts": [prompt], "sequences": [tokens],
+                                  "generate": [{"prompt": tokens[:n_prompt], "steps": steps}]})
+        # the same ids for the prompt (ours with BOS first)
+        assert [1] + answer["texts"][0] == tokens[:n_prompt], f"{label}: llama.cpp tokenizes {prompt!r} differently"
+        theirs = torch.tensor(answer["logits"][0], dtype=torch.float64)
+        ref, ours_bound, their_bound, pair_bound = engine_bounds(m, tokens, quantized)
+        # the engines within their bounds of the reference, hence of each other
+        assert ((ours - ref).abs() / ours_bound).max().item() <= 1.0, f"{label}: ours off the reference"
+        ratio = ((ours - theirs).abs() / (ours_bound + their_bound)).max().item()
+        worst = max(worst, ratio)
+        assert ratio <= 1.0, f"{label}, {prompt!r}: logits {ratio:.2f} x the bound away from llama.cpp's"
+        # greedy tokens where no rounding within the bounds could change them
+        best = ref.argmax(-1)
+        sure = [bool((ref[p, best[p]] - ref[p] > pair_bound(p, best[p])).sum() == ref.shape[1] - 1)
+                for p in range(len(tokens))]
+        for pos in range(n_prompt - 1, len(tokens)):
+            if sure[pos] and chosen[pos] != -1:
+                assert chosen[pos] == theirs[pos].argmax().item(), f"{label}: next token at {pos} differs"
+                decided += 1
+        # llama.cpp generating on its own: the same tokens until a position the bounds leave open
+        free = answer["generate"][0]
+        ours_free = tokens[n_prompt:] + [chosen[-1]]
+        k = next((j for j, (a, b) in enumerate(zip(free, ours_free)) if a != b), len(free))
+        if k < len(free):
+            assert not sure[n_prompt - 1 + k], f"{label}: llama.cpp's greedy text leaves ours at step {k}, a decided one"
+        free_agree.append(k)
+    report(f"GGUF {label}: logits within {worst:.3f} of the bound from llama.cpp's; next token equal at all "
+           f"{decided} decided positions; free greedy runs agree for {free_agree} tokens")
+    return decided
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_imported_gguf_runs_like_llama_cpp(pair, imported, name, tmp_path, report):
+    """The four GGUF files llama.cpp's tools wrote, imported by export.py --gguf
+    and run by run (f32) or runq (q8_0, q4_0 exactly as version 2 / 3)."""
+    ckpt, tok = imported[name]
+    binary = pair[1] if FILES[name] else pair[0]
+    decided = compare_with_llama_cpp(binary, ckpt, tok, GGUF / f"{name}.gguf", FILES[name], tmp_path, report, name)
+    assert decided >= 100, "too few decided positions to test"
+
+
+def test_imported_tokenizer_is_the_original(imported):
+    """llama.cpp's converter took these vocabularies from our tokenizer.bin
+    files; importing them gives those files back byte for byte."""
+    assert imported["stories260K-f32"][1].read_bytes() == (MODELS / "stories260K" / "tok512.bin").read_bytes()
+    for name in ("tinystories-f32", "tinystories-q8_0", "tinystories-q4_0"):
+        assert imported[name][1].read_bytes() == (ROOT / "models" / "tinystories-tok.bin").read_bytes()
+
+
+def test_imported_weights_are_gguf_values(imported):
+    """Q8_0 and Q4_0 copied without loss: every weight our file holds equals the
+    GGUF value (fp16 scale x integer) exactly, and f32 bit for bit."""
+    from exporter.gguf import GGUF as Reader, gguf_name
+    for name in FILES:
+        g = Reader(str(GGUF / f"{name}.gguf"))
+        sd = M.load_checkpoint(str(imported[name][0])).state_dict()
+        for ours, t in sd.items():
+            theirs = "token_embd.weight" if ours == "output.weight" and "output.weight" not in g.tensors else gguf_name(ours)
+            assert torch.equal(t, g.get(theirs)), f"{name}: {ours}"
