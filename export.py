@@ -7,6 +7,7 @@
   python3 export.py OUT.bin [--version 0|1|2|3] [--group-size N] --meta DIR --seq-len 4096  # Meta Llama 2
   python3 export.py OUT.bin [--version 0|1|2|3] --gguf IN.gguf [-o tokenizer.bin]  # llama.cpp's GGUF
   python3 export.py --tokenizer tokenizer.model|tokenizer.json [-o tokenizer.bin]  # -> tokenizer.bin
+  python3 export.py OUT.gguf --to-gguf [--type f32|f16|q8_0|q4_0] [--vocab tokenizer.bin] --bin IN.bin  # (or any source)
 
 The layouts are documented byte by byte in README.md. Files are written to a
 temporary name and renamed, so a failed export never leaves a half-written file.
@@ -22,11 +23,11 @@ import model as M
 from exporter import fail, progress
 from exporter.awq import apply_awq, calibration_windows, clip_awq
 from exporter.checkpoint import load_training_checkpoint
-from exporter.gguf import default_version, gguf_tokenizer, load_gguf
+from exporter.gguf import GGUF_TYPES, default_version, gguf_tokenizer, load_gguf, our_groups, vocabulary_meta, write_gguf
 from exporter.hf import load_hf
 from exporter.meta import load_meta
 from exporter.quantize import quantize_q4, quantize_q8
-from exporter.tokenizers import read_sentencepiece, read_tokenizer_json
+from exporter.tokenizers import read_sentencepiece, read_tokenizer_bin, read_tokenizer_extension, read_tokenizer_json
 
 
 # ----------------------------------------------------------------------------
@@ -228,6 +229,29 @@ def export_tokenizer(model_path, out_path, gguf=None):
     kind = "" if ext is None else f" (byte-level BPE, {len(ext['merges'])} merges, bos {bos}, eos {eos})"
     progress(f"wrote {out_path}: {len(tokens)} tokens{kind}, max_token_length {max(len(p) for p, _ in tokens)}")
 
+def to_gguf(a, model):
+    """export.py OUT.gguf --to-gguf: the model and its vocabulary for llama.cpp."""
+    if a.version is not None or a.group_size is not None or a.awq:
+        fail("--to-gguf writes GGUF: --version, --group-size and --awq do not apply (use --type)")
+    if a.bin:  # a version 2 / 3 file's groups of 32 are copied when they are GGUF's blocks
+        stored, version = our_groups(a.bin), M.read_header(open(a.bin, "rb").read(256))[1]
+    elif a.gguf:
+        stored, version = (lambda name, bits: model.stored(name, bits, 32)), default_version(model)
+    else:
+        stored, version = None, 0
+    if a.type is None:
+        a.type = {2: "q8_0", 3: "q4_0"}.get(version, "f32")
+    if a.gguf:  # its own vocabulary, as it is
+        gguf_tokenizer(model.gguf)
+        meta = {k: v for k, v in model.gguf.meta.items() if k.startswith("tokenizer.ggml.")}
+    else:
+        path = a.vocab or "tokenizer.bin"
+        if not os.path.isfile(path):
+            fail(f"{path}: no such file: --to-gguf needs the model's tokenizer.bin (--vocab)")
+        pieces, scores = read_tokenizer_bin(path, model.args.vocab_size)
+        meta = vocabulary_meta(pieces, scores, read_tokenizer_extension(path, len(pieces)))
+    write_gguf(a.out, model, GGUF_TYPES[a.type], meta, stored)
+
 # ----------------------------------------------------------------------------
 
 
@@ -249,6 +273,12 @@ def main():
                      "Q4_0); its tokenizer goes to -o")
     src.add_argument("--tokenizer", help="sentencepiece tokenizer.model, or a Hugging Face tokenizer.json")
     ap.add_argument("--seq-len", type=int, help="--meta: the context length (Llama 2: 4096)")
+    ap.add_argument("--to-gguf", action="store_true", help="write OUT as a GGUF v3 file for llama.cpp")
+    ap.add_argument("--type", choices=sorted(GGUF_TYPES),
+                    help="--to-gguf: the matrices' type (default: q8_0 from a version 2 file, q4_0 from version 3, "
+                         "else f32); norms stay f32, a q4_0 file's classifier is q8_0")
+    ap.add_argument("--vocab", metavar="tokenizer.bin",
+                    help="--to-gguf: the model's tokenizer.bin (default tokenizer.bin; a --gguf source brings its own)")
     ap.add_argument("--awq", metavar="CALIB.txt",
                     help="versions 2 and 3: activation-aware scaling, calibrated on this text")
     ap.add_argument("--awq-tokenizer", default="tokenizer.bin", help="--awq: the model's tokenizer.bin")
@@ -273,12 +303,12 @@ def main():
         model = load_meta(a.meta, a.seq_len)
     elif a.gguf:
         model = load_gguf(a.gguf)
-        if a.version is None:
+        if a.version is None and not a.to_gguf:
             a.version = default_version(model)
             if a.version == 0 and (model.args.rope_theta != M.DEFAULT_ROPE_THETA
                                    or model.args.norm_eps != M.DEFAULT_NORM_EPS):
                 a.version = 1
-        if a.group_size is None and a.version in (2, 3):
+        if a.group_size is None and a.version in (2, 3) and not a.to_gguf:
             a.group_size = 32  # GGUF's blocks: copied exactly
         n = len(model.gguf.meta.get("tokenizer.ggml.tokens") or [])
         if n != model.args.vocab_size:
@@ -302,6 +332,8 @@ def main():
         progress(f"AWQ: calibrating on {sum(len(w) - 1 for w in windows)} tokens of {a.awq}")
         apply_awq(model, windows, gs, 7 if a.version == 3 else 127)
         clip_awq(model, windows, gs, 7 if a.version == 3 else 127)
+    if a.to_gguf:
+        return to_gguf(a, model)
     if a.version is None:
         a.version = 0
     write_checkpoint(model, a.out, a.version, a.group_size)

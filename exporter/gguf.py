@@ -309,9 +309,22 @@ def stored(g, name, bits, group_size):
 
 
 def default_version(model):
-    """What --gguf writes without --version: the file's quantization kept exactly."""
-    kinds = {model.gguf.tensors[name][0] for name in model.gguf.tensors}
-    return 3 if Q4_0 in kinds else 2 if Q8_0 in kinds else 0
+    """What --gguf writes without --version: the file's matrices kept exactly,
+    as version 3 / 2 when they are all Q4_0 or Q8_0 (Q4_0 with a Q8_0 embedding
+    or classifier too), else as fp32 (every GGUF value is a float32), said in a line."""
+    g = model.gguf
+    kinds = {g.tensors[name][0] for name in g.tensors if len(g.tensors[name][1]) == 2}
+    if kinds <= {Q8_0, Q4_0}:
+        others = {g.tensors[name][0] for name in g.tensors if len(g.tensors[name][1]) == 2
+                  and name not in ("token_embd.weight", "output.weight")}
+        if others == {Q8_0}:
+            return 2
+        if others == {Q4_0}:
+            return 3
+    if kinds & {Q8_0, Q4_0}:
+        progress(f"{g.path}: matrices of types {'/'.join(sorted(TYPES[k][0] for k in kinds))}: written as fp32, "
+                 "every value exact (--version 2 or 3 would requantize)")
+    return 0
 
 
 def gguf_tokenizer(g):
@@ -333,3 +346,245 @@ def gguf_tokenizer(g):
     bos = g.meta.get("tokenizer.ggml.bos_token_id", 1)
     eos = g.meta.get("tokenizer.ggml.eos_token_id", 2)
     return [(t.encode(), s, k) for t, s, k in zip(tokens, scores, types)], bos, eos
+
+
+# ----------------------------------------------------------------------------
+# Our model -> GGUF v3 (export.py --to-gguf), for llama.cpp: its tensor names,
+# the same q/k rows, Q8_0 / Q4_0 by llama.cpp's own rounding rules or copied
+# from our version 2 / 3 groups when they are exactly those blocks.
+
+GGUF_TYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
+FILE_TYPES = {F32: 0, F16: 1, Q4_0: 2, Q8_0: 7}  # general.file_type: llama.cpp's LLAMA_FTYPE_*
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_BYTE = 1, 2, 3, 6
+
+
+def round_away(v):
+    """C's roundf on float32 values: halves away from zero (exact in float64)."""
+    v = v.astype(np.float64)
+    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+
+
+def quantize_q8_0(w):
+    """llama.cpp's Q8_0 of rows (rows, cols), cols a multiple of 32: per block
+    d = max|x| / 127 and q = roundf(x / d) computed as x * (1 / d), all in
+    float32, then d stored in fp16. Returns the blocks' bytes."""
+    x = w.reshape(-1, 32).astype(np.float32)
+    d = np.abs(x).max(1) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    q = round_away(x * inv[:, None]).astype(np.int8)
+    return pack_blocks(d, q.view(np.uint8))
+
+
+def quantize_q4_0(w):
+    """llama.cpp's Q4_0: per block of 32 the value of largest magnitude m (the
+    first if tied), d = m / -8, q = min(15, trunc(x / d + 8.5)) with x / d as
+    x * (1 / d), in float32; element j in the low nibble of byte j, j + 16 in
+    its high nibble; d stored in fp16."""
+    x = w.reshape(-1, 32).astype(np.float32)
+    m = x[np.arange(len(x)), np.abs(x).argmax(1)]
+    d = m / np.float32(-8)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    q = np.minimum(15, np.trunc(x * inv[:, None] + np.float32(8.5))).astype(np.uint8)
+    return pack_blocks(d, q[:, :16] | (q[:, 16:] << 4))
+
+
+def pack_blocks(d, payload):
+    """Blocks of an fp16 scale then their payload bytes."""
+    scales = d.astype("<f2").view(np.uint8).reshape(-1, 2)
+    return np.concatenate([scales, payload], axis=1).tobytes()
+
+
+def exact_blocks(stored, kind):
+    """Our int8 / int4 groups of 32 (values, float32 scales) as Q8_0 / Q4_0 blocks,
+    or None when a scale is not an fp16 value (it would have to be rounded)."""
+    q, s = stored
+    if not np.array_equal(s.astype(np.float16).astype(np.float32), s):
+        return None
+    if kind == Q8_0:
+        return pack_blocks(s, q.reshape(-1, 32).view(np.uint8))
+    nib = np.stack([q & 15, q >> 4], axis=-1).reshape(len(s), 32).astype(np.int16)  # value order
+    v = (np.where(nib >= 8, nib - 16, nib) + 8).astype(np.uint8)  # q + 8, 0..15
+    return pack_blocks(s, v[:, :16] | (v[:, 16:] << 4))
+
+
+def string_bytes(s):
+    raw = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def value_bytes(v):
+    """(type, bytes) of a metadata value as llama.cpp writes its keys: str,
+    bool, int (uint32), float (float32), or a list of one of those (ints as
+    int32, as token_type is)."""
+    if isinstance(v, (str, bytes)):
+        return STRING, string_bytes(v)
+    if isinstance(v, bool):
+        return 7, struct.pack("<?", v)
+    if isinstance(v, int):
+        return 4, struct.pack("<I", v)
+    if isinstance(v, float):
+        return 6, struct.pack("<f", v)
+    kind = {4: 5}.get(value_bytes(v[0])[0], value_bytes(v[0])[0]) if v else STRING
+    if kind == STRING:
+        body = b"".join(string_bytes(e) for e in v)
+    else:
+        body = np.asarray(v, dtype={5: "<i4", 6: "<f4", 7: "?"}[kind]).tobytes()
+    return ARRAY, struct.pack("<IQ", kind, len(v)) + body
+
+
+def vocabulary_meta(pieces, scores, ext):
+    """tokenizer.ggml.* from our tokenizer.bin: a SentencePiece vocabulary
+    ("llama": spaces back to U+2581, BOS/EOS pieces back to <s> / </s>, byte
+    pieces typed), or a byte-level BPE ("gpt2": pieces in GPT-2's printable
+    byte alphabet, merges as 'left right' strings, the pre-tokenizer by name)."""
+    from exporter.tokenizers import bytes_to_unicode
+    if ext is None:
+        tokens, types = [], []
+        for i, p in enumerate(pieces):
+            if i == 1 and p == b"\n<s>\n" or i == 2 and p == b"\n</s>\n":
+                tokens.append("<s>" if i == 1 else "</s>"), types.append(TOKEN_CONTROL)
+            elif i == 0:
+                tokens.append(p.decode("utf-8", "replace")), types.append(TOKEN_UNKNOWN)
+            elif len(p) == 6 and p.startswith(b"<0x") and p.endswith(b">"):
+                tokens.append(p.decode()), types.append(TOKEN_BYTE)
+            else:
+                try:
+                    tokens.append(p.decode("utf-8").replace(" ", "\u2581")), types.append(TOKEN_NORMAL)
+                except UnicodeDecodeError:
+                    fail(f"piece {i} {p!r} is not UTF-8: a SentencePiece GGUF vocabulary cannot hold it")
+        return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+                "tokenizer.ggml.scores": [float(s) for s in scores], "tokenizer.ggml.token_type": types,
+                "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+                "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.add_bos_token": True,
+                "tokenizer.ggml.add_eos_token": False}
+    alphabet = bytes_to_unicode()
+    special = set(ext["special"])
+    tokens = [p.decode("utf-8", "replace") if i in special else "".join(alphabet[b] for b in p)
+              for i, p in enumerate(pieces)]
+    meta = {"tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.pre": {1: "llama-bpe", 2: "gpt-2", 3: "smollm"}[ext["split"]],
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [TOKEN_CONTROL if i in special else TOKEN_NORMAL for i in range(len(pieces))],
+            "tokenizer.ggml.merges": [f"{tokens[a]} {tokens[b]}" for a, b in ext["merges"]],
+            "tokenizer.ggml.eos_token_id": ext["eos"][0] if ext["eos"] else 0,
+            "tokenizer.ggml.add_bos_token": ext["bos"] is not None}
+    if ext["bos"] is not None:
+        meta["tokenizer.ggml.bos_token_id"] = ext["bos"]
+    return meta
+
+
+def write_gguf(path, model, kind, vocab, stored=None):
+    """model (args + state dict) as a GGUF v3 file of type kind (F32, F16, Q8_0
+    or Q4_0 for every matrix; norms F32; for Q4_0 the classifier in Q8_0, as
+    llama.cpp's quantizer keeps it when Q6_K does not fit). vocab: the
+    tokenizer.ggml.* metadata. stored(name, bits) gives our int8/int4 groups
+    of 32 when the model came from a version 2 / 3 file: copied exactly when
+    their scales are fp16 values."""
+    from export import write_atomically
+    a, sd = model.args, model.state_dict()
+    if a.rope_scaling is not None:
+        fail("Llama 3.1's RoPE scaling is not written to GGUF yet (llama.cpp keeps it as a rope_freqs tensor)")
+    names = ["tok_embeddings.weight", "norm.weight"] + ([] if a.shared_classifier else ["output.weight"])
+    for i in range(a.n_layers):
+        names += [f"layers.{i}.{n}" for n in GGUF_NAMES]
+    shapes = our_shapes(a)
+    meta = {"general.architecture": "llama", "general.name": os.path.splitext(os.path.basename(path))[0],
+            "general.file_type": FILE_TYPES[kind], "llama.context_length": a.max_seq_len,
+            "llama.embedding_length": a.dim, "llama.block_count": a.n_layers,
+            "llama.feed_forward_length": a.hidden_dim, "llama.rope.dimension_count": a.head_size,
+            "llama.attention.head_count": a.n_heads, "llama.attention.head_count_kv": a.n_kv_heads,
+            "llama.attention.layer_norm_rms_epsilon": float(a.norm_eps), "llama.rope.freq_base": float(a.rope_theta),
+            "llama.vocab_size": a.vocab_size}
+    if kind in (Q8_0, Q4_0):
+        meta["general.quantization_version"] = 2
+    meta.update(vocab)
+
+    def tensor_type(name):
+        if len(shapes[name]) == 1:
+            return F32
+        t = kind
+        if kind == Q4_0 and name == "output.weight" or kind == Q4_0 and stored and stored(name, 8) is not None:
+            t = Q4_0 if stored and stored(name, 4) is not None else Q8_0  # what the file holds, else Q8_0
+        if t in (Q8_0, Q4_0) and shapes[name][1] % 32:
+            progress(f"  {gguf_name(name)}: rows of {shapes[name][1]} values are not whole blocks of 32: kept in F32")
+            return F32
+        return t
+
+    types = {n: tensor_type(n) for n in names}
+    sizes = {n: math.prod(shapes[n]) // TYPES[types[n]][1] * TYPES[types[n]][2] for n in names}
+    infos, offset = b"", 0
+    for n in names:
+        ne = tuple(reversed(shapes[n]))
+        infos += string_bytes(gguf_name(n)) + struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, types[n], offset)
+        offset += -(-sizes[n] // DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT
+    head = MAGIC + struct.pack("<IQQ", 3, len(names), len(meta))
+    for key, v in meta.items():
+        vt, vb = value_bytes(v)
+        head += string_bytes(key) + struct.pack("<I", vt) + vb
+    head += infos
+    copied, rounded = [], []
+
+    def data(name):
+        t = types[name]
+        if t in (Q8_0, Q4_0) and stored is not None:
+            held = stored(name, 8 if t == Q8_0 else 4)
+            if held is not None:
+                blocks = exact_blocks(held, t)
+                if blocks is not None:
+                    copied.append(name)
+                    return blocks
+                rounded.append(name)
+        w = sd[name].detach().to(torch.float32).numpy()
+        if t == F32:
+            return w.astype("<f4").tobytes()
+        if t == F16:
+            return w.astype("<f2").tobytes()
+        return quantize_q8_0(w) if t == Q8_0 else quantize_q4_0(w)
+
+    def chunks():
+        yield head + bytes(-len(head) % DEFAULT_ALIGNMENT)
+        for n in names:
+            raw = data(n)
+            assert len(raw) == sizes[n]
+            progress(f"  {gguf_name(n):24s} {TYPES[types[n]][0]:5s} {shapes[n]}")
+            yield raw + bytes(-len(raw) % DEFAULT_ALIGNMENT)
+
+    progress(f"writing {path} (GGUF v3, {TYPES[kind][0]})")
+    write_atomically(path, chunks())
+    if copied:
+        progress(f"{len(copied)} tensors copied exactly from our groups of 32")
+    if rounded:
+        progress(f"{len(rounded)} tensors requantized by llama.cpp's rules: their float32 scales are not fp16 values "
+                 f"(first: {gguf_name(rounded[0])})")
+    progress(f"wrote {path}: {os.path.getsize(path)} bytes")
+
+
+def our_groups(path):
+    """For one of our version 2 / 3 files with group size 32: a function
+    (name, bits) -> that tensor's stored (values, float32 scales), or None when
+    it is not held in those bits. None for other files."""
+    with open(path, "rb") as f:
+        data = f.read()
+    args, version, gs, header = M.read_header(data)
+    if version not in (2, 3) or gs != 32:
+        return None
+    int8 = struct.unpack_from("<i", data, 92)[0] if version == 3 else 0
+    L, D = args.n_layers, args.dim
+    at, held = header + 4 * (2 * L + 1) * D, {}
+
+    def take(name, rows, cols, bits):
+        nonlocal at
+        n = rows * cols if bits == 8 else rows * ((cols + 1) // 2)
+        groups = rows * -(-cols // gs)
+        q = np.frombuffer(data, np.int8 if bits == 8 else np.uint8, n, at)
+        held[name] = bits, (q, np.frombuffer(data, "<f4", groups, at + n))
+        at += n + 4 * groups
+
+    bits = 8 if version == 2 else 4
+    take("tok_embeddings.weight", args.vocab_size, D, 8 if int8 & 1 else bits)
+    for name, (rows, cols) in M.layer_tensors(args):
+        for i in range(L):
+            take(f"layers.{i}.{name}", rows, cols, bits)
+    if not args.shared_classifier:
+        take("output.weight", args.vocab_size, D, 8 if int8 & 2 else bits)
+    return lambda name, b: held[name][1] if name in held and held[name][0] == b else None

@@ -350,3 +350,40 @@ def read_tokenizer_bin(path, vocab_size=None):
         fail(f"{path}: holds {len(pieces)} pieces{' and more bytes' if off != len(data) else ''}, "
              f"but the model's vocabulary has {vocab_size}")
     return pieces, scores
+
+
+def read_tokenizer_extension(path, n_pieces):
+    """The byte-level BPE block after tokenizer.bin's pieces (write_tokenizer_bin's
+    layout) as the dict read_byte_level makes, or None when the file has none."""
+    with open(path, "rb") as f:
+        data = f.read()
+    off = 4
+    for _ in range(n_pieces):  # the pieces' end, found by walking them (a piece may contain "tokx")
+        off += 8 + struct.unpack_from("<i", data, off + 4)[0]
+    if off == len(data):
+        return None
+    if data[off:off + 4] != b"tokx":
+        fail(f"{path}: {len(data) - off} bytes after the pieces are not an extension block")
+    words = data[off + 4:]
+    if len(words) % 4:
+        fail(f"{path}: the extension block is cut")
+    v = list(struct.unpack(f"<{len(words) // 4}i", words))
+    pos = 0
+
+    def take(n):
+        nonlocal pos
+        if n < 0 or pos + n > len(v):
+            fail(f"{path}: the extension block is cut or has a bad count")
+        pos += n
+        return v[pos - n:pos]
+
+    version, kind, split, flags, bos = take(5)
+    if (version, kind) != (1, 1) or split not in (1, 2, 3):
+        fail(f"{path}: extension version {version}, kind {kind}, split {split} not known")
+    eos = take(take(1)[0])
+    special = take(take(1)[0])
+    flat = take(2 * take(1)[0])
+    n_ranges = take(1)[0]
+    take(3 * n_ranges)
+    return dict(split=split, ignore_merges=bool(flags & 1), bos=None if bos < 0 else bos, eos=eos, special=special,
+                merges=list(zip(flat[0::2], flat[1::2])))

@@ -33,8 +33,9 @@ import sys
 import pytest
 import torch
 
-from conftest import MODELS, ROOT, M, read_dump, run
+from conftest import BINARIES, MODELS, QBINARIES, ROOT, M, existing, read_dump, run
 from test_model import U, rounding_depth
+from exporter.gguf import GGUF as Reader, gguf_name
 from test_runq import group_error
 
 GGUF = MODELS / "gguf"
@@ -51,6 +52,15 @@ def export(*args, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"export.py {args} exited {p.returncode}: {p.stderr}")
     return p
+
+
+@pytest.fixture
+def pair():
+    """One build of run and runq: the OpenMP build for this CPU under make test
+    (the builds agree with each other by test_hardening's and test_runq's checks),
+    ./run and ./runq by hand."""
+    builds = list(zip(BINARIES, QBINARIES))
+    return tuple(map(existing, next((b for b in builds if b[0].endswith("gcc-omp")), builds[0])))
 
 
 _answers = {}
@@ -112,29 +122,31 @@ def int8_spread(m, tokens):
     return torch.stack(changes)
 
 
-def engine_bounds(m, tokens, quantized):
+def engine_bounds(m, tokens, ours_int8, theirs_int8):
     """(reference logits (T, vocab), our bound, llama.cpp's bound on each logit,
     and a function giving both engines' larger bound on ref[p, a] - ref[p, b]
-    for every b, at position p)."""
+    for every b, at position p). *_int8: that engine rounds matmul inputs to int8."""
     m = m.double()
     with torch.no_grad():
         h = m.hidden(torch.tensor([tokens]))[0]
         ref, magnitude = m.output(h), h.abs() @ m.output.weight.abs().T
     fp32 = rounding_depth(m.args, len(tokens)) * U * magnitude
-    if not quantized:
+    if not (ours_int8 or theirs_int8):
         return ref, fp32, fp32, lambda p, a: fp32[p, a] + fp32[p]
     changes = int8_spread(m, tokens)
     sigma = changes.pow(2).mean(0).sqrt()
-    pair = lambda p, a: LLAMA_Q8_0 * Z * (changes[:, p, a:a + 1] - changes[:, p]).pow(2).mean(0).sqrt() \
-        + fp32[p, a] + fp32[p]
-    return ref, fp32 + Z * sigma, fp32 + LLAMA_Q8_0 * Z * sigma, pair
+    worst = LLAMA_Q8_0 if theirs_int8 else 1.0
+    pair = lambda p, a: worst * Z * (changes[:, p, a:a + 1] - changes[:, p]).pow(2).mean(0).sqrt() + fp32[p, a] + fp32[p]
+    return ref, fp32 + ours_int8 * Z * sigma, fp32 + theirs_int8 * LLAMA_Q8_0 * Z * sigma, pair
 
 
 def compare_with_llama_cpp(binary, ckpt, tok, gguf, quantized, tmp_path, report, label):
     """Our greedy generation from each prompt, to the end of the context; the
-    same sequence evaluated by llama.cpp; llama.cpp's own greedy generation."""
+    same sequence evaluated by llama.cpp; llama.cpp's own greedy generation.
+    quantized: the GGUF has Q8_0 / Q4_0 matrices (llama.cpp rounds their inputs);
+    runq rounds its inputs too, run does not."""
     m = M.load_checkpoint(str(ckpt))
-    T = m.args.max_seq_len
+    T = min(m.args.max_seq_len, 128)  # positions generated from each prompt
     worst, decided, free_agree = 0.0, 0, []
     for i, prompt in enumerate(PROMPTS):
         dump = tmp_path / f"{i}.logits"
@@ -148,7 +160,7 @@ def compare_with_llama_cpp(binary, ckpt, tok, gguf, quantized, tmp_path, report,
         # the same ids for the prompt (ours with BOS first)
         assert [1] + answer["texts"][0] == tokens[:n_prompt], f"{label}: llama.cpp tokenizes {prompt!r} differently"
         theirs = torch.tensor(answer["logits"][0], dtype=torch.float64)
-        ref, ours_bound, their_bound, pair_bound = engine_bounds(m, tokens, quantized)
+        ref, ours_bound, their_bound, pair_bound = engine_bounds(m, tokens, quantized and "runq" in binary, quantized)
         # the engines within their bounds of the reference, hence of each other
         assert ((ours - ref).abs() / ours_bound).max().item() <= 1.0, f"{label}: ours off the reference"
         ratio = ((ours - theirs).abs() / (ours_bound + their_bound)).max().item()
@@ -195,10 +207,69 @@ def test_imported_tokenizer_is_the_original(imported):
 def test_imported_weights_are_gguf_values(imported):
     """Q8_0 and Q4_0 copied without loss: every weight our file holds equals the
     GGUF value (fp16 scale x integer) exactly, and f32 bit for bit."""
-    from exporter.gguf import GGUF as Reader, gguf_name
     for name in FILES:
         g = Reader(str(GGUF / f"{name}.gguf"))
         sd = M.load_checkpoint(str(imported[name][0])).state_dict()
         for ours, t in sd.items():
             theirs = "token_embd.weight" if ours == "output.weight" and "output.weight" not in g.tensors else gguf_name(ours)
             assert torch.equal(t, g.get(theirs)), f"{name}: {ours}"
+
+
+# ----------------------------------------------------------------------------
+# Our models written as GGUF (export.py --to-gguf), loaded by llama.cpp
+
+OURS = {"tinystories": (ROOT / "models" / "tinystories.bin", ROOT / "models" / "tinystories-tok.bin"),
+        "stories260K": (MODELS / "stories260K" / "stories260K.bin", MODELS / "stories260K" / "tok512.bin")}
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0", "q4_0"])
+@pytest.mark.parametrize("model", OURS)
+def test_exported_gguf_runs_like_ours(pair, model, kind, tmp_path, report):
+    """Our fp32 checkpoint as a GGUF of each type: llama.cpp on it against run on
+    the checkpoint (f32: the same weights), or against runq on the GGUF imported
+    back (q8_0 / q4_0: the weights llama.cpp holds, exactly). stories260K's
+    hidden_dim 172 is not whole blocks of 32: its w2 stays F32, said in one line."""
+    ckpt, tok = OURS[model]
+    gguf = tmp_path / f"{model}-{kind}.gguf"
+    p = export(gguf, "--to-gguf", "--type", kind, "--vocab", tok, "--bin", ckpt)
+    assert ("kept in F32" in p.stderr) == (model == "stories260K" and kind != "f32"), p.stderr
+    if kind == "f32":
+        binary, ours = pair[0], ckpt
+    else:
+        ours = tmp_path / "back.bin"
+        p = export(ours, "--gguf", gguf, "-o", tmp_path / "back-tok.bin")
+        assert (tmp_path / "back-tok.bin").read_bytes() == tok.read_bytes()
+        mixed = model == "stories260K"  # imports as fp32, every value exact, said in a line
+        assert ("written as fp32" in p.stderr) == mixed, p.stderr
+        binary = pair[0] if mixed else pair[1]
+    decided = compare_with_llama_cpp(binary, ours, tok, gguf, kind != "f32", tmp_path, report, f"{model} -> {kind}")
+    assert decided >= 100, "too few decided positions to test"
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_quantized_like_llama_quantize(kind, tmp_path):
+    """llama.cpp's own llama-quantize made tinystories-q8_0/q4_0.gguf from
+    tinystories-f32.gguf: our --to-gguf from that same f32 file writes every
+    tensor byte for byte as it did (the rounding rules are llama.cpp's). Its
+    output.weight is a copy of token_embd, which we store once."""
+    out = tmp_path / f"{kind}.gguf"
+    export(out, "--to-gguf", "--type", kind, "--gguf", GGUF / "tinystories-f32.gguf")
+    ours, theirs = Reader(str(out)), Reader(str(GGUF / f"tinystories-{kind}.gguf"))
+    assert set(ours.tensors) == set(theirs.tensors) - {"output.weight"}
+    for name in ours.tensors:
+        assert bytes(ours.raw(name)[0]) == bytes(theirs.raw(name)[0]), name
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_round_trip_keeps_every_block(kind, tmp_path):
+    """GGUF -> ours (version 2 / 3) -> GGUF: every tensor's bytes unchanged,
+    including q4_0's Q8_0 classifier (kept in int8 by our version 3)."""
+    src = GGUF / f"tinystories-{kind}.gguf"
+    export(tmp_path / "ours.bin", "--gguf", src, "-o", tmp_path / "tok.bin")
+    export(tmp_path / "back.gguf", "--to-gguf", "--vocab", tmp_path / "tok.bin", "--bin", tmp_path / "ours.bin")
+    back, orig = Reader(str(tmp_path / "back.gguf")), Reader(str(src))
+    for name in orig.tensors:  # a classifier equal to the embedding is stored once
+        twin = name if name in back.tensors else "token_embd.weight"
+        assert back.tensors[twin][0] == orig.tensors[name][0], name
+        assert bytes(back.raw(twin)[0]) == bytes(orig.raw(name)[0]), name
+    assert set(back.tensors) <= set(orig.tensors)
