@@ -23,7 +23,7 @@ import model as M
 from exporter import fail, progress
 from exporter.awq import apply_awq, calibration_windows, clip_awq
 from exporter.checkpoint import load_training_checkpoint
-from exporter.gguf import GGUF_TYPES, default_version, gguf_tokenizer, load_gguf, our_groups, vocabulary_meta, write_gguf
+from exporter.gguf import GGUF_TYPES, default_version, load_gguf, our_groups, vocabulary_meta, write_gguf
 from exporter.hf import load_hf
 from exporter.meta import load_meta
 from exporter.quantize import quantize_q4, quantize_q8
@@ -204,17 +204,13 @@ def write_tokenizer_bin(path, pieces, scores, ext=None):
     write_atomically(path, chunks)
 
 
-def export_tokenizer(model_path, out_path, gguf=None):
-    if gguf is not None:
-        (pieces, bos, eos), ext = gguf_tokenizer(gguf), None
-    elif model_path.endswith(".json"):
-        pieces, bos, eos, ext = read_tokenizer_json(model_path)
-    else:
-        (pieces, bos, eos), ext = read_sentencepiece(model_path), None
+def tokenizer_pieces(source, pieces, bos, eos, ext):
+    """Our tokenizer.bin's (piece, score) list from a vocabulary as the readers
+    give it, checked before anything is written."""
     tokens = []
     if ext is None:  # SentencePiece style: run.cpp knows bos 1 and eos 2
         if (bos, eos) != (1, 2):
-            fail(f"{model_path}: bos/eos ids are {bos}/{eos}; run.cpp expects 1/2")
+            fail(f"{source}: bos/eos ids are {bos}/{eos}; run.cpp expects 1/2")
         for i, (piece, score, _) in enumerate(pieces):
             if i == bos:
                 piece = b"\n<s>\n"
@@ -224,10 +220,23 @@ def export_tokenizer(model_path, out_path, gguf=None):
     else:
         tokens = [(piece, score) for piece, score, _ in pieces]
     if any(not p for p, _ in tokens):
-        fail(f"{model_path}: contains an empty piece")
+        fail(f"{source}: contains an empty piece")
+    return tokens
+
+
+def write_tokenizer(source, out_path, tokens, ext):
     write_tokenizer_bin(out_path, [p for p, _ in tokens], [s for _, s in tokens], ext)
-    kind = "" if ext is None else f" (byte-level BPE, {len(ext['merges'])} merges, bos {bos}, eos {eos})"
+    kind = "" if ext is None else f" (byte-level BPE, {len(ext['merges'])} merges, bos {ext['bos']}, eos {ext['eos']})"
     progress(f"wrote {out_path}: {len(tokens)} tokens{kind}, max_token_length {max(len(p) for p, _ in tokens)}")
+
+
+def export_tokenizer(model_path, out_path):
+    if model_path.endswith(".json"):
+        pieces, bos, eos, ext = read_tokenizer_json(model_path)
+    else:
+        (pieces, bos, eos), ext = read_sentencepiece(model_path), None
+    write_tokenizer(model_path, out_path, tokenizer_pieces(model_path, pieces, bos, eos, ext), ext)
+
 
 def to_gguf(a, model):
     """export.py OUT.gguf --to-gguf: the model and its vocabulary for llama.cpp."""
@@ -242,7 +251,6 @@ def to_gguf(a, model):
     if a.type is None:
         a.type = {2: "q8_0", 3: "q4_0"}.get(version, "f32")
     if a.gguf:  # its own vocabulary, as it is
-        gguf_tokenizer(model.gguf)
         meta = {k: v for k, v in model.gguf.meta.items() if k.startswith("tokenizer.ggml.")}
     else:
         path = a.vocab or "tokenizer.bin"
@@ -310,9 +318,7 @@ def main():
                 a.version = 1
         if a.group_size is None and a.version in (2, 3) and not a.to_gguf:
             a.group_size = 32  # GGUF's blocks: copied exactly
-        n = len(model.gguf.meta.get("tokenizer.ggml.tokens") or [])
-        if n != model.args.vocab_size:
-            fail(f"{a.gguf}: tokenizer.ggml.tokens has {n} tokens, token_embd.weight {model.args.vocab_size} rows")
+        gguf_tokens = tokenizer_pieces(a.gguf, *model.vocabulary, None)  # checked before anything is written
     else:
         if not os.path.isfile(a.bin):
             fail(f"{a.bin}: no such file")
@@ -338,7 +344,7 @@ def main():
         a.version = 0
     write_checkpoint(model, a.out, a.version, a.group_size)
     if a.gguf:
-        export_tokenizer(a.gguf, a.tokenizer_out, model.gguf)
+        write_tokenizer(a.gguf, a.tokenizer_out, gguf_tokens, None)
 
 
 if __name__ == "__main__":

@@ -283,13 +283,16 @@ def load_gguf(path):
         if ka == kb and np.array_equal(a, b):
             args.shared_classifier = True
             del ours["output.weight"]
+    vocabulary = gguf_tokenizer(g)  # checked before anything is said or written
+    if len(vocabulary[0]) != args.vocab_size:
+        fail(f"{path}: tokenizer.ggml.tokens has {len(vocabulary[0])} tokens, token_embd.weight {args.vocab_size} rows")
     kinds = sorted({TYPES[g.tensors[gguf_name(n)][0]][0] for n in ours})
     progress(f"{path}: GGUF v{g.version}, {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads "
              f"({args.n_kv_heads} kv), vocab {args.vocab_size}, {'/'.join(kinds)}")
     model = LazyModel(args, set(ours), lambda name: g.get(gguf_name(name)))
     model.stored = lambda name, bits, group_size: stored(g, gguf_name(name), bits, group_size)
     model.kind = lambda name: TYPES[g.tensors[gguf_name(name)][0]][0]
-    model.gguf = g
+    model.gguf, model.vocabulary = g, vocabulary
     return model
 
 
@@ -345,6 +348,8 @@ def gguf_tokenizer(g):
         fail(f"{g.path}: tokenizer.ggml.token_type is not {n} integers")
     bos = g.meta.get("tokenizer.ggml.bos_token_id", 1)
     eos = g.meta.get("tokenizer.ggml.eos_token_id", 2)
+    if (bos, eos) != (1, 2):
+        fail(f"{g.path}: bos/eos ids are {bos}/{eos}; run.cpp expects 1/2")
     return [(t.encode(), s, k) for t, s, k in zip(tokens, scores, types)], bos, eos
 
 

@@ -126,6 +126,29 @@ def test_bad_rope_scaling(engine, tiny, tmp_path, fields):
     expect_error(engine, path, "-z", tiny[2], "-n", 4, mentions="rope scaling")
 
 
+@pytest.mark.parametrize("value", [1, 2, 4, -1])
+def test_bad_int8_tensor_flags(engine, tiny, tmp_path, value):
+    """Header offset 92 (version 3 only: the embedding / classifier in int8):
+    any bit in a version 1 or 2 file, or an unknown bit, is refused."""
+    b = bytearray(checkpoint_of(engine, tiny).read_bytes())
+    struct.pack_into("<i", b, 92, value)
+    path = tmp_path / "bad.bin"
+    path.write_bytes(bytes(b))
+    expect_error(engine, path, "-z", tiny[2], "-n", 4, mentions="int8 tensor flags")
+
+
+@pytest.mark.parametrize("value, words", [(1, b"group_size 6"), (4, b"int8 tensor flags"), (-1, b"int8 tensor flags")])
+def test_bad_int8_tensor_flags_int4(qbinary, tiny, tmp_path, value, words):
+    """Version 3: int8 tensors need whole groups (dim 16, group size 6 here);
+    the same file marked with a good flag describes other sizes (refused too)."""
+    b = bytearray(tiny[1][3].read_bytes())
+    struct.pack_into("<i", b, 92, value)
+    path = tmp_path / "bad.bin"
+    path.write_bytes(bytes(b))
+    p = run(qbinary, path, "-z", tiny[2], "-n", 4, check=False)
+    assert p.returncode == 1 and p.stderr.count(b"\n") == 1 and words in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("version, group_size", [(2, g) for g in (0, -8, 3, 7, 2**31 - 1)] +
                          [(3, g) for g in (0, -8, 5, 257, 2**31 - 1)])
 def test_bad_group_size(qbinary, tiny, tmp_path, version, group_size):
@@ -631,3 +654,165 @@ def test_chat_template_must_match_tokenizer(engine, byte_level, tiny, tmp_path):
     write_json(d / "tokenizer.json", byte_level_json(specials=LLAMA3_SPECIALS[:-1] + ["<|eom_id|>"]))
     assert export("--tokenizer", d / "tokenizer.json", "-o", d / "tok.bin").returncode == 0
     expect_error(engine, ckpt, "-z", d / "tok.bin", "-m", "chat", "-i", "hi", mentions="<|eot_id|>")
+
+
+# ----------------------------------------------------------------------------
+# export.py --gguf: llama.cpp's format read from hostile bytes. Every case is a
+# valid GGUF (written by --to-gguf from a tiny model) with one thing broken: one
+# line naming it, exit status 1, and neither the checkpoint nor the tokenizer
+# written. GGUF's own CVEs were counts and lengths trusted before the bytes were
+# there, size products that overflow, and offsets outside the file.
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gguf")
+    m = random_model(7, **dict(ARGS, dim=32, hidden_dim=64), shared_classifier=False)
+    save = d / "m.bin"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E, "progress", lambda *_: None)
+        E.write_checkpoint(m, str(save), 0)
+    tok = write_tokenizer(d / "tok.bin", PIECES)
+    out = d / "m.gguf"
+    p = export(out, "--to-gguf", "--type", "q8_0", "--vocab", tok, "--bin", save)
+    assert p.returncode == 0, p.stderr
+    return out.read_bytes()
+
+
+def gguf_key(data, key):
+    """Offset of a metadata key's value type (right after the key string)."""
+    raw = key.encode()
+    return data.index(struct.pack("<Q", len(raw)) + raw) + 8 + len(raw)
+
+
+def gguf_tensor(data, name):
+    """Offset of a tensor info's n_dims (right after its name)."""
+    raw = name.encode()
+    return data.index(struct.pack("<Q", len(raw)) + raw) + 8 + len(raw)
+
+
+def put(data, offset, fmt, *values):
+    b = bytearray(data)
+    struct.pack_into(fmt if fmt[0] in "<>" else "<" + fmt, b, offset, *values)
+    return bytes(b)
+
+
+def set_u32_key(key, value):
+    return lambda d: put(d, gguf_key(d, key), "II", 4, value)
+
+
+def tensor_field(name, field, fmt, value):
+    """field: 'n_dims', 'ne0', 'type' or 'offset' of a 2-D tensor info."""
+    at = {"n_dims": 0, "ne0": 4, "ne1": 12, "type": 20, "offset": 24}[field]
+    return lambda d: put(d, gguf_tensor(d, name) + at, fmt, value)
+
+
+BAD_GGUF = {
+    "empty": (lambda d: b"", "magic"),
+    "not-gguf": (lambda d: b"GGML" + d[4:], "not a GGUF"),
+    "version-1": (lambda d: put(d, 4, "I", 1), "version 1"),
+    "version-4": (lambda d: put(d, 4, "I", 4), "version 4"),
+    "big-endian": (lambda d: put(d, 4, ">I", 3), "big-endian"),
+    "huge-kv-count": (lambda d: put(d, 16, "Q", 2**62), "needs"),
+    "huge-tensor-count": (lambda d: put(d, 8, "Q", 2**61), "cannot fit"),
+    "key-length-past-end": (lambda d: put(d, 24, "Q", 2**63), "needs"),
+    "unknown-value-type": (lambda d: put(d, gguf_key(d, "llama.block_count"), "I", 99), "value type 99"),
+    "array-of-arrays": (lambda d: put(d, gguf_key(d, "tokenizer.ggml.scores") + 4, "I", 9), "array of arrays"),
+    "array-count-huge": (lambda d: put(d, gguf_key(d, "tokenizer.ggml.scores") + 8, "Q", 2**60), "cannot fit"),
+    "string-array-count-huge": (lambda d: put(d, gguf_key(d, "tokenizer.ggml.tokens") + 8, "Q", 2**60),
+                                "cannot fit"),
+    "string-length-huge": (lambda d: put(d, gguf_key(d, "general.architecture") + 4, "Q", 2**63), "needs"),
+    "string-not-utf8": (lambda d: d.replace(b"llama", b"ll\xffma", 1), "UTF-8"),
+    "duplicate-key": (lambda d: d.replace(b"general.file_type", b"llama.block_count", 1), "twice"),
+    "alignment-not-power-of-2": (lambda d: d.replace(b"general.file_type", b"general.alignment", 1), "power of two"),
+    "architecture": (lambda d: d.replace(b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00gpt_2", 1),
+                     "architecture"),
+    "missing-key": (lambda d: d.replace(b"llama.block_count", b"llama.block_cOunt", 1), "llama.block_count"),
+    "block-count-zero": (set_u32_key("llama.block_count", 0), "block_count"),
+    "feed-forward-length-mismatch": (set_u32_key("llama.feed_forward_length", 96), "shape"),
+    "heads-not-dividing": (set_u32_key("llama.attention.head_count", 3), "n_heads"),
+    "kv-heads-zero": (set_u32_key("llama.attention.head_count_kv", 0), "head_count_kv"),
+    "partial-rotary": (set_u32_key("llama.rope.dimension_count", 8), "partial rotary"),
+    "rms-eps-negative": (lambda d: put(d, gguf_key(d, "llama.attention.layer_norm_rms_epsilon"), "If", 6, -1.0), "epsilon"),
+    "n-dims-zero": (tensor_field("blk.0.attn_q.weight", "n_dims", "I", 0), "dimensions"),
+    "n-dims-five": (tensor_field("blk.0.attn_q.weight", "n_dims", "I", 5), "dimensions"),
+    "dim-zero": (tensor_field("blk.0.attn_q.weight", "ne1", "Q", 0), "dimensions"),
+    "dim-product-overflows": (lambda d: tensor_field("blk.0.attn_q.weight", "ne1", "Q", 2**62)(
+        tensor_field("blk.0.attn_q.weight", "ne0", "Q", 2**62)(d)), "dimensions"),
+    "type-q6_k": (tensor_field("blk.0.attn_q.weight", "type", "I", 14), "Q6_K"),
+    "type-unknown": (tensor_field("blk.0.attn_q.weight", "type", "I", 12345), "12345"),
+    "q8_0-partial-block": (tensor_field("blk.0.attn_q.weight", "ne0", "Q", 16), "blocks"),
+    "offset-misaligned": (tensor_field("blk.1.ffn_up.weight", "offset", "Q", 8), "misaligned"),
+    "offset-past-end": (tensor_field("blk.1.ffn_up.weight", "offset", "Q", 2**40), "past"),
+    "overlap": (tensor_field("blk.1.ffn_up.weight", "offset", "Q", 0), "overlap"),
+    "duplicate-tensor": (lambda d: d.replace(b"blk.1.ffn_up.weight", b"blk.0.ffn_up.weight", 1), "twice"),
+    "extra-tensor": (lambda d: d.replace(b"blk.1.ffn_up.weight", b"blk.1.ffn_xx.weight", 1), "not part of a Llama"),
+    "tokenizer-model": (lambda d: put(d, gguf_key(d, "tokenizer.ggml.model") + 12, "5s", b"bert_"), "bert_"),
+    "bos-id": (set_u32_key("tokenizer.ggml.bos_token_id", 5), "bos/eos"),
+    "cut-in-data": (lambda d: d[:-100], "past the data"),
+    "cut-in-infos": (lambda d: d[:gguf_tensor(d, "blk.1.ffn_up.weight")], "needs"),
+}
+
+@pytest.mark.parametrize("case", BAD_GGUF)
+def test_export_refuses_bad_gguf(tiny_gguf, tmp_path, case):
+    mutate, words = BAD_GGUF[case]
+    (tmp_path / "in.gguf").write_bytes(mutate(tiny_gguf))
+    p = export(tmp_path / "out.bin", "--gguf", tmp_path / "in.gguf", "-o", tmp_path / "tok.bin")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1 and err.startswith("export.py: error: ") \
+        and words in err and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["in.gguf"]  # nothing written, no temporary left
+
+
+def export_main(monkeypatch, *args):
+    """export.py's main() in this process (quiet): None when it finished, else
+    the message it stopped with; anything but its one-line stop fails the test."""
+    import exporter.gguf
+    for module in (E, exporter.gguf):
+        monkeypatch.setattr(module, "progress", lambda *_: None)
+    monkeypatch.setattr("sys.argv", ["export.py", *map(str, args)])
+    try:
+        E.main()
+    except SystemExit as e:
+        assert isinstance(e.code, str) and e.code.startswith("export.py: error: ") and "\n" not in e.code, e.code
+        return e.code
+    return None
+
+
+def test_export_gguf_cut_anywhere(tiny_gguf, tmp_path, monkeypatch):
+    """The file cut at 40 places in its header, metadata and tensor infos, and
+    in its data: always the one-line stop, never a traceback or a file."""
+    end = gguf_tensor(tiny_gguf, "blk.1.ffn_up.weight") + 40
+    for cut in sorted({*range(0, end, max(1, end // 32)), end, len(tiny_gguf) - 1, len(tiny_gguf) // 2}):
+        (tmp_path / "in.gguf").write_bytes(tiny_gguf[:cut])
+        assert export_main(monkeypatch, tmp_path / "out.bin", "--gguf", tmp_path / "in.gguf", "-o", tmp_path / "tok.bin")
+        assert os.listdir(tmp_path) == ["in.gguf"], cut
+
+
+def test_gguf_reader_random_mutations(tiny_gguf, tmp_path, monkeypatch):
+    """A randomized mutation test of the Python reader (the fuzzing a C++ parser
+    would get): 600 copies of the file with random bytes overwritten in its
+    header, metadata and tensor infos, 8-byte counts set to random powers of
+    two, or cut anywhere. export.py's whole --gguf path runs on each and must
+    either write both files or stop with its one-line error, leaving nothing."""
+    import random
+    rng = random.Random(1)
+    head = gguf_tensor(tiny_gguf, "output.weight") + 64
+    out, tok = tmp_path / "out.bin", tmp_path / "tok.bin"
+    refused = 0
+    for i in range(600):
+        d = bytearray(tiny_gguf)
+        if i % 3 == 0:
+            for _ in range(rng.randint(1, 4)):
+                d[rng.randrange(head)] = rng.randrange(256)
+        elif i % 3 == 1:
+            at = rng.randrange(head - 8)
+            d[at:at + 8] = struct.pack("<Q", 1 << rng.randrange(64))
+        else:
+            d = d[:rng.randrange(len(d))]
+        (tmp_path / "in.gguf").write_bytes(bytes(d))
+        if export_main(monkeypatch, out, "--gguf", tmp_path / "in.gguf", "-o", tok):
+            refused += 1
+            assert os.listdir(tmp_path) == ["in.gguf"], i
+        else:
+            out.unlink(), tok.unlink()
+    assert refused > 300, refused
