@@ -318,7 +318,7 @@ def main():
                 a.version = 1
         if a.group_size is None and a.version in (2, 3) and not a.to_gguf:
             a.group_size = 32  # GGUF's blocks: copied exactly
-        gguf_tokens = tokenizer_pieces(a.gguf, *model.vocabulary, None)  # checked before anything is written
+        gguf_tokens = tokenizer_pieces(a.gguf, *model.vocabulary)  # checked before anything is written
     else:
         if not os.path.isfile(a.bin):
             fail(f"{a.bin}: no such file")
@@ -344,7 +344,7 @@ def main():
         a.version = 0
     write_checkpoint(model, a.out, a.version, a.group_size)
     if a.gguf:
-        write_tokenizer(a.gguf, a.tokenizer_out, gguf_tokens, None)
+        write_tokenizer(a.gguf, a.tokenizer_out, gguf_tokens, model.vocabulary[3])
 
 
 if __name__ == "__main__":

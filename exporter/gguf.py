@@ -42,6 +42,9 @@ OTHER_TYPES = {3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K
                21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
                29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
 
+# tokenizer.ggml.token_type
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 1, 2, 3, 4, 6
+
 # ours (model.py's state-dict names) -> llama.cpp's, per layer
 GGUF_NAMES = {
     "attention_norm.weight": "attn_norm.weight", "ffn_norm.weight": "ffn_norm.weight",
@@ -53,6 +56,8 @@ GGUF_NAMES = {
 
 
 def gguf_name(name):
+    if name == "rope_freqs.weight":
+        return name
     if name.startswith("layers."):
         _, i, rest = name.split(".", 2)
         return f"blk.{i}.{GGUF_NAMES[rest]}"
@@ -283,7 +288,7 @@ def load_gguf(path):
         if ka == kb and np.array_equal(a, b):
             args.shared_classifier = True
             del ours["output.weight"]
-    vocabulary = gguf_tokenizer(g)  # checked before anything is said or written
+    vocabulary = gguf_tokenizer(g)  # (pieces, bos, eos, extension), checked before anything is said or written
     if len(vocabulary[0]) != args.vocab_size:
         fail(f"{path}: tokenizer.ggml.tokens has {len(vocabulary[0])} tokens, token_embd.weight {args.vocab_size} rows")
     kinds = sorted({TYPES[g.tensors[gguf_name(n)][0]][0] for n in ours})
@@ -330,27 +335,51 @@ def default_version(model):
     return 0
 
 
+GGUF_SPLITS = {"llama-bpe": 1, "llama3": 1, "llama-v3": 1, "gpt-2": 2, "smollm": 3}  # tokenizer.ggml.pre -> ours
+
+
 def gguf_tokenizer(g):
-    """tokenizer.ggml.* -> ([(piece bytes, score, type)], bos, eos) as
-    read_sentencepiece gives them (SentencePiece's U+2581 still in the pieces)."""
+    """tokenizer.ggml.* -> (pieces [(bytes, score, type)], bos, eos, extension)
+    as the tokenizer readers give them: "llama" (SentencePiece; U+2581 still in
+    the pieces, no extension) or "gpt2" (byte-level BPE: pieces in GPT-2's byte
+    alphabet, control and user-defined tokens special, merges as "left right",
+    the split named by tokenizer.ggml.pre)."""
+    from exporter.tokenizers import byte_level_vocabulary, split_merges
     kind = g.meta.get("tokenizer.ggml.model")
-    if kind != "llama":
-        fail(f"{g.path}: tokenizer.ggml.model {kind!r}: only 'llama' (SentencePiece) vocabularies are supported")
+    if kind not in ("llama", "gpt2"):
+        fail(f"{g.path}: tokenizer.ggml.model {kind!r}: only 'llama' (SentencePiece) and 'gpt2' (byte-level BPE) are supported")
     tokens = g.meta.get("tokenizer.ggml.tokens")
     n = len(tokens) if isinstance(tokens, list) else 0
     scores = g.meta.get("tokenizer.ggml.scores", [0.0] * n)
-    types = g.meta.get("tokenizer.ggml.token_type", [1] * n)
+    types = g.meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * n)
     if not n or not all(isinstance(t, str) for t in tokens):
         fail(f"{g.path}: tokenizer.ggml.tokens is not a list of strings")
     if not (isinstance(scores, list) and len(scores) == n and all(isinstance(s, float) and math.isfinite(s) for s in scores)):
         fail(f"{g.path}: tokenizer.ggml.scores is not {n} finite numbers")
     if not (isinstance(types, list) and len(types) == n and all(isinstance(t, int) for t in types)):
         fail(f"{g.path}: tokenizer.ggml.token_type is not {n} integers")
-    bos = g.meta.get("tokenizer.ggml.bos_token_id", 1)
-    eos = g.meta.get("tokenizer.ggml.eos_token_id", 2)
-    if (bos, eos) != (1, 2):
-        fail(f"{g.path}: bos/eos ids are {bos}/{eos}; run.cpp expects 1/2")
-    return [(t.encode(), s, k) for t, s, k in zip(tokens, scores, types)], bos, eos
+    ids = {}
+    for key in ("bos", "eos", "eot", "eom"):
+        v = g.meta.get(f"tokenizer.ggml.{key}_token_id")
+        if v is not None and not (isinstance(v, int) and 0 <= v < n):
+            fail(f"{g.path}: tokenizer.ggml.{key}_token_id = {v!r} is not a token id")
+        ids[key] = v
+    if kind == "llama":
+        bos, eos = ids["bos"] if ids["bos"] is not None else 1, ids["eos"] if ids["eos"] is not None else 2
+        if (bos, eos) != (1, 2):
+            fail(f"{g.path}: bos/eos ids are {bos}/{eos}; run.cpp expects 1/2")
+        return [(t.encode(), s, k) for t, s, k in zip(tokens, scores, types)], bos, eos, None
+    pre = g.meta.get("tokenizer.ggml.pre", "gpt-2")
+    if pre not in GGUF_SPLITS:
+        fail(f"{g.path}: tokenizer.ggml.pre {pre!r} is not supported ({', '.join(GGUF_SPLITS)})")
+    merges = g.meta.get("tokenizer.ggml.merges")
+    if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+        fail(f"{g.path}: tokenizer.ggml.merges is not a list of strings")
+    bos = ids["bos"] if g.meta.get("tokenizer.ggml.add_bos_token", False) is True else None
+    eos = [i for i in dict.fromkeys((ids["eos"], ids["eot"], ids["eom"])) if i is not None]
+    special = [i for i, k in enumerate(types) if k in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+    split = GGUF_SPLITS[pre]
+    return byte_level_vocabulary(g.path, tokens, special, split_merges(g.path, merges), split, split == 1, bos, eos)
 
 
 # ----------------------------------------------------------------------------
@@ -360,7 +389,6 @@ def gguf_tokenizer(g):
 
 GGUF_TYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
 FILE_TYPES = {F32: 0, F16: 1, Q4_0: 2, Q8_0: 7}  # general.file_type: llama.cpp's LLAMA_FTYPE_*
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_BYTE = 1, 2, 3, 6
 
 
 def round_away(v):
@@ -471,8 +499,9 @@ def vocabulary_meta(pieces, scores, ext):
             "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.token_type": [TOKEN_CONTROL if i in special else TOKEN_NORMAL for i in range(len(pieces))],
             "tokenizer.ggml.merges": [f"{tokens[a]} {tokens[b]}" for a, b in ext["merges"]],
-            "tokenizer.ggml.eos_token_id": ext["eos"][0] if ext["eos"] else 0,
             "tokenizer.ggml.add_bos_token": ext["bos"] is not None}
+    for key, i in zip(("eos", "eot", "eom"), ext["eos"]):  # llama.cpp ends generation at each
+        meta[f"tokenizer.ggml.{key}_token_id"] = i
     if ext["bos"] is not None:
         meta["tokenizer.ggml.bos_token_id"] = ext["bos"]
     return meta
@@ -487,12 +516,16 @@ def write_gguf(path, model, kind, vocab, stored=None):
     their scales are fp16 values."""
     from export import write_atomically
     a, sd = model.args, model.state_dict()
-    if a.rope_scaling is not None:
-        fail("Llama 3.1's RoPE scaling is not written to GGUF yet (llama.cpp keeps it as a rope_freqs tensor)")
     names = ["tok_embeddings.weight", "norm.weight"] + ([] if a.shared_classifier else ["output.weight"])
     for i in range(a.n_layers):
         names += [f"layers.{i}.{n}" for n in GGUF_NAMES]
     shapes = our_shapes(a)
+    extra = {}
+    if a.rope_scaling is not None:  # llama.cpp divides each RoPE frequency by its factor in rope_freqs
+        base = a.rope_theta ** (-torch.arange(0, a.head_size, 2, dtype=torch.float64) / a.head_size)
+        extra["rope_freqs.weight"] = (base / M.scaled_frequencies(base, a.rope_scaling)).float()
+        names.append("rope_freqs.weight")
+        shapes["rope_freqs.weight"] = (a.head_size // 2,)
     meta = {"general.architecture": "llama", "general.name": os.path.splitext(os.path.basename(path))[0],
             "general.file_type": FILE_TYPES[kind], "llama.context_length": a.max_seq_len,
             "llama.embedding_length": a.dim, "llama.block_count": a.n_layers,
@@ -539,7 +572,7 @@ def write_gguf(path, model, kind, vocab, stored=None):
                     copied.append(name)
                     return blocks
                 rounded.append(name)
-        w = sd[name].detach().to(torch.float32).numpy()
+        w = (extra[name] if name in extra else sd[name]).detach().to(torch.float32).numpy()
         if t == F32:
             return w.astype("<f4").tobytes()
         if t == F16:

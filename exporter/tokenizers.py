@@ -285,7 +285,16 @@ def read_byte_level(path, tj):
         if vocab.setdefault(t["content"], t["id"]) != t["id"]:
             fail(f"{path}: added token {t['content']!r} has id {t['id']}, the vocabulary {vocab[t['content']]}")
     by_id = ids_to_pieces(path, vocab)
-    special = sorted({t["id"] for t in added})
+    bos, eos = read_config_ids(path, tj)
+    return byte_level_vocabulary(path, by_id, sorted({t["id"] for t in added}), split_merges(path, model["merges"]),
+                                 split, bool(model.get("ignore_merges")), bos, eos)
+
+
+def byte_level_vocabulary(path, by_id, special, merges, split, ignore_merges, bos, eos):
+    """Pieces [(bytes, score, type)], bos, eos and the extension run.cpp needs
+    (write_tokenizer_bin's layout) from a byte-level BPE's pieces by id (in
+    GPT-2's byte alphabet, special ones as their text), special ids, merges as
+    [(left, right)] pieces by rank, and the split kind."""
     decoder = {c: b for b, c in bytes_to_unicode().items()}
     pieces = []
     for i, piece in enumerate(by_id):
@@ -300,7 +309,7 @@ def read_byte_level(path, tj):
         fail(f"{path}: the byte 0x{missing[0]:02X} has no piece of its own (a byte-level BPE needs all 256)")
     ids = {p: i for i, p in enumerate(pieces) if i not in special}
     pairs, rank = [], {}
-    for r, (left, right) in enumerate(split_merges(path, model["merges"])):
+    for r, (left, right) in enumerate(merges):
         try:
             lb, rb = (bytes(decoder[c] for c in s) for s in (left, right))
             pair = (ids[lb], ids[rb], ids[lb + rb])
@@ -311,8 +320,7 @@ def read_byte_level(path, tj):
     # llama2.c's runner reads the pieces and ignores the extension; these scores
     # make its merge-the-best-piece encoder approximate ours
     out = [(p, -float(rank[i]) if i in rank else 0.0, 1) for i, p in enumerate(pieces)]
-    bos, eos = read_config_ids(path, tj)
-    ext = dict(split=split, ignore_merges=bool(model.get("ignore_merges")), bos=bos, eos=eos,
+    ext = dict(split=split, ignore_merges=ignore_merges, bos=bos, eos=eos,
                special=special, merges=pairs, ranges=unicode_ranges())
     return out, bos, eos, ext
 

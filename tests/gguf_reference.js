@@ -1,4 +1,4 @@
-// node tests/gguf_reference.js MODEL.gguf < request.json > answer.json
+// node tests/gguf_reference.js MODEL.gguf REQUEST.json LOGITS.f32 > answer.json
 // The reference for test_gguf.py: llama.cpp itself, as the npm package
 // node-llama-cpp ships it (prebuilt CPU library, installed into build/npm),
 // loading a GGUF file on its own. The request:
@@ -6,8 +6,9 @@
 //    "generate": [{"prompt": [id, ...], "steps": N}, ...]}
 // The answer:
 //   {"texts": [[id, ...]]          each text tokenized (no BOS),
-//    "logits": [[[float x vocab] per position] per sequence]   the logits after each id,
-//    "generate": [[id, ...]]}      greedy continuations (argmax, the lowest id on a tie)
+//    "generate": [[id, ...]]}      greedy continuations by llama.cpp's sampler
+// and in LOGITS.f32 the logits after each id of each sequence, float32
+// little-endian, vocabulary-sized rows one after the other.
 // The KV cache is kept in F32 (llama.cpp's default is F16) and flash attention
 // is off (on the CPU it rounds to fp16: 250x our float32 error bound), so the only
 // roundings are llama.cpp's own float32 arithmetic and, for Q8_0 / Q4_0 weights,
@@ -17,7 +18,7 @@ const path = require("path");
 
 async function main() {
     const { getLlama, LlamaLogLevel } = await import(path.resolve(__dirname, "../build/npm/node_modules/node-llama-cpp/dist/index.js"));
-    const request = JSON.parse(fs.readFileSync(0, "utf-8"));
+    const request = JSON.parse(fs.readFileSync(process.argv[3], "utf-8"));
     const llama = await getLlama({ gpu: false, build: "never", logLevel: LlamaLogLevel.error });
     const model = await llama.loadModel({ modelPath: process.argv[2], gpuLayers: 0 });
     const context = await model.createContext({
@@ -30,23 +31,25 @@ async function main() {
         if (a.includes(null)) throw new Error("a logit is missing");
         return a;
     };
-    const argmax = (a) => a.reduce((best, v, i) => (v > a[best] ? i : best), 0);
     const sequence = context.getSequence();  // emptied before each evaluation
     const evaluate = async (ids) => {
         await sequence.clearHistory();
         const out = await sequence.controlledEvaluate(ids.map((t) => [t, { generateNext: { logits: true } }]));
         return out.map((o) => toArray(o.next.logits));
     };
-    const answer = { texts: (request.texts || []).map((t) => Array.from(model.tokenize(t))), logits: [], generate: [] };
-    for (const ids of request.sequences || []) answer.logits.push(await evaluate(ids));
+    const answer = { texts: (request.texts || []).map((t) => Array.from(model.tokenize(t))), generate: [] };
+    const rows = [];
+    for (const ids of request.sequences || []) rows.push(...await evaluate(ids));
+    fs.writeFileSync(process.argv[4], Buffer.from(new Float32Array(rows.flat()).buffer));
+    // llama.cpp's own greedy sampler (temperature 0: the argmax) picks each next token
+    const greedy = { generateNext: { token: true, options: { temperature: 0 } } };
     for (const { prompt, steps } of request.generate || []) {
         await sequence.clearHistory();
-        let out = await sequence.controlledEvaluate(prompt.map((t, i) => (i === prompt.length - 1 ? [t, { generateNext: { logits: true } }] : t)));
+        let out = await sequence.controlledEvaluate(prompt.map((t, i) => (i === prompt.length - 1 ? [t, greedy] : t)));
         const tokens = [];
         for (let s = 0; s < steps; s++) {
-            const next = argmax(toArray(out[out.length - 1].next.logits));
-            tokens.push(next);
-            out = await sequence.controlledEvaluate([[next, { generateNext: { logits: true } }]]);
+            tokens.push(out[out.length - 1].next.token);
+            out = await sequence.controlledEvaluate([[tokens[s], greedy]]);
         }
         answer.generate.push(tokens);
     }

@@ -29,14 +29,17 @@ exceeds each engine's bound on that difference."""
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import BINARIES, MODELS, QBINARIES, ROOT, M, existing, read_dump, run
+from conftest import BINARIES, MODELS, QBINARIES, ROOT, E, M, existing, random_model, read_dump, run
 from test_model import U, rounding_depth
-from exporter.gguf import GGUF as Reader, gguf_name
+from exporter.gguf import GGUF as Reader, gguf_name, gguf_tokenizer
 from test_runq import group_error
+from test_tokenizer import varied_strings
 
 GGUF = MODELS / "gguf"
 NODE_LLAMA = ROOT / "build" / "npm" / "node_modules" / "node-llama-cpp"
@@ -72,10 +75,17 @@ def llama_cpp(gguf, request):
     if key not in _answers:
         if not NODE_LLAMA.exists():
             pytest.fail(f"{NODE_LLAMA} is missing: the npm test references (make test installs them into build/npm)")
-        p = subprocess.run(["node", str(ROOT / "tests" / "gguf_reference.js"), str(gguf)], input=json.dumps(request),
-                           capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stderr
-        _answers[key] = json.loads(p.stdout)
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "request.json").write_text(json.dumps(request))
+            p = subprocess.run(["node", str(ROOT / "tests" / "gguf_reference.js"), str(gguf), f"{d}/request.json",
+                                f"{d}/logits.f32"], capture_output=True, text=True, timeout=600)
+            assert p.returncode == 0, p.stderr
+            answer = json.loads(p.stdout)
+            rows = torch.from_file(f"{d}/logits.f32", size=(Path(d) / "logits.f32").stat().st_size // 4,
+                                   dtype=torch.float32).double()
+        lengths = [len(s) for s in request.get("sequences", [])]
+        answer["logits"] = list(rows.view(sum(lengths), -1).split(lengths)) if lengths else []
+        _answers[key] = answer
     return _answers[key]
 
 
@@ -140,15 +150,15 @@ def engine_bounds(m, tokens, ours_int8, theirs_int8):
     return ref, fp32 + ours_int8 * Z * sigma, fp32 + theirs_int8 * LLAMA_Q8_0 * Z * sigma, pair
 
 
-def compare_with_llama_cpp(binary, ckpt, tok, gguf, quantized, tmp_path, report, label):
+def compare_with_llama_cpp(binary, ckpt, tok, gguf, quantized, tmp_path, report, label, prompts=PROMPTS, positions=128):
     """Our greedy generation from each prompt, to the end of the context; the
     same sequence evaluated by llama.cpp; llama.cpp's own greedy generation.
     quantized: the GGUF has Q8_0 / Q4_0 matrices (llama.cpp rounds their inputs);
     runq rounds its inputs too, run does not."""
     m = M.load_checkpoint(str(ckpt))
-    T = min(m.args.max_seq_len, 128)  # positions generated from each prompt
+    T = min(m.args.max_seq_len, positions)  # positions generated from each prompt
     worst, decided, free_agree = 0.0, 0, []
-    for i, prompt in enumerate(PROMPTS):
+    for i, prompt in enumerate(prompts):
         dump = tmp_path / f"{i}.logits"
         run(binary, ckpt, "-z", tok, "-t", "0", "-n", T, "-k", "f32", "-i", prompt, env={"RUN_DUMP_LOGITS": str(dump)})
         _, tokens, ours, chosen = read_dump(dump, m.args.vocab_size)
@@ -158,8 +168,10 @@ def compare_with_llama_cpp(binary, ckpt, tok, gguf, quantized, tmp_path, report,
         answer = llama_cpp(gguf, {"context": 2 * T, "texts": [prompt], "sequences": [tokens],
                                   "generate": [{"prompt": tokens[:n_prompt], "steps": steps}]})
         # the same ids for the prompt (ours with BOS first)
-        assert [1] + answer["texts"][0] == tokens[:n_prompt], f"{label}: llama.cpp tokenizes {prompt!r} differently"
-        theirs = torch.tensor(answer["logits"][0], dtype=torch.float64)
+        text = answer["texts"][0]  # ours, after BOS if the vocabulary has one
+        assert tokens[n_prompt - len(text):n_prompt] == text and n_prompt - len(text) in (0, 1), \
+            f"{label}: llama.cpp tokenizes {prompt!r} differently"
+        theirs = answer["logits"][0]
         ref, ours_bound, their_bound, pair_bound = engine_bounds(m, tokens, quantized and "runq" in binary, quantized)
         # the engines within their bounds of the reference, hence of each other
         assert ((ours - ref).abs() / ours_bound).max().item() <= 1.0, f"{label}: ours off the reference"
@@ -273,3 +285,64 @@ def test_round_trip_keeps_every_block(kind, tmp_path):
         assert back.tensors[twin][0] == orig.tensors[name][0], name
         assert bytes(back.raw(twin)[0]) == bytes(orig.raw(name)[0]), name
     assert set(back.tensors) <= set(orig.tensors)
+
+
+# ----------------------------------------------------------------------------
+# A Llama 3-shaped model: the byte-level vocabulary (tokenizer.ggml.model gpt2)
+# and Llama 3.1's RoPE scaling (rope_freqs) both ways
+
+LLAMA3_JSON = ROOT / "build" / "npm" / "node_modules" / "@lenml" / "tokenizer-llama3" / "models" / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def llama3_gguf(tmp_path_factory):
+    """Random weights in Llama 3.2's arrangement (GQA, tied embeddings, rope_theta
+    500000, RoPE scaling with an original context of 32 so that every kind of
+    frequency is used) with the real Llama 3 tokenizer, as ours and as GGUF."""
+    if not LLAMA3_JSON.exists():
+        pytest.fail(f"{LLAMA3_JSON} is missing: the npm test references (make test installs them into build/npm)")
+    d = tmp_path_factory.mktemp("llama3")
+    export("--tokenizer", LLAMA3_JSON, "-o", d / "tok.bin")
+    m = random_model(31, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=128256,
+                     max_seq_len=128, rope_theta=500000.0, rope_scaling=(8.0, 1.0, 4.0, 32))
+    with torch.no_grad():  # a sharper model, so that greedy tokens are decided
+        m.output.weight.mul_(8)
+    E.write_checkpoint(m, str(d / "model.bin"), 1)
+    export(d / "model.gguf", "--to-gguf", "--vocab", d / "tok.bin", "--bin", d / "model.bin")
+    return d / "model.bin", d / "tok.bin", d / "model.gguf"
+
+
+def test_llama3_gguf_runs_like_ours(pair, llama3_gguf, tmp_path, report):
+    ckpt, tok, gguf = llama3_gguf
+    g = Reader(str(gguf))
+    assert g.meta["tokenizer.ggml.model"] == "gpt2" and g.meta["tokenizer.ggml.pre"] == "llama-bpe"
+    assert "rope_freqs.weight" in g.tensors
+    # llama.cpp hands over each position's 128,256 logits slowly: two prompts, 64 positions
+    assert compare_with_llama_cpp(pair[0], ckpt, tok, gguf, False, tmp_path, report, "llama3-shaped",
+                                  PROMPTS[:2], 64) >= 50
+
+
+def test_llama3_gguf_tokenizes_like_ours(llama3_gguf):
+    """llama.cpp's own byte-level BPE on the vocabulary we wrote (merges, the
+    split by name, special tokens) gives our ids for 1,000 varied strings."""
+    ckpt, tok, gguf = llama3_gguf
+    strings = varied_strings(1000, seed=3)
+    answer = llama_cpp(gguf, {"context": 64, "texts": strings})
+    data = b"".join(s.encode() + b"\0" for s in strings)
+    got = subprocess.run([existing("build/tokenize_many"), str(tok), "128256"], input=data, capture_output=True,
+                         check=True).stdout.decode().splitlines()
+    ours = [list(map(int, line.split())) for line in got]
+    bad = [(s, a, b) for s, a, b in zip(strings, answer["texts"], ours) if a != b]
+    assert not bad, f"{len(bad)} of {len(strings)} strings tokenized otherwise; first: {bad[0]!r}"
+
+
+def test_llama3_gguf_round_trip(llama3_gguf, tmp_path):
+    """GGUF -> ours gives our tokenizer.bin back byte for byte; the RoPE
+    scaling is refused by name (llama.cpp keeps only the frequency factors)."""
+    ckpt, tok, gguf = llama3_gguf
+    p = export(tmp_path / "back.bin", "--gguf", gguf, "-o", tmp_path / "back-tok.bin", check=False)
+    assert p.returncode == 1 and "rope_freqs" in p.stderr and "--hf" in p.stderr, p.stderr
+    vocabulary = gguf_tokenizer(Reader(str(gguf)))  # the vocabulary alone comes back exactly
+    assert vocabulary[3] is not None
+    E.write_tokenizer(str(gguf), str(tmp_path / "again.bin"), E.tokenizer_pieces(str(gguf), *vocabulary), vocabulary[3])
+    assert (tmp_path / "again.bin").read_bytes() == tok.read_bytes()
