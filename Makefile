@@ -133,11 +133,12 @@ build/.deps: tests/install-deps.sh
 # The tests' JavaScript references (tests/npm/package.json says which), pinned by the
 # lock file, installed into build/npm, never into the engine. npm install, not npm ci:
 # the lock lacks the optional builds for other platforms (CUDA, Vulkan, ARM, macOS,
-# Windows) that the registry here does not serve, and --omit=optional skips them.
+# Windows) that the registry here does not serve, and --omit=optional skips them. No
+# install scripts: node-llama-cpp's would look for a GPU build; its prebuilt CPU one is enough.
 build/npm/.installed: tests/npm/package.json tests/npm/package-lock.json | build/.deps
 	@mkdir -p build/npm
 	cp tests/npm/package.json tests/npm/package-lock.json build/npm/
-	cd build/npm && npm install --omit=optional --no-audit --no-fund
+	cd build/npm && npm install --omit=optional --ignore-scripts --no-audit --no-fund
 	@touch $@
 
 unit: $(UNIT_VARIANTS:%=build/test_run-%) $(UNIT_VARIANTS:%=build/test_runq-%)

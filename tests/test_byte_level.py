@@ -13,7 +13,7 @@ import unicodedata
 import pytest
 import torch
 
-from conftest import ROOT, random_model, read_dump, run
+from conftest import ROOT, node, random_model, read_dump, run
 from exporter.tokenizers import read_tokenizer_bin
 from test_tokenizer import varied_strings
 
@@ -100,7 +100,7 @@ def byte_strings(n, seed):
 
 def compare(tok, tj, cfg, vocab, strings):
     data = b"".join(s + b"\0" for s in strings)
-    ref = subprocess.run(["node", str(ROOT / "tests" / "tokenizer_reference.js"), str(tj), str(cfg)], input=data,
+    ref = subprocess.run([node(), str(ROOT / "tests" / "tokenizer_reference.js"), str(tj), str(cfg)], input=data,
                          capture_output=True, check=True).stdout.decode().splitlines()
     got = subprocess.run([str(ROOT / "build" / "tokenize_many"), str(tok), str(vocab), "--decode"], input=data,
                          capture_output=True, check=True).stdout.decode().splitlines()
@@ -157,7 +157,7 @@ def eager_model(end_id, vocab=128256):
 
 
 def chat_reference(tj, cfg, conversations):
-    p = subprocess.run(["node", str(ROOT / "tests" / "chat_reference.js"), str(tj), str(cfg)],
+    p = subprocess.run([node(), str(ROOT / "tests" / "chat_reference.js"), str(tj), str(cfg)],
                        input=json.dumps(conversations).encode(), capture_output=True, check=True)
     return [list(map(int, line.split())) for line in p.stdout.decode().splitlines()]
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BINARIES, MODELS, QBINARIES, ROOT, E, M, existing, random_model, read_dump, run
+from conftest import BINARIES, MODELS, QBINARIES, ROOT, E, M, existing, node, random_model, read_dump, run
 from test_model import U, rounding_depth
 from exporter.gguf import GGUF as Reader, gguf_name, gguf_tokenizer
 from test_runq import group_error
@@ -77,7 +77,7 @@ def llama_cpp(gguf, request):
             pytest.fail(f"{NODE_LLAMA} is missing: the npm test references (make test installs them into build/npm)")
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "request.json").write_text(json.dumps(request))
-            p = subprocess.run(["node", str(ROOT / "tests" / "gguf_reference.js"), str(gguf), f"{d}/request.json",
+            p = subprocess.run([node(), str(ROOT / "tests" / "gguf_reference.js"), str(gguf), f"{d}/request.json",
                                 f"{d}/logits.f32"], capture_output=True, text=True, timeout=600)
             assert p.returncode == 0, p.stderr
             answer = json.loads(p.stdout)
