@@ -139,9 +139,9 @@ def write_checkpoint(model, path, version, group_size=None):
     stored = getattr(model, "stored", None)
     exact = lambda name, bits: stored and name and stored(name, bits, gs)
     int8 = 0
-    if version == 3 and stored:
+    if version == 3 and stored:  # a GGUF's embedding or classifier with more than 4 bits keeps 8
         for bit, name in ((1, "tok_embeddings.weight"), (2, None if model.args.shared_classifier else "output.weight")):
-            if name and exact(name, 4) is None and exact(name, 8) is not None:
+            if name and model.kind(name) != "Q4_0" and model.args.dim % gs == 0:
                 int8 |= bit
     worst = 0.0
 
@@ -161,7 +161,7 @@ def write_checkpoint(model, path, version, group_size=None):
                 t = make()
                 if stored:
                     progress(f"  {label:16s} requantized from its {model.kind(name)} values (not exact)")
-                q, scale, err = quantize_q8(t, gs) if version == 2 else quantize_q4(t, gs)
+                q, scale, err = quantize_q8(t, gs) if bits == 8 else quantize_q4(t, gs)
                 worst = max(worst, err)
                 progress(f"  {label:16s} {tuple(t.shape)}  max quantization error {err:.3g}")
                 yield q.numpy().tobytes() + scale.numpy().astype("<f4").tobytes()

@@ -34,11 +34,11 @@ VALUE_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
 STRING, ARRAY = 8, 9
 
 # ggml tensor types we read: name, values per block, bytes per block
-F32, F16, Q4_0, Q8_0, BF16 = 0, 1, 2, 8, 30
+F32, F16, Q4_0, Q8_0, Q6_K, BF16 = 0, 1, 2, 8, 14, 30
 TYPES = {F32: ("F32", 1, 4), F16: ("F16", 1, 2), Q4_0: ("Q4_0", 32, 18), Q8_0: ("Q8_0", 32, 34),
-         BF16: ("BF16", 1, 2)}
+         Q6_K: ("Q6_K", 256, 210), BF16: ("BF16", 1, 2)}
 OTHER_TYPES = {3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K",
-               14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
+               15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
                21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
                29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
 
@@ -166,7 +166,7 @@ class GGUF:
                 fail(f"{path}: tensor {name} appears twice")
             if kind not in TYPES:
                 fail(f"{path}: tensor {name} has type {OTHER_TYPES.get(kind, kind)}; "
-                     "only F32, F16, BF16, Q8_0 and Q4_0 are supported")
+                     "only F32, F16, BF16, Q8_0, Q4_0 (and Q6_K, dequantized) are supported")
             if any(d == 0 for d in ne) or math.prod(ne) > data_size:
                 fail(f"{path}: tensor {name} has dimensions {list(ne)}, more values than the file has bytes")
             type_name, block, block_bytes = TYPES[kind]
@@ -214,10 +214,29 @@ class GGUF:
             arr = raw.view("<f2").astype(np.float32)
         elif kind == BF16:
             arr = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        elif kind == Q6_K:
+            arr = dequantize_q6_k(raw.reshape(-1, 210))
         else:
             d, q = self.blocks(name)
             arr = (q.reshape(d.shape[0], -1, 32).astype(np.float32) * d[..., None])
         return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+
+
+def dequantize_q6_k(b):
+    """Q6_K super-blocks (n, 210 bytes) -> float32 (n, 256), as llama.cpp
+    dequantizes them: 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8
+    scales (one per 16 values), an fp16 d; value = d x scale x (q - 32), q 6
+    bits. Each half of 128 values: its 64 low-bit bytes ql, 32 high-bit bytes
+    qh and 8 scales; value l + 32 j (l < 32, j < 4) takes the low (j < 2) or
+    high nibble of ql[l + 32 (j % 2)], bits 2j..2j+1 of qh[l], scale 2 j + l // 16."""
+    ql, qh = b[:, :128].reshape(-1, 2, 2, 32), b[:, 128:192].reshape(-1, 2, 1, 32)
+    scales = b[:, 192:208].view(np.int8).reshape(-1, 2, 4, 2).astype(np.float32)  # (n, half, j, l // 16)
+    d = b[:, 208:210].copy().view("<f2").astype(np.float32)  # (n, 1)
+    low = np.concatenate([ql & 15, ql >> 4], axis=2)  # (n, half, j, 32): j = 0, 1 low nibbles, 2, 3 high
+    high = (qh >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3
+    q = (low | (high << 4)).astype(np.float32) - 32
+    scale = np.repeat(scales, 16, axis=3)  # (n, half, j, 32)
+    return (d[:, :, None, None] * scale * q).reshape(-1, 256)
 
 
 # ----------------------------------------------------------------------------
@@ -322,14 +341,12 @@ def default_version(model):
     or classifier too), else as fp32 (every GGUF value is a float32), said in a line."""
     g = model.gguf
     kinds = {g.tensors[name][0] for name in g.tensors if len(g.tensors[name][1]) == 2}
-    if kinds <= {Q8_0, Q4_0}:
-        others = {g.tensors[name][0] for name in g.tensors if len(g.tensors[name][1]) == 2
-                  and name not in ("token_embd.weight", "output.weight")}
-        if others == {Q8_0}:
-            return 2
-        if others == {Q4_0}:
-            return 3
-    if kinds & {Q8_0, Q4_0}:
+    layers = {g.tensors[name][0] for name in g.tensors if name.startswith("blk.") and len(g.tensors[name][1]) == 2}
+    if layers == {Q8_0}:
+        return 2
+    if layers == {Q4_0}:
+        return 3
+    if kinds & {Q8_0, Q4_0, Q6_K}:
         progress(f"{g.path}: matrices of types {'/'.join(sorted(TYPES[k][0] for k in kinds))}: written as fp32, "
                  "every value exact (--version 2 or 3 would requantize)")
     return 0

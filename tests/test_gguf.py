@@ -27,11 +27,13 @@ and the next token the same wherever the reference's lead over every rival
 exceeds each engine's bound on that difference."""
 
 import json
+import struct
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,10 +106,11 @@ SAMPLES = 64
 Z = 8.3 * 3 ** 0.5 * 3 ** 0.5  # Hoeffding's z, uniform's sqrt(3), the estimate's margin sqrt(3)
 
 
-def int8_spread(m, tokens):
+def int8_spread(m, tokens, output_group=32):
     """The logits' changes (SAMPLES, T, vocab) when every matmul input of the
     float64 reference is perturbed uniformly within half its int8 step (groups
-    of 32), one draw per input tensor (q, k and v share theirs, as in runq)."""
+    of 32; the classifier's of output_group), one draw per input tensor (q, k and
+    v share theirs, as in runq)."""
     gen = torch.Generator().manual_seed(len(tokens))
     drawn = {}
 
@@ -115,7 +118,8 @@ def int8_spread(m, tokens):
         x = args[0]
         key = (x.data_ptr(), tuple(x.shape))
         if key not in drawn:  # x is kept, so its address is not reused within this forward
-            drawn[key] = x, (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) * group_error(x, 32)
+            gs = output_group if module is m.output else 32
+            drawn[key] = x, (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) * group_error(x, gs)
         return (x + drawn[key][1],)
 
     with torch.no_grad():
@@ -132,7 +136,7 @@ def int8_spread(m, tokens):
     return torch.stack(changes)
 
 
-def engine_bounds(m, tokens, ours_int8, theirs_int8):
+def engine_bounds(m, tokens, ours_int8, theirs_int8, output_group=32):
     """(reference logits (T, vocab), our bound, llama.cpp's bound on each logit,
     and a function giving both engines' larger bound on ref[p, a] - ref[p, b]
     for every b, at position p). *_int8: that engine rounds matmul inputs to int8."""
@@ -143,14 +147,15 @@ def engine_bounds(m, tokens, ours_int8, theirs_int8):
     fp32 = rounding_depth(m.args, len(tokens)) * U * magnitude
     if not (ours_int8 or theirs_int8):
         return ref, fp32, fp32, lambda p, a: fp32[p, a] + fp32[p]
-    changes = int8_spread(m, tokens)
+    changes = int8_spread(m, tokens, output_group)
     sigma = changes.pow(2).mean(0).sqrt()
     worst = LLAMA_Q8_0 if theirs_int8 else 1.0
     pair = lambda p, a: worst * Z * (changes[:, p, a:a + 1] - changes[:, p]).pow(2).mean(0).sqrt() + fp32[p, a] + fp32[p]
     return ref, fp32 + ours_int8 * Z * sigma, fp32 + theirs_int8 * LLAMA_Q8_0 * Z * sigma, pair
 
 
-def compare_with_llama_cpp(binary, ckpt, tok, gguf, quantized, tmp_path, report, label, prompts=PROMPTS, positions=128):
+def compare_with_llama_cpp(binary, ckpt, tok, gguf, quantized, tmp_path, report, label, prompts=PROMPTS, positions=128,
+                           output_group=32):
     """Our greedy generation from each prompt, to the end of the context; the
     same sequence evaluated by llama.cpp; llama.cpp's own greedy generation.
     quantized: the GGUF has Q8_0 / Q4_0 matrices (llama.cpp rounds their inputs);
@@ -172,7 +177,8 @@ def compare_with_llama_cpp(binary, ckpt, tok, gguf, quantized, tmp_path, report,
         assert tokens[n_prompt - len(text):n_prompt] == text and n_prompt - len(text) in (0, 1), \
             f"{label}: llama.cpp tokenizes {prompt!r} differently"
         theirs = answer["logits"][0]
-        ref, ours_bound, their_bound, pair_bound = engine_bounds(m, tokens, quantized and "runq" in binary, quantized)
+        ref, ours_bound, their_bound, pair_bound = engine_bounds(m, tokens, quantized and "runq" in binary, quantized,
+                                                                 output_group)
         # the engines within their bounds of the reference, hence of each other
         assert ((ours - ref).abs() / ours_bound).max().item() <= 1.0, f"{label}: ours off the reference"
         ratio = ((ours - theirs).abs() / (ours_bound + their_bound)).max().item()
@@ -346,3 +352,52 @@ def test_llama3_gguf_round_trip(llama3_gguf, tmp_path):
     assert vocabulary[3] is not None
     E.write_tokenizer(str(gguf), str(tmp_path / "again.bin"), E.tokenizer_pieces(str(gguf), *vocabulary), vocabulary[3])
     assert (tmp_path / "again.bin").read_bytes() == tok.read_bytes()
+
+
+# ----------------------------------------------------------------------------
+# Q6_K: the classifier llama-quantize writes into Q4_0 files when dim is a multiple of 256
+
+
+def write_raw_gguf(path, meta, tensors):
+    """A GGUF v3 file from metadata and [(name, our shape, ggml type, raw bytes)]."""
+    from exporter.gguf import string_bytes, value_bytes
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(meta))
+    for key, v in meta.items():
+        kind, raw = value_bytes(v)
+        head += string_bytes(key) + struct.pack("<I", kind) + raw
+    data, offset = b"", 0
+    for name, shape, kind, raw in tensors:
+        ne = tuple(reversed(shape))
+        head += string_bytes(name) + struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, kind, len(data))
+        data += raw + bytes(-len(raw) % 32)
+    Path(path).write_bytes(head + bytes(-len(head) % 32) + data)
+
+
+def test_q6_k_classifier(pair, tmp_path, report):
+    """A Q4_0 file whose classifier is Q6_K (random super-blocks: every bit
+    pattern is a valid one). Imported as fp32 every value is exact, and run
+    matches llama.cpp on the file (whose classifier reads its input as Q8_K,
+    blocks of 256); imported by default it becomes version 3 with the
+    classifier requantized to int8, said in a line."""
+    m = random_model(41, dim=256, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=512, vocab_size=512,
+                     max_seq_len=128, shared_classifier=False)
+    E.write_checkpoint(m, str(tmp_path / "m.bin"), 0)
+    tok = MODELS / "stories260K" / "tok512.bin"
+    export(tmp_path / "q4.gguf", "--to-gguf", "--type", "q4_0", "--vocab", tok, "--bin", tmp_path / "m.bin")
+    g = Reader(str(tmp_path / "q4.gguf"))
+    rng = np.random.default_rng(5)
+    q6 = rng.integers(0, 256, size=(512, 210), dtype=np.uint8)
+    q6[:, 192:208] = rng.integers(1, 64, size=(512, 16), dtype=np.uint8)  # scales
+    q6[:, 208:210] = np.frombuffer(np.full(512, 1e-4, dtype="<f2").tobytes(), np.uint8).reshape(512, 2)
+    tensors = [(name, shape, kind, bytes(g.raw(name)[0])) for name, (kind, shape, _) in g.tensors.items()]
+    tensors = [(n, s_, 14, q6.tobytes()) if n == "output.weight" else (n, s_, k, r) for n, s_, k, r in tensors]
+    write_raw_gguf(tmp_path / "q6.gguf", g.meta, tensors)
+    export(tmp_path / "exact.bin", "--version", 0, "--gguf", tmp_path / "q6.gguf", "-o", tmp_path / "tok.bin")
+    decided = compare_with_llama_cpp(pair[0], tmp_path / "exact.bin", tok, tmp_path / "q6.gguf", True, tmp_path,
+                                     report, "q4_0 + Q6_K classifier", output_group=256)
+    assert decided >= 60, "too few decided positions to test"
+    p = export(tmp_path / "q.bin", "--gguf", tmp_path / "q6.gguf", "-o", tmp_path / "tok.bin")
+    assert "classifier" in p.stderr and "requantized from its Q6_K values" in p.stderr, p.stderr
+    data = (tmp_path / "q.bin").read_bytes()
+    assert struct.unpack_from("<2i", data, 0)[1] == 3 and struct.unpack_from("<i", data, 92)[0] == 2
+    run(pair[1], tmp_path / "q.bin", "-z", tok, "-n", 16)

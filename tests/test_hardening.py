@@ -738,7 +738,8 @@ BAD_GGUF = {
     "dim-zero": (tensor_field("blk.0.attn_q.weight", "ne1", "Q", 0), "dimensions"),
     "dim-product-overflows": (lambda d: tensor_field("blk.0.attn_q.weight", "ne1", "Q", 2**62)(
         tensor_field("blk.0.attn_q.weight", "ne0", "Q", 2**62)(d)), "dimensions"),
-    "type-q6_k": (tensor_field("blk.0.attn_q.weight", "type", "I", 14), "Q6_K"),
+    "type-q5_k": (tensor_field("blk.0.attn_q.weight", "type", "I", 13), "Q5_K"),
+    "q6_k-partial-block": (tensor_field("blk.0.attn_q.weight", "type", "I", 14), "blocks of 256"),
     "type-unknown": (tensor_field("blk.0.attn_q.weight", "type", "I", 12345), "12345"),
     "q8_0-partial-block": (tensor_field("blk.0.attn_q.weight", "ne0", "Q", 16), "blocks"),
     "offset-misaligned": (tensor_field("blk.1.ffn_up.weight", "offset", "Q", 8), "misaligned"),
