@@ -106,11 +106,10 @@ SAMPLES = 64
 Z = 8.3 * 3 ** 0.5 * 3 ** 0.5  # Hoeffding's z, uniform's sqrt(3), the estimate's margin sqrt(3)
 
 
-def int8_spread(m, tokens, output_group=32):
-    """The logits' changes (SAMPLES, T, vocab) when every matmul input of the
-    float64 reference is perturbed uniformly within half its int8 step (groups
-    of 32; the classifier's of output_group), one draw per input tensor (q, k and
-    v share theirs, as in runq)."""
+def input_spread(m, tokens, half_step):
+    """The logits' changes (SAMPLES, T, vocab) when every matmul input x of the
+    float64 reference is perturbed uniformly within half_step(module, x) of
+    each value, one draw per input tensor (q, k and v share theirs, as in runq)."""
     gen = torch.Generator().manual_seed(len(tokens))
     drawn = {}
 
@@ -118,8 +117,7 @@ def int8_spread(m, tokens, output_group=32):
         x = args[0]
         key = (x.data_ptr(), tuple(x.shape))
         if key not in drawn:  # x is kept, so its address is not reused within this forward
-            gs = output_group if module is m.output else 32
-            drawn[key] = x, (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) * group_error(x, gs)
+            drawn[key] = x, (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) * half_step(module, x)
         return (x + drawn[key][1],)
 
     with torch.no_grad():
@@ -136,30 +134,42 @@ def int8_spread(m, tokens, output_group=32):
     return torch.stack(changes)
 
 
-def engine_bounds(m, tokens, ours_int8, theirs_int8, output_group=32):
+def engine_bounds(m, tokens, ours, theirs, output_group=32):
     """(reference logits (T, vocab), our bound, llama.cpp's bound on each logit,
     and a function giving both engines' larger bound on ref[p, a] - ref[p, b]
-    for every b, at position p). *_int8: that engine rounds matmul inputs to int8."""
+    for every b, at position p). ours / theirs: how that engine rounds each
+    matmul's input: None; "int8" (groups of 32, the classifier's of
+    output_group; llama.cpp's 1.124 x runq's); "fp16" (llama.cpp with F16
+    weights: half an fp16 ulp, |x| 2^-11, or 2^-25 below fp16's normal range)."""
     m = m.double()
     with torch.no_grad():
         h = m.hidden(torch.tensor([tokens]))[0]
         ref, magnitude = m.output(h), h.abs() @ m.output.weight.abs().T
     fp32 = rounding_depth(m.args, len(tokens)) * U * magnitude
-    if not (ours_int8 or theirs_int8):
-        return ref, fp32, fp32, lambda p, a: fp32[p, a] + fp32[p]
-    changes = int8_spread(m, tokens, output_group)
-    sigma = changes.pow(2).mean(0).sqrt()
-    worst = LLAMA_Q8_0 if theirs_int8 else 1.0
-    pair = lambda p, a: worst * Z * (changes[:, p, a:a + 1] - changes[:, p]).pow(2).mean(0).sqrt() + fp32[p, a] + fp32[p]
-    return ref, fp32 + ours_int8 * Z * sigma, fp32 + theirs_int8 * LLAMA_Q8_0 * Z * sigma, pair
+    steps = {"int8": lambda mod, x: group_error(x, output_group if mod is m.output else 32),
+             "fp16": lambda mod, x: x.abs() * 2.0 ** -11 + 2.0 ** -25}
+    spreads = {kind: input_spread(m, tokens, steps[kind]) for kind in {ours, theirs} - {None}}
+    engines = [(ours, 1.0), (theirs, LLAMA_Q8_0 if theirs == "int8" else 1.0)]
+    bounds = [fp32 if kind is None else fp32 + factor * Z * spreads[kind].pow(2).mean(0).sqrt()
+              for kind, factor in engines]
+
+    def pair(p, a):
+        worst = torch.zeros_like(fp32[p])
+        for kind, factor in engines:
+            if kind is not None:
+                d = spreads[kind][:, p, a:a + 1] - spreads[kind][:, p]
+                worst = torch.maximum(worst, factor * Z * d.pow(2).mean(0).sqrt())
+        return worst + fp32[p, a] + fp32[p]
+
+    return ref, bounds[0], bounds[1], pair
 
 
-def compare_with_llama_cpp(binary, ckpt, tok, gguf, quantized, tmp_path, report, label, prompts=PROMPTS, positions=128,
+def compare_with_llama_cpp(binary, ckpt, tok, gguf, rounds, tmp_path, report, label, prompts=PROMPTS, positions=128,
                            output_group=32):
     """Our greedy generation from each prompt, to the end of the context; the
     same sequence evaluated by llama.cpp; llama.cpp's own greedy generation.
-    quantized: the GGUF has Q8_0 / Q4_0 matrices (llama.cpp rounds their inputs);
-    runq rounds its inputs too, run does not."""
+    rounds: how llama.cpp rounds matmul inputs for this file's weights (None for
+    F32, "int8" for Q8_0 / Q4_0, "fp16" for F16); runq rounds its own to int8."""
     m = M.load_checkpoint(str(ckpt))
     T = min(m.args.max_seq_len, positions)  # positions generated from each prompt
     worst, decided, free_agree = 0.0, 0, []
@@ -177,8 +187,8 @@ def compare_with_llama_cpp(binary, ckpt, tok, gguf, quantized, tmp_path, report,
         assert tokens[n_prompt - len(text):n_prompt] == text and n_prompt - len(text) in (0, 1), \
             f"{label}: llama.cpp tokenizes {prompt!r} differently"
         theirs = answer["logits"][0]
-        ref, ours_bound, their_bound, pair_bound = engine_bounds(m, tokens, quantized and "runq" in binary, quantized,
-                                                                 output_group)
+        ref, ours_bound, their_bound, pair_bound = engine_bounds(m, tokens, "int8" if "runq" in binary else None,
+                                                                 rounds, output_group)
         # the engines within their bounds of the reference, hence of each other
         assert ((ours - ref).abs() / ours_bound).max().item() <= 1.0, f"{label}: ours off the reference"
         ratio = ((ours - theirs).abs() / (ours_bound + their_bound)).max().item()
@@ -210,7 +220,8 @@ def test_imported_gguf_runs_like_llama_cpp(pair, imported, name, tmp_path, repor
     and run by run (f32) or runq (q8_0, q4_0 exactly as version 2 / 3)."""
     ckpt, tok = imported[name]
     binary = pair[1] if FILES[name] else pair[0]
-    decided = compare_with_llama_cpp(binary, ckpt, tok, GGUF / f"{name}.gguf", FILES[name], tmp_path, report, name)
+    decided = compare_with_llama_cpp(binary, ckpt, tok, GGUF / f"{name}.gguf", "int8" if FILES[name] else None,
+                                     tmp_path, report, name)
     assert decided >= 100, "too few decided positions to test"
 
 
@@ -240,27 +251,30 @@ OURS = {"tinystories": (ROOT / "models" / "tinystories.bin", ROOT / "models" / "
         "stories260K": (MODELS / "stories260K" / "stories260K.bin", MODELS / "stories260K" / "tok512.bin")}
 
 
-@pytest.mark.parametrize("kind", ["f32", "q8_0", "q4_0"])
+@pytest.mark.parametrize("kind", ["f32", "f16", "q8_0", "q4_0"])
 @pytest.mark.parametrize("model", OURS)
 def test_exported_gguf_runs_like_ours(pair, model, kind, tmp_path, report):
     """Our fp32 checkpoint as a GGUF of each type: llama.cpp on it against run on
-    the checkpoint (f32: the same weights), or against runq on the GGUF imported
-    back (q8_0 / q4_0: the weights llama.cpp holds, exactly). stories260K's
-    hidden_dim 172 is not whole blocks of 32: its w2 stays F32, said in one line."""
+    the checkpoint (f32: the same weights), or against our engine on the GGUF
+    imported back (the weights llama.cpp holds, exactly: f16 values as fp32 for
+    run, q8_0 / q4_0 as versions 2 / 3 for runq). stories260K's hidden_dim 172
+    is not whole blocks of 32: its w2 stays F32 (said in one line), and the mixed
+    file imports as fp32 (said too)."""
     ckpt, tok = OURS[model]
     gguf = tmp_path / f"{model}-{kind}.gguf"
     p = export(gguf, "--to-gguf", "--type", kind, "--vocab", tok, "--bin", ckpt)
-    assert ("kept in F32" in p.stderr) == (model == "stories260K" and kind != "f32"), p.stderr
+    mixed = model == "stories260K" and kind in ("q8_0", "q4_0")
+    assert ("kept in F32" in p.stderr) == mixed, p.stderr
     if kind == "f32":
         binary, ours = pair[0], ckpt
     else:
         ours = tmp_path / "back.bin"
         p = export(ours, "--gguf", gguf, "-o", tmp_path / "back-tok.bin")
         assert (tmp_path / "back-tok.bin").read_bytes() == tok.read_bytes()
-        mixed = model == "stories260K"  # imports as fp32, every value exact, said in a line
         assert ("written as fp32" in p.stderr) == mixed, p.stderr
-        binary = pair[0] if mixed else pair[1]
-    decided = compare_with_llama_cpp(binary, ours, tok, gguf, kind != "f32", tmp_path, report, f"{model} -> {kind}")
+        binary = pair[0] if mixed or kind == "f16" else pair[1]
+    rounds = {"f32": None, "f16": "fp16"}.get(kind, "int8")
+    decided = compare_with_llama_cpp(binary, ours, tok, gguf, rounds, tmp_path, report, f"{model} -> {kind}")
     assert decided >= 100, "too few decided positions to test"
 
 
@@ -324,7 +338,7 @@ def test_llama3_gguf_runs_like_ours(pair, llama3_gguf, tmp_path, report):
     assert g.meta["tokenizer.ggml.model"] == "gpt2" and g.meta["tokenizer.ggml.pre"] == "llama-bpe"
     assert "rope_freqs.weight" in g.tensors
     # llama.cpp hands over each position's 128,256 logits slowly: two prompts, 64 positions
-    assert compare_with_llama_cpp(pair[0], ckpt, tok, gguf, False, tmp_path, report, "llama3-shaped",
+    assert compare_with_llama_cpp(pair[0], ckpt, tok, gguf, None, tmp_path, report, "llama3-shaped",
                                   PROMPTS[:2], 64) >= 50
 
 
@@ -393,7 +407,7 @@ def test_q6_k_classifier(pair, tmp_path, report):
     tensors = [(n, s_, 14, q6.tobytes()) if n == "output.weight" else (n, s_, k, r) for n, s_, k, r in tensors]
     write_raw_gguf(tmp_path / "q6.gguf", g.meta, tensors)
     export(tmp_path / "exact.bin", "--version", 0, "--gguf", tmp_path / "q6.gguf", "-o", tmp_path / "tok.bin")
-    decided = compare_with_llama_cpp(pair[0], tmp_path / "exact.bin", tok, tmp_path / "q6.gguf", True, tmp_path,
+    decided = compare_with_llama_cpp(pair[0], tmp_path / "exact.bin", tok, tmp_path / "q6.gguf", "int8", tmp_path,
                                      report, "q4_0 + Q6_K classifier", output_group=256)
     assert decided >= 60, "too few decided positions to test"
     p = export(tmp_path / "q.bin", "--gguf", tmp_path / "q6.gguf", "-o", tmp_path / "tok.bin")
@@ -401,3 +415,28 @@ def test_q6_k_classifier(pair, tmp_path, report):
     data = (tmp_path / "q.bin").read_bytes()
     assert struct.unpack_from("<2i", data, 0)[1] == 3 and struct.unpack_from("<i", data, 92)[0] == 2
     run(pair[1], tmp_path / "q.bin", "-z", tok, "-n", 16)
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
+def test_f16_bf16_import_exactly(kind, tmp_path):
+    """F16 and BF16 matrices (here the f32 file's values cut to those types)
+    widen to float32 exactly: every weight of the import equals numpy's fp16
+    value, or the bf16 bits shifted up 16."""
+    g = Reader(str(GGUF / "tinystories-f32.gguf"))
+    tensors, expected = [], {}
+    for name, (k, shape, _) in g.tensors.items():
+        w = g.get(name).numpy()
+        if len(shape) == 2 and kind == "f16":
+            raw, k, w = w.astype("<f2").tobytes(), 1, w.astype(np.float16).astype(np.float32)
+        elif len(shape) == 2:
+            top = (w.view(np.uint32) >> 16).astype("<u2")
+            raw, k, w = top.tobytes(), 30, (top.astype(np.uint32) << 16).view(np.float32)
+        else:
+            raw = w.tobytes()
+        tensors.append((name, shape, k, raw))
+        expected[name] = torch.from_numpy(w)
+    write_raw_gguf(tmp_path / "in.gguf", g.meta, tensors)
+    export(tmp_path / "out.bin", "--gguf", tmp_path / "in.gguf", "-o", tmp_path / "tok.bin")
+    for ours, t in M.load_checkpoint(str(tmp_path / "out.bin")).state_dict().items():
+        theirs = "token_embd.weight" if ours == "output.weight" and "output.weight" not in g.tensors else gguf_name(ours)
+        assert torch.equal(t, expected[theirs]), ours
