@@ -133,15 +133,15 @@ def group_size_for(args, version, wanted=None):
 def write_checkpoint(model, path, version, group_size=None):
     """The model as one of our versions. A model read from GGUF offers its
     Q8_0 / Q4_0 tensors exactly (`model.stored`): they are copied, not
-    requantized, when their blocks are this file's groups; version 3 then keeps a
-    Q8_0 embedding or classifier in int8 (header offset 92)."""
+    requantized, when their blocks are this file's groups; version 3 keeps a Q8_0
+    (exactly) or Q6_K embedding or classifier in int8 (header offset 92)."""
     gs = group_size_for(model.args, version, group_size)
     stored = getattr(model, "stored", None)
     exact = lambda name, bits: stored and name and stored(name, bits, gs)
     int8 = 0
-    if version == 3 and stored:  # a GGUF's embedding or classifier with more than 4 bits keeps 8
+    if version == 3 and stored:  # a GGUF's Q8_0 / Q6_K embedding or classifier keeps 8 bits
         for bit, name in ((1, "tok_embeddings.weight"), (2, None if model.args.shared_classifier else "output.weight")):
-            if name and model.kind(name) != "Q4_0" and model.args.dim % gs == 0:
+            if name and model.kind(name) in ("Q8_0", "Q6_K") and model.args.dim % gs == 0:
                 int8 |= bit
     worst = 0.0
 

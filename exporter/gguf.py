@@ -619,7 +619,7 @@ def our_groups(path):
     (name, bits) -> that tensor's stored (values, float32 scales), or None when
     it is not held in those bits. None for other files."""
     with open(path, "rb") as f:
-        data = f.read()
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # read only where a tensor is copied
     args, version, gs, header = M.read_header(data)
     if version not in (2, 3) or gs != 32:
         return None
