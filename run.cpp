@@ -207,15 +207,19 @@ static std::string config_problem(const Config& c) {
     return "";
 }
 
-// Files people mistake for checkpoints, by their first bytes: a name for the
-// error message, or nullptr. Asked only about files whose header is not valid:
-// a version 0 file with dim 640 starts with the bytes 80 02 00 00, as a pickle does.
+// Files people mistake for checkpoints, by their first bytes: what the error
+// message says (what the file is, and the export.py flag that converts it), or
+// nullptr. Asked only about files whose header is not valid: a version 0 file
+// with dim 640 starts with the bytes 80 02 00 00, as a pickle does.
 static const char* foreign_format(const uint8_t* data, size_t size) {
-    if (size >= 4 && std::memcmp(data, "GGUF", 4) == 0) return "a GGUF file (llama.cpp)";
-    if (size >= 4 && std::memcmp(data, "PK\3\4", 4) == 0) return "a zip archive (a PyTorch .pt/.pth file?)";
-    if (size >= 2 && data[0] == 0x80 && data[1] >= 2 && data[1] <= 5) return "a Python pickle";
+    if (size >= 4 && std::memcmp(data, "GGUF", 4) == 0) return "a GGUF file (llama.cpp): convert it with export.py --gguf";
+    if (size >= 4 && std::memcmp(data, "PK\3\4", 4) == 0)
+        return "a zip archive (a PyTorch .pt/.pth file?): convert it with export.py --checkpoint";
+    if (size >= 2 && data[0] == 0x80 && data[1] >= 2 && data[1] <= 5)
+        return "a Python pickle: convert it with export.py --checkpoint";
     // safetensors: an 8-byte little-endian JSON length, then the JSON object
-    if (size >= 9 && data[8] == '{' && read_at<uint64_t>(data, 0) <= size - 8) return "a safetensors file";
+    if (size >= 9 && data[8] == '{' && read_at<uint64_t>(data, 0) <= size - 8)
+        return "a safetensors file: convert its Hugging Face directory with export.py --hf";
     return nullptr;
 }
 
@@ -225,7 +229,7 @@ static Config read_config(const MappedFile& f, const char* path) {
     const size_t size = f.size();
     const auto refuse_foreign = [&] {
         if (const char* kind = foreign_format(data, size))
-            fatal("%s is %s, not a llama2.c checkpoint: convert it with export.py", path, kind);
+            fatal("%s is not a llama2.c checkpoint but %s", path, kind);
     };
     Config c{};
     int32_t h[7];

@@ -170,12 +170,12 @@ def test_future_version(engine, tiny, tmp_path):
     expect_error(engine, path, "-z", tiny[2], mentions="version 7")
 
 
-FOREIGN = {
-    "gguf": (b"GGUF\3\0\0\0" + bytes(1000), "GGUF"),
+FOREIGN = {  # named, with the export.py flag that converts it
+    "gguf": (b"GGUF\3\0\0\0" + bytes(1000), "GGUF file (llama.cpp): convert it with export.py --gguf"),
     "safetensors": (struct.pack("<Q", 60) + b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'.ljust(60)
-                    + bytes(4), "safetensors"),
-    "pytorch-zip": (b"PK\3\4" + bytes(1000), "zip"),
-    "pickle": (b"\x80\x02}q\0." + bytes(100), "pickle"),
+                    + bytes(4), "safetensors file: convert its Hugging Face directory with export.py --hf"),
+    "pytorch-zip": (b"PK\3\4" + bytes(1000), "zip archive (a PyTorch .pt/.pth file?): convert it with export.py --checkpoint"),
+    "pickle": (b"\x80\x02}q\0." + bytes(100), "pickle: convert it with export.py --checkpoint"),
 }
 
 
