@@ -242,12 +242,11 @@ def to_gguf(a, model):
     """export.py OUT.gguf --to-gguf: the model and its vocabulary for llama.cpp."""
     if a.version is not None or a.group_size is not None or a.awq:
         fail("--to-gguf writes GGUF: --version, --group-size and --awq do not apply (use --type)")
-    if a.bin:  # a version 2 / 3 file's groups of 32 are copied when they are GGUF's blocks
-        stored, version = our_groups(a.bin), M.read_header(open(a.bin, "rb").read(256))[1]
+    groups, version = None, 0  # a version 2 / 3 file's groups of 32 are copied when they are GGUF's blocks
+    if a.bin:
+        groups, version = our_groups(a.bin), M.read_header(open(a.bin, "rb").read(256))[1]
     elif a.gguf:
-        stored, version = (lambda name, bits: model.stored(name, bits, 32)), default_version(model)
-    else:
-        stored, version = None, 0
+        version = default_version(model, say=False)
     if a.type is None:
         a.type = {2: "q8_0", 3: "q4_0"}.get(version, "f32")
     if a.gguf:  # its own vocabulary, as it is
@@ -258,7 +257,7 @@ def to_gguf(a, model):
             fail(f"{path}: no such file: --to-gguf needs the model's tokenizer.bin (--vocab)")
         pieces, scores = read_tokenizer_bin(path, model.args.vocab_size)
         meta = vocabulary_meta(pieces, scores, read_tokenizer_extension(path, len(pieces)))
-    write_gguf(a.out, model, GGUF_TYPES[a.type], meta, stored)
+    write_gguf(a.out, model, GGUF_TYPES[a.type], meta, groups)
 
 # ----------------------------------------------------------------------------
 

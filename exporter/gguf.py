@@ -335,7 +335,7 @@ def stored(g, name, bits, group_size):
     return nib[:, 0::2] | (nib[:, 1::2] << 4), d
 
 
-def default_version(model):
+def default_version(model, say=True):
     """What --gguf writes without --version: the file's matrices kept exactly,
     as version 3 / 2 when they are all Q4_0 or Q8_0 (Q4_0 with a Q8_0 embedding
     or classifier too), else as fp32 (every GGUF value is a float32), said in a line."""
@@ -346,7 +346,7 @@ def default_version(model):
         return 2
     if layers == {Q4_0}:
         return 3
-    if kinds & {Q8_0, Q4_0, Q6_K}:
+    if say and kinds & {Q8_0, Q4_0, Q6_K}:
         progress(f"{g.path}: matrices of types {'/'.join(sorted(TYPES[k][0] for k in kinds))}: written as fp32, "
                  "every value exact (--version 2 or 3 would requantize)")
     return 0
@@ -524,15 +524,23 @@ def vocabulary_meta(pieces, scores, ext):
     return meta
 
 
-def write_gguf(path, model, kind, vocab, stored=None):
+def write_gguf(path, model, kind, vocab, groups=None):
     """model (args + state dict) as a GGUF v3 file of type kind (F32, F16, Q8_0
     or Q4_0 for every matrix; norms F32; for Q4_0 the classifier in Q8_0, as
     llama.cpp's quantizer keeps it when Q6_K does not fit). vocab: the
-    tokenizer.ggml.* metadata. stored(name, bits) gives our int8/int4 groups
-    of 32 when the model came from a version 2 / 3 file: copied exactly when
+    tokenizer.ggml.* metadata. What a quantized source holds is kept: a GGUF
+    source's tensors already of the type written are copied as they are, and
+    groups (our_groups: a version 2 / 3 file's groups of 32) are copied when
     their scales are fp16 values."""
     from export import write_atomically
     a, sd = model.args, model.state_dict()
+    source = getattr(model, "gguf", None)
+
+    def held(name):  # the bits a quantized source holds this tensor in, as blocks / groups of 32, or None
+        if source is not None:
+            return {Q8_0: 8, Q4_0: 4}.get(source.tensors[gguf_name(name)][0])
+        return groups[name][0] if groups and name in groups else None
+
     names = ["tok_embeddings.weight", "norm.weight"] + ([] if a.shared_classifier else ["output.weight"])
     for i in range(a.n_layers):
         names += [f"layers.{i}.{n}" for n in GGUF_NAMES]
@@ -558,8 +566,8 @@ def write_gguf(path, model, kind, vocab, stored=None):
         if len(shapes[name]) == 1:
             return F32
         t = kind
-        if kind == Q4_0 and name == "output.weight" or kind == Q4_0 and stored and stored(name, 8) is not None:
-            t = Q4_0 if stored and stored(name, 4) is not None else Q8_0  # what the file holds, else Q8_0
+        if kind == Q4_0 and (name == "output.weight" or held(name) == 8):
+            t = Q4_0 if held(name) == 4 else Q8_0  # what the source holds, else Q8_0
         if t in (Q8_0, Q4_0) and shapes[name][1] % 32:
             progress(f"  {gguf_name(name)}: rows of {shapes[name][1]} values are not whole blocks of 32: kept in F32")
             return F32
@@ -581,14 +589,15 @@ def write_gguf(path, model, kind, vocab, stored=None):
 
     def data(name):
         t = types[name]
-        if t in (Q8_0, Q4_0) and stored is not None:
-            held = stored(name, 8 if t == Q8_0 else 4)
-            if held is not None:
-                blocks = exact_blocks(held, t)
-                if blocks is not None:
-                    copied.append(name)
-                    return blocks
-                rounded.append(name)
+        if source is not None and name not in extra and source.tensors[gguf_name(name)][0] == t:
+            copied.append(name)
+            return bytes(source.raw(gguf_name(name))[0])
+        if t in (Q8_0, Q4_0) and held(name) == (8 if t == Q8_0 else 4) and source is None:
+            blocks = exact_blocks(groups[name][1], t)
+            if blocks is not None:
+                copied.append(name)
+                return blocks
+            rounded.append(name)
         w = (extra[name] if name in extra else sd[name]).detach().to(torch.float32).numpy()
         if t == F32:
             return w.astype("<f4").tobytes()
@@ -607,7 +616,7 @@ def write_gguf(path, model, kind, vocab, stored=None):
     progress(f"writing {path} (GGUF v3, {TYPES[kind][0]})")
     write_atomically(path, chunks())
     if copied:
-        progress(f"{len(copied)} tensors copied exactly from our groups of 32")
+        progress(f"{len(copied)} tensors copied exactly from the source")
     if rounded:
         progress(f"{len(rounded)} tensors requantized by llama.cpp's rules: their float32 scales are not fp16 values "
                  f"(first: {gguf_name(rounded[0])})")
@@ -615,9 +624,9 @@ def write_gguf(path, model, kind, vocab, stored=None):
 
 
 def our_groups(path):
-    """For one of our version 2 / 3 files with group size 32: a function
-    (name, bits) -> that tensor's stored (values, float32 scales), or None when
-    it is not held in those bits. None for other files."""
+    """For one of our version 2 / 3 files with group size 32: {name: (bits,
+    (values, float32 scales))} of its quantized tensors, views into the mapped
+    file. None for other files."""
     with open(path, "rb") as f:
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # read only where a tensor is copied
     args, version, gs, header = M.read_header(data)
@@ -642,4 +651,4 @@ def our_groups(path):
             take(f"layers.{i}.{name}", rows, cols, bits)
     if not args.shared_classifier:
         take("output.weight", args.vocab_size, D, 8 if int8 & 2 else bits)
-    return lambda name, b: held[name][1] if name in held and held[name][0] == b else None
+    return held

@@ -305,6 +305,11 @@ def test_round_trip_keeps_every_block(kind, tmp_path):
         assert back.tensors[twin][0] == orig.tensors[name][0], name
         assert bytes(back.raw(twin)[0]) == bytes(orig.raw(name)[0]), name
     assert set(back.tensors) <= set(orig.tensors)
+    # and GGUF -> GGUF directly: each tensor already of the type written is copied as it is
+    export(tmp_path / "again.gguf", "--to-gguf", "--gguf", src)
+    again = Reader(str(tmp_path / "again.gguf"))
+    for name in again.tensors:
+        assert bytes(again.raw(name)[0]) == bytes(orig.raw(name)[0]), name
 
 
 # ----------------------------------------------------------------------------
