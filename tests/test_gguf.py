@@ -45,10 +45,10 @@ from test_tokenizer import varied_strings
 
 GGUF = MODELS / "gguf"
 NODE_LLAMA = ROOT / "build" / "npm" / "node_modules" / "node-llama-cpp"
-LLAMA_Q8_0 = 1 + 2 * 127 * 2.0 ** -11 / 1  # llama.cpp's Q8_0 activation error over runq's half step: 1 + 127 / 1024
+LLAMA_Q8_0 = 1 + 2 * 127 * 2.0 ** -11  # llama.cpp's Q8_0 activation error over runq's half step: 1 + 127 / 1024
 PROMPTS = ["Once upon a time", "Lily and Tom went to the park to play with a", "The cat sat on the", "One day, a"]
 
-# the GGUF files written by llama.cpp's own tools: name -> (quantized, the engine that runs the import)
+# the GGUF files written by llama.cpp's own tools: name -> quantized (runq runs the import; else run)
 FILES = {"stories260K-f32": False, "tinystories-f32": False, "tinystories-q8_0": True, "tinystories-q4_0": True}
 
 
