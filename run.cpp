@@ -83,7 +83,13 @@ public:
             fatal("%s is empty", path);
         }
         size_ = (size_t)st.st_size;
+        // MAP_POPULATE maps every page now, in one call, instead of a page fault
+        // at a time in the first forward pass (which would count in the prompt's speed).
+#ifdef MAP_POPULATE
+        void* p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+#else
         void* p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+#endif
         close(fd);  // the mapping keeps the file alive
         if (p == MAP_FAILED) fatal("cannot map %s: %s", path, std::strerror(errno));
         data_ = static_cast<const uint8_t*>(p);
@@ -501,8 +507,10 @@ static void store_kv(KVCache& kv, const Config& c, int positions, int l, int pos
 
 // Prompt tokens per pass over the weights: each weight row, once in cache,
 // serves the whole block, so reading a prompt costs far less memory traffic
-// per token than generating does.
-constexpr int kBlock = 128;
+// per token than generating does. 192 is four of matmul's passes of 48 tokens;
+// each pass over the weights costs time that compute hides only in part
+// (a 131-token prompt read in one block rather than two: 13% faster on a 7B layer).
+constexpr int kBlock = 192;
 
 struct RunState {
     FloatBuffer x;            // (block, dim) the residual stream
@@ -514,6 +522,7 @@ struct RunState {
     FloatBuffer q_scale;      // (block, n_heads) their scales
     FloatBuffer att;          // (block, n_heads, positions) attention scores
     FloatBuffer logits;       // (block, vocab_size)
+    FloatBuffer xt;           // (max(dim, hidden_dim), kBlock) a block's matmul input, turned over
     KVCache kv;               // (layer, positions, kv_dim) keys and values
     FloatBuffer rope_cos;     // (positions, head_size / 2)
     FloatBuffer rope_sin;     // (positions, head_size / 2)
@@ -526,12 +535,13 @@ static RunState make_run_state(const Config& c, int positions, bool kv_int8) {
     const uint64_t half = c.head_size() / 2, att = mul_ck(kBlock * c.n_heads, positions);
     const uint64_t dim = kBlock * c.dim, hidden = kBlock * c.hidden_dim, logits = kBlock * c.vocab_size;
     const uint64_t kv = kBlock * c.kv_dim(), heads = kBlock * c.n_heads;
-    const uint64_t floats = 5 * dim + 2 * hidden + 2 * kv + heads + att + logits + 2 * positions * half;
+    const uint64_t xt = (uint64_t)kBlock * std::max(c.dim, c.hidden_dim);
+    const uint64_t floats = 5 * dim + 2 * hidden + 2 * kv + heads + att + logits + xt + 2 * positions * half;
     check_fits_in_memory(add_ck(floats * sizeof(float) + dim, kv_cache_bytes(c, positions, kv_int8)), positions);
     RunState s{alloc_floats(dim), alloc_floats(dim), alloc_floats(dim),
                alloc_floats(hidden), alloc_floats(hidden), alloc_floats(dim),
                alloc_floats(kv), alloc_floats(kv), alloc_int8(dim), alloc_floats(heads),
-               alloc_floats(att), alloc_floats(logits), make_kv_cache(c, positions, kv_int8),
+               alloc_floats(att), alloc_floats(logits), alloc_floats(xt), make_kv_cache(c, positions, kv_int8),
                alloc_floats(positions * half), alloc_floats(positions * half), positions};
     fill_rope_tables(s.rope_cos.get(), s.rope_sin.get(), c, positions);
     return s;
@@ -815,7 +825,8 @@ static void attention(RunState& s, const Config& c, int l, int pos, int n) {
                                            head_size);
 
     const float inv_sqrt = 1.0f / std::sqrt((float)head_size);
-    #pragma omp parallel for schedule(static)
+    // (one pair at a time to each thread in turn: later tokens see more positions)
+    #pragma omp parallel for schedule(static, 1)
     for (int bh = 0; bh < n * c.n_heads; bh++) {
         const int b = bh / c.n_heads, h = bh % c.n_heads, last = pos + b;
         const size_t row = kv.head(c, s.positions, l, h / kv_mul);  // position 0 of the kv head it reads
@@ -873,39 +884,20 @@ static void rows_reference(float* out, const float* x, const float* w, int n, in
     rows_reference(out, x, w, n, d, nb, 0, d);
 }
 
-// The fast kernels run 16 rows' sums side by side, row r in lane r: column j
-// of the 16 rows (w[i .. i + 15, j]) times x[j] in every lane advances all 16
-// sums by one term with one madd16, in the reference's order. No horizontal
-// sums, and as many independent sums as lanes. The matrix is stored by rows,
-// so its 16 x 16 blocks are transposed on the way in (transpose16).
+// Generating (one token), the fast kernel runs 16 rows' sums side by side, row
+// r in lane r: column j of the 16 rows (w[i .. i + 15, j]) times x[j] in every
+// lane advances all 16 sums by one term with one madd16, in the reference's
+// order. No horizontal sums, and as many independent sums as lanes. The matrix
+// is stored by rows, so its blocks are transposed on the way in.
 // A panel is 16 rows; a tile, four panels, is what the threads share out.
-constexpr int kPanel = 16;   // rows per panel: one per lane
-constexpr int kTile = 64;    // rows per tile
-constexpr int kSlab = 256;   // a tile's columns transposed at a time for a prompt (64 KB)
-constexpr int kTokens = 6;   // tokens whose sums stay in registers: 4 panels x 6 = 24 registers
-static inline int tiles(int d) { return (d + kTile - 1) / kTile; }
+constexpr int kPanel = 16;  // rows per panel: one per lane
+constexpr int kTile = 64;   // rows per tile
 
 // Each row is asked for kAhead columns ahead of its loads (clamped to the row):
 // sixteen short streams at once are more than the hardware prefetcher
 // follows from the start (without it, decode ran 10-20% slower).
 constexpr int kAhead = 64;
-
-// columns16: col[q] lane r = w[r * n + j + q], q < count: columns
-// j .. j + count - 1 of the 16 rows at w (row stride n). Whole blocks of 16
-// go through transpose16; a matrix's last n % 16 columns one value at a time.
-static inline void columns16(f32x16* col, const float* w, int n, int j, int count) {
-    if (count == 16) {
-        f32x16 r[16];
-        const int ahead = std::min(j + kAhead, n - 1);
-        for (int q = 0; q < 16; q++) __builtin_prefetch(w + (size_t)q * n + ahead);
-        for (int q = 0; q < 16; q++) load16(r[q], w + (size_t)q * n + j);
-        transpose16(r);
-        for (int q = 0; q < 16; q++) col[q] = r[q];
-    } else {
-        for (int q = 0; q < count; q++)
-            for (int r = 0; r < 16; r++) col[q][r] = w[(size_t)r * n + j + q];
-    }
-}
+static inline int tiles(int d) { return (d + kTile - 1) / kTile; }
 
 // panel_token: out[0 .. 15] = the 16 rows at w (row stride n) times one
 // token's x: the generating case. Each W x W block of the panel is transposed
@@ -936,93 +928,160 @@ static void panel_token(float* out, const float* w, const float* x, int n) {
     std::memcpy(out, acc, sizeof acc);
 }
 
-// slab_tokens<P, T>: for T tokens (x, row stride n; out, row stride d) and P
-// panels, the next `cols` terms of their sums from a transposed slab (panel
-// p's column k at slab[p * kSlab + k]). The P T sums stay in registers across
-// the slab: each column loaded serves T tokens, each broadcast P panels. The
-// sums start at zero on a row's first slab (first), else from out.
-template <int P, int T>
-static inline void slab_tokens(float* out, const f32x16* slab, int cols, const float* x, int n, int d, bool first) {
-    f32x16 acc[T][P];
-    for (int t = 0; t < T; t++)
-        for (int p = 0; p < P; p++)
-            if (first) acc[t][p] = f32x16{};
-            else load16(acc[t][p], out + (size_t)t * d + kPanel * p);
-    for (int k = 0; k < cols; k++)
-        for (int t = 0; t < T; t++) {
-            const f32x16 xk = x[(size_t)t * n + k] - f32x16{};
-            for (int p = 0; p < P; p++) madd16(acc[t][p], slab[p * kSlab + k], xk);
+// Reading a prompt (a block of tokens), the lanes hold tokens instead: token b
+// in lane b % 16. The block's activations are turned over once (x (nb, n) ->
+// xt, 16 tokens of one column side by side), and each weight w[i, k], loaded
+// as it lies in its row and broadcast, advances 16 tokens' sums of row i by one
+// term with one madd16, again in the reference's order. kRows rows x kVecs
+// vectors of tokens stay in registers (8 x 3 = 24 sums with AVX-512): per
+// column, kVecs loads and kRows broadcasts feed kRows kVecs madds, and the
+// weights need no transposing (turning x over costs nb n moves; the weights,
+// d n per block). Column blocks of kCols keep a pass's activations in L1.
+constexpr int kRows = kW == 16 ? 8 : kW == 8 ? 6 : 4;  // rows whose sums stay in registers
+constexpr int kVecs = kW == 16 ? 3 : 1;                // ... times vectors of 16 tokens (32, 16 or 16 registers)
+constexpr int kPass = 16 * kVecs;                      // tokens per pass over a tile's rows
+constexpr int kCols = 256;                             // columns per block: a pass's 48 KB of activations
+static_assert(kBlock % kPass == 0, "xt and a tile's sums hold whole passes");
+
+// transpose_tokens: xt[p][k][c] = x[kPass p + c, k] for pass p (zero for
+// tokens past nb): each pass's columns of kPass tokens, one after another.
+// Called inside a parallel region, it shares the 16 x 16 blocks among the
+// threads (an orphaned omp for, which ends with a barrier).
+static void transpose_tokens(float* xt, const float* x, int n, int nb) {
+    const int vecs = (nb + 15) / 16, blocks = (n + 15) / 16;
+    #pragma omp for schedule(static)
+    for (int vb = 0; vb < vecs * blocks; vb++) {
+        const int v = vb / blocks, k0 = vb % blocks * 16, tokens = std::min(16, nb - 16 * v);
+        const float* xv = x + (size_t)16 * v * n;
+        float* out = xt + (size_t)(v / kVecs) * n * kPass + 16 * (v % kVecs);  // column k at out + k kPass
+        if (k0 + 16 <= n) {
+            f32x16 r[16];
+            for (int q = 0; q < 16; q++)
+                if (q < tokens) load16(r[q], xv + (size_t)q * n + k0);
+                else r[q] = f32x16{};
+            transpose16(r);
+            for (int c = 0; c < 16; c++) std::memcpy(out + (size_t)(k0 + c) * kPass, &r[c], sizeof r[c]);
+        } else {
+            for (int k = k0; k < n; k++)
+                for (int q = 0; q < 16; q++) out[(size_t)k * kPass + q] = q < tokens ? xv[(size_t)q * n + k] : 0.0f;
         }
-    for (int t = 0; t < T; t++)
-        for (int p = 0; p < P; p++) std::memcpy(out + (size_t)t * d + kPanel * p, &acc[t][p], sizeof(f32x16));
+    }
 }
-template <int P>
-static void slab_all_tokens(float* out, const f32x16* slab, int cols, const float* x, int n, int d, int nb, bool first) {
-    int b = 0;
-    for (; b + kTokens <= nb; b += kTokens)
-        slab_tokens<P, kTokens>(out + (size_t)b * d, slab, cols, x + (size_t)b * n, n, d, first);
-    for (; b < nb; b++) slab_tokens<P, 1>(out + (size_t)b * d, slab, cols, x + (size_t)b * n, n, d, first);
+
+// rows_tokens<R, T>: for R rows at w (row stride n) and 16 T tokens (one pass,
+// xt as transpose_tokens lays it out), the terms of columns k0 .. k1 - 1 of
+// their sums, kept in sums (row stride kBlock, token b at sums[b]); they
+// start at zero on the first column block (first).
+template <int R, int T>
+static inline void rows_tokens(float* sums, const float* w, int n, const float* xt, int k0, int k1, bool first) {
+    f32x16 acc[R][T];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            if (first) acc[r][t] = f32x16{};
+            else load16(acc[r][t], sums + (size_t)r * kBlock + 16 * t);
+    for (int k = k0; k < k1; k++) {
+        if (k % 16 == 0)  // R short streams: ask ahead, as panel_token does
+            for (int r = 0; r < R; r++) __builtin_prefetch(w + (size_t)r * n + std::min(k + kAhead, n - 1));
+        f32x16 xk[T];
+        for (int t = 0; t < T; t++) load16(xk[t], xt + (size_t)k * kPass + 16 * t);
+        for (int r = 0; r < R; r++) {
+            const f32x16 wk = w[(size_t)r * n + k] - f32x16{};  // (w - 0: a broadcast)
+            for (int t = 0; t < T; t++) madd16(acc[r][t], wk, xk[t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) std::memcpy(sums + (size_t)r * kBlock + 16 * t, &acc[r][t], sizeof(f32x16));
+}
+// tile_rows<T>: rows_tokens over `rows` rows: kRows at a time, then 4, 2, 1.
+template <int T>
+static void tile_rows(float* sums, const float* w, int n, int rows, const float* xt, int k0, int k1, bool first) {
+    int r = 0;
+    for (; r + kRows <= rows; r += kRows) rows_tokens<kRows, T>(sums + (size_t)r * kBlock, w + (size_t)r * n, n, xt, k0, k1, first);
+    if (r + 4 <= rows) rows_tokens<4, T>(sums + (size_t)r * kBlock, w + (size_t)r * n, n, xt, k0, k1, first), r += 4;
+    if (r + 2 <= rows) rows_tokens<2, T>(sums + (size_t)r * kBlock, w + (size_t)r * n, n, xt, k0, k1, first), r += 2;
+    if (r + 1 <= rows) rows_tokens<1, T>(sums + (size_t)r * kBlock, w + (size_t)r * n, n, xt, k0, k1, first);
 }
 
 // matmul_tile: tile t (rows 64t .. 64t + 63) of W (d, n) @ x (nb, n) -> out
-// (nb, d). One token: panel by panel. A block of tokens (a prompt): kSlab
-// columns of the tile transposed once into L2, then read by every kTokens
-// tokens. Rows past the last whole panel (d % 16): the reference's loops.
-static void matmul_tile(float* out, const float* x, const float* w, int n, int d, int nb, int t) {
-    const int i = kTile * t, panels = std::min(kTile, d - i) / kPanel;
+// (nb, d). One token: panel by panel, rows past the last whole panel (d % 16)
+// by the reference's loops. A block: from xt (x turned over), column block by
+// column block, pass by pass; the tile's sums wait in `sums` ([row][token])
+// and are turned back into out's rows 16 x 16 at the end.
+static void matmul_tile(float* out, const float* x, const float* xt, const float* w, int n, int d, int nb, int t) {
+    const int i = kTile * t, rows = std::min(kTile, d - i);
     if (nb == 1) {
+        const int panels = rows / kPanel;
         for (int p = 0; p < panels; p++) panel_token(out + i + kPanel * p, w + (size_t)(i + kPanel * p) * n, x, n);
-    } else if (panels > 0) {
-        alignas(64) f32x16 slab[kTile / kPanel * kSlab];  // [panel][column]
-        for (int j = 0; j < n; j += kSlab) {
-            const int cols = std::min(kSlab, n - j);
-            for (int p = 0; p < panels; p++)
-                for (int q = 0; q < cols; q += 16)
-                    columns16(slab + p * kSlab + q, w + (size_t)(i + kPanel * p) * n, n, j + q, std::min(16, cols - q));
-            if (panels == kTile / kPanel) {
-                slab_all_tokens<kTile / kPanel>(out + i, slab, cols, x + j, n, d, nb, j == 0);
-            } else {
-                for (int p = 0; p < panels; p++)
-                    slab_all_tokens<1>(out + i + kPanel * p, slab + p * kSlab, cols, x + j, n, d, nb, j == 0);
-            }
+        rows_reference(out, x, w, n, d, nb, i + kPanel * panels, i + rows);
+        return;
+    }
+    alignas(64) float sums[kTile * kBlock];
+    const int vecs = (nb + 15) / 16;
+    for (int k0 = 0; k0 < n; k0 += kCols) {
+        const int k1 = std::min(n, k0 + kCols);
+        for (int v = 0; v < vecs; v += kVecs) {  // a pass: vectors v .. v + kVecs - 1
+            const int T = std::min(kVecs, vecs - v);
+            const float* xp = xt + (size_t)(v / kVecs) * n * kPass;
+            const float* wi = w + (size_t)i * n;
+            if (T == kVecs) tile_rows<kVecs>(sums + 16 * v, wi, n, rows, xp, k0, k1, k0 == 0);
+            else if (T == 2) tile_rows<2>(sums + 16 * v, wi, n, rows, xp, k0, k1, k0 == 0);
+            else tile_rows<1>(sums + 16 * v, wi, n, rows, xp, k0, k1, k0 == 0);
         }
     }
-    rows_reference(out, x, w, n, d, nb, i + kPanel * panels, std::min(i + kTile, d));
+    int r = 0;
+    for (; r + 16 <= rows; r += 16)
+        for (int b = 0; b < nb; b += 16) {
+            f32x16 v[16];
+            for (int q = 0; q < 16; q++) load16(v[q], sums + (size_t)(r + q) * kBlock + b);
+            transpose16(v);  // v[q]: token b + q's sums of rows r .. r + 15
+            for (int q = 0; q < std::min(16, nb - b); q++) std::memcpy(out + (size_t)(b + q) * d + i + r, &v[q], sizeof v[q]);
+        }
+    for (; r < rows; r++)
+        for (int b = 0; b < nb; b++) out[(size_t)b * d + i + r] = sums[(size_t)r * kBlock + b];
 }
 
-// matmul: W (d, n) @ x (nb, n) -> out (nb, d), any sizes; out must not alias x.
-// Tiles are split across threads, rows never, so a result does not depend on
-// the thread count either.
-static void matmul(float* out, const float* x, const float* w, int n, int d, int nb) {
-    #pragma omp parallel for schedule(static)
-    for (int t = 0; t < tiles(d); t++) matmul_tile(out, x, w, n, d, nb, t);
+// parallel_tiles: tile(t) for t < count, shared out among the threads, after
+// x (nb, n) is turned over into xt for a block of tokens. Tiles go to threads,
+// rows never split, so a result does not depend on the thread count either.
+template <typename Tile>
+static void parallel_tiles(int count, const float* x, float* xt, int n, int nb, Tile tile) {
+    #pragma omp parallel
+    {
+        if (nb > 1) transpose_tokens(xt, x, n, nb);
+        #pragma omp for schedule(static)
+        for (int t = 0; t < count; t++) tile(t);
+    }
+}
+
+// matmul: W (d, n) @ x (nb, n) -> out (nb, d), any sizes, nb <= kBlock; out
+// must not alias x. xt: scratch of kBlock n floats (unused for one token).
+static void matmul(float* out, const float* x, const float* w, int n, int d, int nb, float* xt) {
+    parallel_tiles(tiles(d), x, xt, n, nb, [&](int t) { matmul_tile(out, x, xt, w, n, d, nb, t); });
 }
 
 // matmul_qkv: q, k, v = Wq x, Wk x, Wv x (dq, dkv and dkv rows, n columns, nb
 // tokens): the three matrices' tiles in one parallel loop, so the threads
-// start and meet once instead of three times.
+// start and meet once instead of three times, and x is turned over once.
 static void matmul_qkv(float* q, float* k, float* v, const float* x, const float* wq, const float* wk, const float* wv, int n, int dq,
-                       int dkv, int nb) {
+                       int dkv, int nb, float* xt) {
     const int tq = tiles(dq), tkv = tiles(dkv);
-    #pragma omp parallel for schedule(static)
-    for (int t = 0; t < tq + 2 * tkv; t++) {
-        if (t < tq) matmul_tile(q, x, wq, n, dq, nb, t);
-        else if (t < tq + tkv) matmul_tile(k, x, wk, n, dkv, nb, t - tq);
-        else matmul_tile(v, x, wv, n, dkv, nb, t - tq - tkv);
-    }
+    parallel_tiles(tq + 2 * tkv, x, xt, n, nb, [&](int t) {
+        if (t < tq) matmul_tile(q, x, xt, wq, n, dq, nb, t);
+        else if (t < tq + tkv) matmul_tile(k, x, xt, wk, n, dkv, nb, t - tq);
+        else matmul_tile(v, x, xt, wv, n, dkv, nb, t - tq - tkv);
+    });
 }
 
 // matmul_swiglu: h = silu(W1 x) * (W3 x) (d rows each, nb tokens; h3 is
 // scratch for W3 x): both matrices tile by tile in one parallel loop, the gate
 // applied while the tile is in cache.
-static void matmul_swiglu(float* h, float* h3, const float* x, const float* w1, const float* w3, int n, int d, int nb) {
-    #pragma omp parallel for schedule(static)
-    for (int t = 0; t < tiles(d); t++) {
-        matmul_tile(h, x, w1, n, d, nb, t);
-        matmul_tile(h3, x, w3, n, d, nb, t);
+static void matmul_swiglu(float* h, float* h3, const float* x, const float* w1, const float* w3, int n, int d, int nb, float* xt) {
+    parallel_tiles(tiles(d), x, xt, n, nb, [&](int t) {
+        matmul_tile(h, x, xt, w1, n, d, nb, t);
+        matmul_tile(h3, x, xt, w3, n, d, nb, t);
         const int i = kTile * t, rows = std::min(kTile, d - i);
         for (int b = 0; b < nb; b++) swiglu(h + (size_t)b * d + i, h3 + (size_t)b * d + i, rows);
-    }
+    });
 }
 
 // ----------------------------------------------------------------------------
@@ -1060,7 +1119,7 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
         {
             Stopwatch clock{tr.matmul_seconds};
             matmul_qkv(s.q.get(), k, v, s.xb.get(), w.wq + l * dim * dim, w.wk + l * kv_dim * dim,
-                       w.wv + l * kv_dim * dim, dim, dim, kv_dim, n);
+                       w.wv + l * kv_dim * dim, dim, dim, kv_dim, n, s.xt.get());
         }
 
         // q, k = apply_rope(q, k); out = softmax(q @ k.T / sqrt(head_size), causal) @ v
@@ -1072,7 +1131,7 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
         // x = x + self.attention.wo(out)
         {
             Stopwatch clock{tr.matmul_seconds};
-            matmul(s.xb2.get(), s.xb.get(), w.wo + l * dim * dim, dim, dim, n);
+            matmul(s.xb2.get(), s.xb.get(), w.wo + l * dim * dim, dim, dim, n, s.xt.get());
         }
         accum(x, s.xb2.get(), n * dim);
 
@@ -1081,11 +1140,11 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
         {
             Stopwatch clock{tr.matmul_seconds};
             matmul_swiglu(s.hb.get(), s.hb2.get(), s.xb.get(), w.w1 + l * hidden * dim, w.w3 + l * hidden * dim,
-                          dim, hidden, n);
+                          dim, hidden, n, s.xt.get());
         }
         {
             Stopwatch clock{tr.matmul_seconds};
-            matmul(s.xb.get(), s.hb.get(), w.w2 + l * dim * hidden, hidden, dim, n);
+            matmul(s.xb.get(), s.hb.get(), w.w2 + l * dim * hidden, hidden, dim, n, s.xt.get());
         }
         accum(x, s.xb.get(), n * dim);
     }
@@ -1095,7 +1154,7 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
     for (int b = first; b < n; b++) rmsnorm(x + b * dim, x + b * dim, w.rms_final, dim, c.norm_eps);
     {
         Stopwatch clock{tr.matmul_seconds};
-        matmul(s.logits.get(), x + first * dim, w.wcls, dim, c.vocab_size, n - first);
+        matmul(s.logits.get(), x + first * dim, w.wcls, dim, c.vocab_size, n - first, s.xt.get());
     }
     check_logits(s.logits.get(), c.vocab_size, first == n - 1 ? pos + n - 1 : pos, n - first);
     return s.logits.get();
@@ -1655,8 +1714,13 @@ static float* prefill(Transformer& tr, const std::vector<int>& tokens, int pos, 
     const int vocab = tr.config().vocab_size;
     const bool all = hooks.dump != nullptr;
     float* logits = nullptr;
-    for (size_t i = 0; i < tokens.size(); i += hooks.block) {
-        const int n = (int)std::min(tokens.size() - i, (size_t)hooks.block);
+    // Blocks of about equal size, rounded up to whole vectors of 16 tokens (run's
+    // prompt matmul holds 16 tokens in a register): 195 tokens are read as
+    // 112 + 83, not as 192 + 3, whose 3 would cost a pass over the weights alone.
+    const size_t blocks = std::max<size_t>(1, (tokens.size() + hooks.block - 1) / hooks.block);
+    const size_t size = std::min<size_t>(hooks.block, ((tokens.size() + blocks - 1) / blocks + 15) / 16 * 16);
+    for (size_t i = 0; i < tokens.size(); i += size) {
+        const int n = (int)std::min(tokens.size() - i, size);
         logits = forward(tr, &tokens[i], n, pos + (int)i, all);
         for (int b = 0; all && b < n; b++) {
             dump_logits(hooks.dump, pos + (int)i + b, tokens[i + b], logits + (size_t)b * vocab, vocab);

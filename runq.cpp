@@ -90,7 +90,13 @@ public:
             fatal("%s is empty", path);
         }
         size_ = (size_t)st.st_size;
+        // MAP_POPULATE maps every page now, in one call, instead of a page fault
+        // at a time in the first forward pass (which would count in the prompt's speed).
+#ifdef MAP_POPULATE
+        void* p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+#else
         void* p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+#endif
         close(fd);  // the mapping keeps the file alive
         if (p == MAP_FAILED) fatal("cannot map %s: %s", path, std::strerror(errno));
         data_ = static_cast<const uint8_t*>(p);
@@ -573,8 +579,9 @@ static void store_kv(KVCache& kv, const Config& c, int positions, int l, int pos
 
 // Prompt tokens per pass over the weights: each weight row, once in cache,
 // serves the whole block, so reading a prompt costs far less memory traffic
-// per token than generating does.
-constexpr int kBlock = 128;
+// per token than generating does. As in run.cpp: a 131-token prompt read in one
+// block rather than two was 3-10% faster.
+constexpr int kBlock = 192;
 
 // Storage for activation rows in int8: a matmul's input is quantized here, in
 // the weights' groups (so a row of n values has t.groups(n) scales).
@@ -907,7 +914,8 @@ static void attention(RunState& s, const Config& c, int l, int pos, int n) {
                                            head_size);
 
     const float inv_sqrt = 1.0f / std::sqrt((float)head_size);
-    #pragma omp parallel for schedule(static)
+    // (one pair at a time to each thread in turn: later tokens see more positions)
+    #pragma omp parallel for schedule(static, 1)
     for (int bh = 0; bh < n * c.n_heads; bh++) {
         const int b = bh / c.n_heads, h = bh % c.n_heads, last = pos + b;
         const size_t row = kv.head(c, s.positions, l, h / kv_mul);  // position 0 of the kv head it reads
@@ -2213,8 +2221,13 @@ static float* prefill(Transformer& tr, const std::vector<int>& tokens, int pos, 
     const int vocab = tr.config().vocab_size;
     const bool all = hooks.dump != nullptr;
     float* logits = nullptr;
-    for (size_t i = 0; i < tokens.size(); i += hooks.block) {
-        const int n = (int)std::min(tokens.size() - i, (size_t)hooks.block);
+    // Blocks of about equal size, rounded up to whole vectors of 16 tokens (run's
+    // prompt matmul holds 16 tokens in a register): 195 tokens are read as
+    // 112 + 83, not as 192 + 3, whose 3 would cost a pass over the weights alone.
+    const size_t blocks = std::max<size_t>(1, (tokens.size() + hooks.block - 1) / hooks.block);
+    const size_t size = std::min<size_t>(hooks.block, ((tokens.size() + blocks - 1) / blocks + 15) / 16 * 16);
+    for (size_t i = 0; i < tokens.size(); i += size) {
+        const int n = (int)std::min(tokens.size() - i, size);
         logits = forward(tr, &tokens[i], n, pos + (int)i, all);
         for (int b = 0; all && b < n; b++) {
             dump_logits(hooks.dump, pos + (int)i + b, tokens[i + b], logits + (size_t)b * vocab, vocab);

@@ -308,16 +308,17 @@ def test_unencodable_prompt_without_byte_fallback(engine, tmp_path):
 @pytest.mark.parametrize("cache", ["f32", "int8"])
 def test_prompt_blocks_change_nothing(engine, tmp_path, cache):
     """Every position's logits, to the bit, and the text, for blocks of 1 (token
-    by token), 7 (blocks that do not divide the prompt) and the default 128,
+    by token), 7 (blocks that do not divide the prompt), at most 50 (three blocks
+    of about equal size, rounded up to 16: 48 + 48 + the rest) and the default 192,
     with either KV cache (an int8 one is written once per position, whatever the block)."""
     prompt = "Once upon a time, there was a little dog named Max. He liked to run in the park and " * 2
     outs = []
-    for block in ("1", "7", None):
+    for block in ("1", "7", "50", None):
         dump = tmp_path / f"block{block}.logits"
         env = {"RUN_DUMP_LOGITS": str(dump), **({"RUN_BLOCK": block} if block else {})}
         out = stories(engine, "-s", 5, "-n", 160, "-k", cache, "-i", prompt, env=env).stdout
         outs.append((out, dump.read_bytes()))
-    assert len(outs[0][1]) > 100 * 2060 and outs[0] == outs[1] == outs[2]
+    assert len(outs[0][1]) > 100 * 2060 and outs[0] == outs[1] == outs[2] == outs[3]
 
 
 def test_chat_prompt_blocks_change_nothing(engine):
@@ -327,7 +328,7 @@ def test_chat_prompt_blocks_change_nothing(engine):
     assert len(outs) == 1
 
 
-@pytest.mark.parametrize("value", ["0", "129", "x", "-1"])
+@pytest.mark.parametrize("value", ["0", "193", "x", "-1"])
 def test_bad_run_block(engine, value):
     p = run(engine.binary, engine.stories, "-z", TOK512, check=False, env={"RUN_BLOCK": value})
     assert p.returncode == 1 and b"RUN_BLOCK" in p.stderr

@@ -56,17 +56,19 @@ static void test_softmax() {
 
 // matmul equals matmul_reference to the bit, and that is within the bound of
 // a double reference: d around the 16-row panel and the 64-row tile (a tile
-// with 1..4 whole panels and rows left over), tokens one at a time, a block
-// (6 sums in registers + 2 alone), six tiles of 6 and one alone; x and w deliberately
-// misaligned by 0..3 floats so no SIMD path can assume alignment; and each
-// token's result the same, to the bit, whether or not it is in a block.
+// with 1..4 whole panels and rows left over; for a block, 8-row groups and then
+// 4, 2 and 1 rows), tokens one at a time, blocks of 8 (one part-filled vector of
+// 16 tokens), 37 (a pass of three vectors, the last part-filled), 100 (two whole
+// passes and one vector) and kBlock, and n across column blocks of 256; x and w
+// deliberately misaligned by 0..3 floats so no SIMD path can assume alignment;
+// and each token's result the same, to the bit, whether or not it is in a block.
 static void check_matmul(int n, int d, int shift, int nb) {
     std::vector<float> xs = random_floats((size_t)nb * n + shift, -1, 1);
     std::vector<float> ws = random_floats((size_t)d * n + shift, -1, 1);
     const float* x = xs.data() + shift;
     const float* w = ws.data() + shift;
-    std::vector<float> fast((size_t)nb * d), ref((size_t)nb * d), one(d);
-    matmul(fast.data(), x, w, n, d, nb);
+    std::vector<float> fast((size_t)nb * d), ref((size_t)nb * d), one(d), xt((size_t)kBlock * n);
+    matmul(fast.data(), x, w, n, d, nb, xt.data());
     matmul_reference(ref.data(), x, w, n, d, nb);
     CHECK(fast == ref, "matmul n=%d d=%d nb=%d shift=%d: differs from matmul_reference", n, d, nb, shift);
     const double gamma = n * u / (1 - n * u);
@@ -80,7 +82,7 @@ static void check_matmul(int n, int d, int shift, int nb) {
             }
             worst = std::max(worst, std::fabs(ref[(size_t)b * d + i] - exact) / (gamma * mag + 1e-300));
         }
-        matmul(one.data(), x + (size_t)b * n, w, n, d, 1);
+        matmul(one.data(), x + (size_t)b * n, w, n, d, 1, nullptr);
         CHECK(std::memcmp(one.data(), fast.data() + (size_t)b * d, d * sizeof(float)) == 0,
               "matmul n=%d d=%d: token %d alone differs from token %d of %d", n, d, b, b, nb);
     }
@@ -90,11 +92,13 @@ static void test_matmul() {
     for (int n : kSizes) {
         for (int d : {1, 3, 17, 64})
             for (int shift : {0, 1, 3})
-                for (int nb : {1, 8}) check_matmul(n, d, shift, nb);  // one token; 6 in registers + 2 alone
-        check_matmul(n, 17, 0, 37);   // six register tiles of 6 tokens + 1
-        check_matmul(n, 113, 1, 8);   // a tile of 64 rows, then 3 panels + 1 row
-        check_matmul(n, 250, 3, 37);  // 3 tiles, then 3 panels + 10 rows
+                for (int nb : {1, 8}) check_matmul(n, d, shift, nb);
+        check_matmul(n, 17, 0, 37);    // 8 + 8 + 1 rows; a pass of 2 whole vectors and 5 tokens
+        check_matmul(n, 77, 2, 100);   // a tile, then 8 + 4 + 1 rows; 2 passes and 4 tokens
+        check_matmul(n, 113, 1, 8);    // a tile, then 3 panels + 1 row (6 x 8 + 1 for a block)
+        check_matmul(n, 250, 3, 37);   // 3 tiles, then 3 panels + 10 rows (7 x 8 + 2)
     }
+    check_matmul(300, 70, 1, kBlock);  // a whole block: whole passes only
 }
 
 // attention against a double-precision reference: the same rotations (keys at
@@ -514,17 +518,18 @@ static void test_fused_matmuls() {
                     const std::vector<float> wk = random_floats((size_t)dkv * n, -1, 1);
                     const std::vector<float> wv = random_floats((size_t)dkv * n, -1, 1);
                     const std::vector<float> w3 = random_floats((size_t)dq * n, -1, 1);
-                    std::vector<float> q(nb * dq), k(nb * dkv), v(nb * dkv), q2(q), k2(k), v2(v);
-                    matmul_qkv(q.data(), k.data(), v.data(), x.data(), wq.data(), wk.data(), wv.data(), n, dq, dkv, nb);
-                    matmul(q2.data(), x.data(), wq.data(), n, dq, nb);
-                    matmul(k2.data(), x.data(), wk.data(), n, dkv, nb);
-                    matmul(v2.data(), x.data(), wv.data(), n, dkv, nb);
+                    std::vector<float> q(nb * dq), k(nb * dkv), v(nb * dkv), q2(q), k2(k), v2(v), xt(kBlock * n);
+                    float* t = xt.data();
+                    matmul_qkv(q.data(), k.data(), v.data(), x.data(), wq.data(), wk.data(), wv.data(), n, dq, dkv, nb, t);
+                    matmul(q2.data(), x.data(), wq.data(), n, dq, nb, t);
+                    matmul(k2.data(), x.data(), wk.data(), n, dkv, nb, t);
+                    matmul(v2.data(), x.data(), wv.data(), n, dkv, nb, t);
                     CHECK(q == q2 && k == k2 && v == v2, "matmul_qkv n=%d dq=%d dkv=%d nb=%d", n, dq, dkv, nb);
 
                     std::vector<float> h(nb * dq), h3(nb * dq), g1(nb * dq), g3(nb * dq);
-                    matmul_swiglu(h.data(), h3.data(), x.data(), wq.data(), w3.data(), n, dq, nb);
-                    matmul(g1.data(), x.data(), wq.data(), n, dq, nb);
-                    matmul(g3.data(), x.data(), w3.data(), n, dq, nb);
+                    matmul_swiglu(h.data(), h3.data(), x.data(), wq.data(), w3.data(), n, dq, nb, t);
+                    matmul(g1.data(), x.data(), wq.data(), n, dq, nb, t);
+                    matmul(g3.data(), x.data(), w3.data(), n, dq, nb, t);
                     swiglu(g1.data(), g3.data(), nb * dq);
                     CHECK(h == g1, "matmul_swiglu n=%d d=%d nb=%d", n, dq, nb);
                 }
