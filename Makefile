@@ -4,7 +4,7 @@
 #   make            ./run and ./runq with OpenMP, tuned for this CPU (same as `make runomp`)
 #   make test       build every variant and run all tests (installs test packages if missing)
 #   make bench      fp32 against int8: tok/s, GB/s and the machine's memory bandwidth
-#   make bench-kernels  one matmul (int8, then int4): what unrolling, threads and SIMD each buy
+#   make bench-kernels  one matmul (int8, int4, then fp32): what unrolling, threads and SIMD each buy
 #   make quality    fp32 / int8 / int4 / int4 + AWQ: perplexity, size and speed
 #   make check-model  retrain the own model with train.py and compare it with models/
 # As in llama2.c, run / runfast / runomp / debug all write ./run (and ./runq).
@@ -154,7 +154,7 @@ e2e: build/.deps build/npm/.installed models/tinystories-val.txt $(VARIANTS:%=bu
 	RUN_BINARIES="$(VARIANTS:%=build/run-%)" RUNQ_BINARIES="$(VARIANTS:%=build/runq-%)" SAME_ISA="$(SAME_ISA)" \
 	    $(PYTHON) -m pytest -q tests
 
-test: build/.deps unit e2e build/bench_kernels build/bandwidth  # the benchmarks must at least build
+test: build/.deps unit e2e build/bench_kernels build/bench_kernels_f32 build/bandwidth  # the benchmarks must at least build
 	$(MAKE) fuzz FUZZ_LIMIT="-runs=30000 -seed=1"  # each fuzz target briefly and reproducibly
 
 # ---------------------------------------------------------------------------
@@ -175,8 +175,13 @@ build/bench_kernels: bench/kernels.cpp runq.cpp
 	@mkdir -p build
 	$(CXX) $(WARN) $(OPT) $(NATIVE) $(OMP) -o $@ bench/kernels.cpp
 
-bench-kernels: build/bench_kernels   # one matmul (int8, then int4), technique by technique
+build/bench_kernels_f32: bench/kernels_f32.cpp run.cpp
+	@mkdir -p build
+	$(CXX) $(WARN) $(OPT) $(NATIVE) $(OMP) -o $@ bench/kernels_f32.cpp
+
+bench-kernels: build/bench_kernels build/bench_kernels_f32  # one matmul (int8, int4, fp32), technique by technique
 	./build/bench_kernels
+	./build/bench_kernels_f32
 
 # ---------------------------------------------------------------------------
 # Fuzzing (tests/fuzz.cpp): libFuzzer with AddressSanitizer + UBSan, one binary

@@ -1,0 +1,107 @@
+// make bench-kernels, fp32 part: run.cpp's matmul, technique by technique.
+//
+// One fp32 matmul, the same Llama 2 7B feed-forward matrix as bench/kernels.cpp
+// (w1: 11008 x 4096), for one token (decoding) and for a block of kBlock tokens
+// (a prompt). Every technique computes each sum in the reference's order (w[i, 0]
+// x[0] first, one fused multiply-add per term), so each result is checked bit for
+// bit against run.cpp's matmul_reference before it is timed. The rows named
+// "run's matmul" are run.cpp's own matmul, not a copy.
+
+#define RUN_NO_MAIN
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include "../run.cpp"
+
+#include <functional>
+#include <random>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+constexpr int kN = 4096, kD = 11008;
+
+// The plain loops on this thread's share of the rows: multithreading alone.
+static void reference_on_all_cores(float* out, const float* x, const float* w, int n, int d) {
+    #pragma omp parallel
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int t = 0, nt = 1;
+#endif
+        rows_reference(out, x, w, n, d, 1, (int)((long)d * t / nt), (int)((long)d * (t + 1) / nt));
+    }
+}
+
+// 16 rows in the lanes (panel_token), one thread: SIMD without threads.
+static void panels_one_thread(float* out, const float* x, const float* w, int n, int d) {
+    for (int i = 0; i + kPanel <= d; i += kPanel) panel_token(out + i, w + (size_t)i * n, x, n);
+}
+
+// A block with tokens in the lanes, one thread: run's prompt kernel without threads.
+static void tokens_one_thread(float* out, const float* x, float* xt, const float* w, int n, int d, int nb) {
+    transpose_tokens(xt, x, n, nb);
+    for (int t = 0; t < tiles(d); t++) matmul_tile(out, x, xt, w, n, d, nb, t);
+}
+
+int main() {
+    std::mt19937 rng(7);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> x(kBlock * (size_t)kN), w((size_t)kD * kN), xt(kBlock * (size_t)kN);
+    for (float& v : x) v = normal(rng);
+    for (float& v : w) v = normal(rng) * 0.02f;
+    std::vector<float> out((size_t)kBlock * kD), one(kD);
+
+    struct Technique {
+        const char* name;
+        std::function<void(float*)> run;
+        int tokens;  // per call
+    };
+    const float *X = x.data(), *W = w.data();
+    float* XT = xt.data();
+    const Technique techniques[] = {
+        {"reference (plain loops: each madd waits on the last, one thread)",
+         [&](float* o) { rows_reference(o, X, W, kN, kD, 1, 0, kD); }, 1},
+        {"multithreading", [&](float* o) { reference_on_all_cores(o, X, W, kN, kD); }, 1},
+        {"SIMD: 16 rows in the lanes (panel_token), one thread", [&](float* o) { panels_one_thread(o, X, W, kN, kD); }, 1},
+        {"all: run's matmul (16 rows in the lanes, threads, prefetch)",
+         [&](float* o) { matmul(o, X, W, kN, kD, 1, nullptr); }, 1},
+        {"batched (a prompt block per call): tokens in the lanes, one thread",
+         [&](float* o) { tokens_one_thread(o, X, XT, W, kN, kD, kBlock); }, kBlock},
+        {"batched: run's matmul (8 rows x 48 tokens in registers, threads)",
+         [&](float* o) { matmul(o, X, W, kN, kD, kBlock, XT); }, kBlock},
+    };
+
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    std::printf("matmul %d x %d, fp32; %d threads; batched: %d tokens per call; each checked against the reference\n\n",
+                kD, kN, threads, kBlock);
+    std::printf("| technique | calls | total ms | ms per token | GFLOP/s | weight GB/s | speed-up |\n");
+    std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
+    double base = 0;
+    for (const Technique& t : techniques) {
+        std::fill(out.begin(), out.end(), 0.0f);
+        t.run(out.data());  // also the warm-up
+        for (int b : {0, 1, 47, 48, t.tokens - 1}) {  // around a pass of 48 tokens, and the last
+            if (b >= t.tokens) continue;
+            matmul_reference(one.data(), X + (size_t)b * kN, W, kN, kD, 1);
+            if (std::memcmp(one.data(), out.data() + (size_t)b * kD, kD * sizeof(float)) != 0)
+                fatal("%s: token %d differs from the reference", t.name, b);
+        }
+        int calls = 0;
+        const double start = now_seconds();
+        double elapsed = 0;
+        while (elapsed < 1.0 || calls < 3) {
+            t.run(out.data());
+            calls++;
+            elapsed = now_seconds() - start;
+        }
+        const double per_token = elapsed / calls / t.tokens;
+        if (base == 0) base = per_token;
+        std::printf("| %s | %d | %.0f | %.3f | %.1f | %.1f | %.1fx |\n", t.name, calls, elapsed * 1e3, per_token * 1e3,
+                    2.0 * kN * kD / per_token / 1e9, 4.0 * kD * kN / (elapsed / calls) / 1e9, base / per_token);
+    }
+    return 0;
+}
