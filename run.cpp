@@ -522,7 +522,7 @@ struct RunState {
     FloatBuffer q_scale;      // (block, n_heads) their scales
     FloatBuffer att;          // (block, n_heads, positions) attention scores
     FloatBuffer logits;       // (block, vocab_size)
-    FloatBuffer xt;           // (max(dim, hidden_dim), kBlock) a block's matmul input, turned over
+    FloatBuffer xt;           // (kBlock / kPass, max(dim, hidden_dim), kPass) a block's matmul input, turned over
     KVCache kv;               // (layer, positions, kv_dim) keys and values
     FloatBuffer rope_cos;     // (positions, head_size / 2)
     FloatBuffer rope_sin;     // (positions, head_size / 2)
@@ -936,11 +936,13 @@ static void panel_token(float* out, const float* w, const float* x, int n) {
 // vectors of tokens stay in registers (8 x 3 = 24 sums with AVX-512): per
 // column, kVecs loads and kRows broadcasts feed kRows kVecs madds, and the
 // weights need no transposing (turning x over costs nb n moves; the weights,
-// d n per block). Column blocks of kCols keep a pass's activations in L1.
+// d n per block). Column blocks of kCols keep a pass's activations near the
+// core (L1 or L2) while the tile's rows go by. AVX: 6 x 1 (12 of 16 registers);
+// SSE and NEON: 4 x 1 (16).
 constexpr int kRows = kW == 16 ? 8 : kW == 8 ? 6 : 4;  // rows whose sums stay in registers
-constexpr int kVecs = kW == 16 ? 3 : 1;                // ... times vectors of 16 tokens (32, 16 or 16 registers)
+constexpr int kVecs = kW == 16 ? 3 : 1;                // ... times vectors of 16 tokens: 24 of AVX-512's 32 registers
 constexpr int kPass = 16 * kVecs;                      // tokens per pass over a tile's rows
-constexpr int kCols = 256;                             // columns per block: a pass's 48 KB of activations
+constexpr int kCols = 256;                             // columns per block: a pass's 48 KB of activations, about L1
 static_assert(kBlock % kPass == 0, "xt and a tile's sums hold whole passes");
 
 // transpose_tokens: xt[p][k][c] = x[kPass p + c, k] for pass p (zero for
