@@ -171,11 +171,11 @@ bench: build/.deps runomp tokenizer.bin build/bandwidth
 quality: build/.deps runomp
 	$(PYTHON) bench/quality.py --model $(MODEL) --tokenizer $(TOK)
 
-build/bench_kernels: bench/kernels.cpp runq.cpp
+build/bench_kernels: bench/kernels.cpp bench/timing.h runq.cpp
 	@mkdir -p build
 	$(CXX) $(WARN) $(OPT) $(NATIVE) $(OMP) -o $@ bench/kernels.cpp
 
-build/bench_kernels_f32: bench/kernels_f32.cpp run.cpp
+build/bench_kernels_f32: bench/kernels_f32.cpp bench/timing.h run.cpp
 	@mkdir -p build
 	$(CXX) $(WARN) $(OPT) $(NATIVE) $(OMP) -o $@ bench/kernels_f32.cpp
 

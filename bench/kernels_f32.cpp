@@ -11,7 +11,7 @@
 #pragma GCC diagnostic ignored "-Wunused-function"
 #include "../run.cpp"
 
-#include <functional>
+#include "timing.h"
 #include <random>
 
 #ifdef _OPENMP
@@ -90,14 +90,7 @@ int main() {
             if (std::memcmp(one.data(), out.data() + (size_t)b * kD, kD * sizeof(float)) != 0)
                 fatal("%s: token %d differs from the reference", t.name, b);
         }
-        int calls = 0;
-        const double start = now_seconds();
-        double elapsed = 0;
-        while (elapsed < 1.0 || calls < 3) {
-            t.run(out.data());
-            calls++;
-            elapsed = now_seconds() - start;
-        }
+        const auto [calls, elapsed] = time_calls([&] { t.run(out.data()); });
         const double per_token = elapsed / calls / t.tokens;
         if (base == 0) base = per_token;
         std::printf("| %s | %d | %.0f | %.3f | %.1f | %.1f | %.1fx |\n", t.name, calls, elapsed * 1e3, per_token * 1e3,
