@@ -72,7 +72,8 @@ struct FatalError : std::runtime_error {
 }
 
 // ----------------------------------------------------------------------------
-// A read-only memory-mapped file. Move-only; unmaps itself.
+// Memory: a read-only memory-mapped file (move-only; unmaps itself), and heap
+// buffers that free themselves.
 
 class MappedFile {
 public:
@@ -114,11 +115,31 @@ public:
     }
     const uint8_t* data() const { return data_; }
     size_t size() const { return size_; }
+    // Unmaps the pages from this process, not from the file: the next read of
+    // one maps it again from the page cache (the kernel keeps the file there
+    // while memory allows). For a file whose contents were copied elsewhere.
+    void release() const {
+#ifdef MADV_DONTNEED
+        if (data_) madvise(const_cast<uint8_t*>(data_), size_, MADV_DONTNEED);
+#endif
+    }
 
 private:
     const uint8_t* data_ = nullptr;
     size_t size_ = 0;
 };
+
+// calloc'd, so a large KV cache costs nothing until it is written
+struct FreeDeleter { void operator()(void* p) const { std::free(p); } };
+using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
+using Int8Buffer = std::unique_ptr<int8_t[], FreeDeleter>;
+static void* alloc_zeroed(uint64_t n, size_t size) {
+    void* p = std::calloc(n, size);
+    if (!p) fatal("out of memory allocating %llu x %zu bytes", (unsigned long long)n, size);
+    return p;
+}
+static FloatBuffer alloc_floats(uint64_t n) { return FloatBuffer(static_cast<float*>(alloc_zeroed(n, sizeof(float)))); }
+static Int8Buffer alloc_int8(uint64_t n) { return Int8Buffer(static_cast<int8_t*>(alloc_zeroed(n, 1))); }
 
 // Reads a little-endian scalar at a byte offset. memcpy because fields such as
 // version 2's group_size sit at unaligned offsets.
@@ -496,18 +517,6 @@ static Checkpoint load_checkpoint(const char* path) {
 // (the head's head_size values are the group), a quarter of the bytes.
 // A position is quantized once, when attention stores it (keys after RoPE),
 // and never again.
-
-// calloc'd so a large KV cache costs nothing until it is written
-struct FreeDeleter { void operator()(void* p) const { std::free(p); } };
-using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
-using Int8Buffer = std::unique_ptr<int8_t[], FreeDeleter>;
-static void* alloc_zeroed(uint64_t n, size_t size) {
-    void* p = std::calloc(n, size);
-    if (!p) fatal("out of memory allocating %llu x %zu bytes", (unsigned long long)n, size);
-    return p;
-}
-static FloatBuffer alloc_floats(uint64_t n) { return FloatBuffer(static_cast<float*>(alloc_zeroed(n, sizeof(float)))); }
-static Int8Buffer alloc_int8(uint64_t n) { return Int8Buffer(static_cast<int8_t*>(alloc_zeroed(n, 1))); }
 
 // Head-major: a kv head's keys for positions 0, 1, 2, ... are contiguous, so
 // attention streams them (position-major rows would be read with a stride).

@@ -33,9 +33,9 @@ static void reference_on_all_cores(float* out, const float* x, const float* w, i
     }
 }
 
-// 16 rows in the lanes (panel_token), one thread: SIMD without threads.
-static void panels_one_thread(float* out, const float* x, const float* w, int n, int d) {
-    for (int i = 0; i + kPanel <= d; i += kPanel) panel_token(out + i, w + (size_t)i * n, x, n);
+// 16 rows in the lanes (panel_token, on W as panels), one thread: SIMD without threads.
+static void panels_one_thread(float* out, const float* x, const float* wp, int n, int d) {
+    for (int i = 0; i + kPanel <= d; i += kPanel) panel_token(out + i, panel_row(wp, i, n), x, n);
 }
 
 // A block with tokens in the lanes, one thread: run's prompt kernel without threads.
@@ -57,19 +57,21 @@ int main() {
         std::function<void(float*)> run;
         int tokens;  // per call
     };
-    const float *X = x.data(), *W = w.data();
+    std::vector<float> wp(panel_rows(kD) * kN);  // W as panels, as run packs it at load
+    pack_panels(wp.data(), w.data(), 1, kD, kN);
+    const float *X = x.data(), *W = w.data(), *WP = wp.data();
     float* XT = xt.data();
     const Technique techniques[] = {
         {"reference (plain loops: each madd waits on the last, one thread)",
          [&](float* o) { rows_reference(o, X, W, kN, kD, 1, 0, kD); }, 1},
         {"multithreading", [&](float* o) { reference_on_all_cores(o, X, W, kN, kD); }, 1},
-        {"SIMD: 16 rows in the lanes (panel_token), one thread", [&](float* o) { panels_one_thread(o, X, W, kN, kD); }, 1},
-        {"all: run's matmul (16 rows in the lanes, threads, prefetch)",
-         [&](float* o) { matmul(o, X, W, kN, kD, 1, nullptr); }, 1},
+        {"SIMD: 16 rows in the lanes, W as panels (panel_token), one thread",
+         [&](float* o) { panels_one_thread(o, X, WP, kN, kD); }, 1},
+        {"all: run's matmul (16 rows in the lanes, threads)", [&](float* o) { matmul(o, X, WP, kN, kD, 1, nullptr); }, 1},
         {"batched (a prompt block per call): tokens in the lanes, one thread",
-         [&](float* o) { tokens_one_thread(o, X, XT, W, kN, kD, kBlock); }, kBlock},
+         [&](float* o) { tokens_one_thread(o, X, XT, WP, kN, kD, kBlock); }, kBlock},
         {"batched: run's matmul (8 rows x 48 tokens in registers, threads)",
-         [&](float* o) { matmul(o, X, W, kN, kD, kBlock, XT); }, kBlock},
+         [&](float* o) { matmul(o, X, WP, kN, kD, kBlock, XT); }, kBlock},
     };
 
     int threads = 1;

@@ -54,21 +54,52 @@ static void test_softmax() {
     }
 }
 
+// W (d, n) as panels (the layout matmul reads), shift floats into the vector.
+static std::vector<float> as_panels(const float* w, int n, int d, int shift) {
+    std::vector<float> wp(shift + panel_rows(d) * n);
+    pack_panels(wp.data() + shift, w, 1, d, n);
+    return wp;
+}
+
+// pack_panels puts w[16 p + r, j] at [p, j, r] and zeros in the rows past d,
+// for each of a stack of matrices (as the layers' are packed at load).
+static void test_pack_panels() {
+    for (int n : {1, 5, 16, 33})
+        for (int d : {1, 15, 16, 17, 40})
+            for (int layers : {1, 3}) {
+                const std::vector<float> w = random_floats((size_t)layers * d * n, -1, 1);
+                std::vector<float> wp(layers * panel_rows(d) * n, NAN);
+                const float* end = pack_panels(wp.data(), w.data(), layers, d, n);
+                bool ok = end == wp.data() + wp.size();
+                for (int l = 0; l < layers; l++)
+                    for (uint64_t i = 0; i < panel_rows(d); i++)
+                        for (int j = 0; j < n; j++) {
+                            const float want = i < (uint64_t)d ? w[((size_t)l * d + i) * n + j] : 0.0f;
+                            const size_t at = (((size_t)l * panel_rows(d) / 16 + i / 16) * n + j) * 16 + i % 16;
+                            ok = ok && std::memcmp(&wp[at], &want, sizeof want) == 0;
+                        }
+                CHECK(ok, "pack_panels n=%d d=%d layers=%d", n, d, layers);
+            }
+}
+
 // matmul equals matmul_reference to the bit, and that is within the bound of
 // a double reference: d around the 16-row panel and the 64-row tile (a tile
 // with 1..4 whole panels and rows left over; for a block, 8-row groups and then
 // 4, 2 and 1 rows), tokens one at a time, blocks of 8 (one part-filled vector of
 // 16 tokens), 37 (a pass of three vectors, the last part-filled), 100 (two whole
-// passes and one vector) and kBlock, and n across column blocks of 256; x and w
-// deliberately misaligned by 0..3 floats so no SIMD path can assume alignment;
-// and each token's result the same, to the bit, whether or not it is in a block.
+// passes and one vector) and kBlock, and n across column blocks of 128; x, w
+// and the panels deliberately misaligned by 0..3 floats so no SIMD path can
+// assume alignment; and each token's result the same, to the bit, whether or
+// not it is in a block.
 static void check_matmul(int n, int d, int shift, int nb) {
     std::vector<float> xs = random_floats((size_t)nb * n + shift, -1, 1);
     std::vector<float> ws = random_floats((size_t)d * n + shift, -1, 1);
     const float* x = xs.data() + shift;
     const float* w = ws.data() + shift;
+    const std::vector<float> panels = as_panels(w, n, d, shift);
+    const float* wp = panels.data() + shift;
     std::vector<float> fast((size_t)nb * d), ref((size_t)nb * d), one(d), xt((size_t)kBlock * n);
-    matmul(fast.data(), x, w, n, d, nb, xt.data());
+    matmul(fast.data(), x, wp, n, d, nb, xt.data());
     matmul_reference(ref.data(), x, w, n, d, nb);
     CHECK(fast == ref, "matmul n=%d d=%d nb=%d shift=%d: differs from matmul_reference", n, d, nb, shift);
     const double gamma = n * u / (1 - n * u);
@@ -82,7 +113,7 @@ static void check_matmul(int n, int d, int shift, int nb) {
             }
             worst = std::max(worst, std::fabs(ref[(size_t)b * d + i] - exact) / (gamma * mag + 1e-300));
         }
-        matmul(one.data(), x + (size_t)b * n, w, n, d, 1, nullptr);
+        matmul(one.data(), x + (size_t)b * n, wp, n, d, 1, nullptr);
         CHECK(std::memcmp(one.data(), fast.data() + (size_t)b * d, d * sizeof(float)) == 0,
               "matmul n=%d d=%d: token %d alone differs from token %d of %d", n, d, b, b, nb);
     }
@@ -95,8 +126,8 @@ static void test_matmul() {
                 for (int nb : {1, 8}) check_matmul(n, d, shift, nb);
         check_matmul(n, 17, 0, 37);    // 8 + 8 + 1 rows; a pass of 2 whole vectors and 5 tokens
         check_matmul(n, 77, 2, 100);   // a tile, then 8 + 4 + 1 rows; 2 passes and 4 tokens
-        check_matmul(n, 113, 1, 8);    // a tile, then 3 panels + 1 row (6 x 8 + 1 for a block)
-        check_matmul(n, 250, 3, 37);   // 3 tiles, then 3 panels + 10 rows (7 x 8 + 2)
+        check_matmul(n, 113, 1, 8);    // a tile, then 3 panels + 1 row (3 x (8 + 8) + 1 for a block)
+        check_matmul(n, 250, 3, 37);   // 3 tiles, then 3 panels + 10 rows (3 x (8 + 8) + 8 + 2)
     }
     check_matmul(300, 70, 1, kBlock);  // a whole block: whole passes only
 }
@@ -514,10 +545,10 @@ static void test_fused_matmuls() {
             for (int dkv : {1, 4, 6})
                 for (int nb : {1, 6}) {
                     const std::vector<float> x = random_floats((size_t)nb * n, -1, 1);
-                    const std::vector<float> wq = random_floats((size_t)dq * n, -1, 1);
-                    const std::vector<float> wk = random_floats((size_t)dkv * n, -1, 1);
-                    const std::vector<float> wv = random_floats((size_t)dkv * n, -1, 1);
-                    const std::vector<float> w3 = random_floats((size_t)dq * n, -1, 1);
+                    const std::vector<float> wq = as_panels(random_floats((size_t)dq * n, -1, 1).data(), n, dq, 0);
+                    const std::vector<float> wk = as_panels(random_floats((size_t)dkv * n, -1, 1).data(), n, dkv, 0);
+                    const std::vector<float> wv = as_panels(random_floats((size_t)dkv * n, -1, 1).data(), n, dkv, 0);
+                    const std::vector<float> w3 = as_panels(random_floats((size_t)dq * n, -1, 1).data(), n, dq, 0);
                     std::vector<float> q(nb * dq), k(nb * dkv), v(nb * dkv), q2(q), k2(k), v2(v), xt(kBlock * n);
                     float* t = xt.data();
                     matmul_qkv(q.data(), k.data(), v.data(), x.data(), wq.data(), wk.data(), wv.data(), n, dq, dkv, nb, t);
@@ -573,6 +604,7 @@ static_assert(std::is_move_constructible_v<Tokenizer> && !std::is_copy_construct
 int main() {
     test_rmsnorm();
     test_softmax();
+    test_pack_panels();
     test_matmul();
     test_fused_matmuls();
     test_rope();
