@@ -149,10 +149,14 @@ unit: $(UNIT_VARIANTS:%=build/test_run-%) $(UNIT_VARIANTS:%=build/test_runq-%)
 # (comma-separated groups): the portable x86-64 ones, and the native ones.
 SAME_ISA = gcc,clang-omp,debug gcc-omp,clang
 
+# pytest's workers (pytest-xdist): one per core. Most tests run one single-threaded
+# engine at a time, so one worker would leave the other cores idle.
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
 e2e: build/.deps build/npm/.installed models/tinystories-val.txt $(VARIANTS:%=build/run-%) $(VARIANTS:%=build/runq-%) \
      build/tokenize_many
 	RUN_BINARIES="$(VARIANTS:%=build/run-%)" RUNQ_BINARIES="$(VARIANTS:%=build/runq-%)" SAME_ISA="$(SAME_ISA)" \
-	    $(PYTHON) -m pytest -q tests
+	    $(PYTHON) -m pytest -q -n $(JOBS) --durations=10 tests
 
 test: build/.deps unit e2e build/bench_kernels build/bench_kernels_f32 build/bandwidth  # the benchmarks must at least build
 	$(MAKE) fuzz FUZZ_LIMIT="-runs=30000 -seed=1"  # each fuzz target briefly and reproducibly

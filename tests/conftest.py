@@ -85,9 +85,16 @@ _REPORTS = []
 
 
 @pytest.fixture
-def report():
-    """Lines for the test run's closing summary (measurements, not pass/fail)."""
-    return _REPORTS.append
+def report(request):
+    """Lines for the test run's closing summary (measurements, not pass/fail). They
+    travel with the test's report, so they reach the summary from pytest-xdist's
+    workers too."""
+    return lambda line: request.node.user_properties.append(("measurement", line))
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _REPORTS.extend(value for key, value in report.user_properties if key == "measurement")
 
 
 def pytest_terminal_summary(terminalreporter):

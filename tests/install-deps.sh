@@ -2,14 +2,15 @@
 # Installs what the Makefile needs when it is missing, from Debian's packages.
 #   sh tests/install-deps.sh train   train.py: PyTorch and NumPy for $PYTHON, and OpenBLAS
 #                                    (Debian's PyTorch multiplies matrices ~35x faster with it)
-#   sh tests/install-deps.sh         make test: also pytest and sentencepiece, clang++ with its
+#   sh tests/install-deps.sh         make test: also pytest (and pytest-xdist, to run tests on
+#                                    every core) and sentencepiece, clang++ with its
 #                                    OpenMP and libFuzzer runtimes, valgrind, and the ARM
 #                                    cross-compiler with qemu to run what it builds, and node
 #                                    with npm (the tests' JavaScript references)
 set -e
 PYTHON=${PYTHON:-/usr/bin/python3}
 TRAIN_PKGS="python3-torch python3-numpy libopenblas0-pthread"
-PKGS="$TRAIN_PKGS python3-pytest python3-sentencepiece clang libomp-dev libclang-rt-14-dev valgrind g++-aarch64-linux-gnu qemu-user"
+PKGS="$TRAIN_PKGS python3-pytest python3-pytest-xdist python3-sentencepiece clang libomp-dev libclang-rt-14-dev valgrind g++-aarch64-linux-gnu qemu-user"
 # Debian's npm conflicts with a NodeSource nodejs (which bundles npm): only when npm is missing
 command -v npm >/dev/null || PKGS="$PKGS nodejs npm"
 
@@ -18,7 +19,7 @@ has_training() {
     { ! command -v dpkg >/dev/null || dpkg -s libopenblas0-pthread >/dev/null 2>&1; }
 }
 has_testing() {
-    $PYTHON -c 'import pytest, sentencepiece' 2>/dev/null &&
+    $PYTHON -c 'import pytest, xdist, sentencepiece' 2>/dev/null &&
     command -v clang++ >/dev/null && echo 'int main(){}' | clang++ -fopenmp -x c++ - -o /dev/null 2>/dev/null &&
     echo 'extern "C" int LLVMFuzzerTestOneInput(const char*, long) { return 0; }' |
         clang++ -fsanitize=fuzzer -x c++ - -o /dev/null 2>/dev/null &&
