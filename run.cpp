@@ -1076,11 +1076,49 @@ static void tile_rows(float* sums, const float* wp, int i, int n, int rows, cons
     }
 }
 
+// A block's last few tokens (nb % 16 of them, up to kTail) would fill only a few
+// lanes of a last vector of tokens, the other lanes' madds wasted. They are read
+// as one token is when generating, rows in the lanes: a panel's column times the
+// token's x[k] advances 16 rows' sums per madd16, kTailPanels panels and kTail
+// tokens' sums at a time (16 with AVX-512: enough independent chains).
+constexpr int kTail = 4;                     // at most this many tokens go this way
+constexpr int kTailPanels = kW == 16 ? 4 : 1;  // panels at a time (AVX, NEON: 8 of their 16 registers)
+
+// tail_tokens: for the tail tokens b0 .. b0 + tail - 1 (x's rows) and rows i ..
+// i + rows - 1 of the panels at wp, the terms of columns k0 .. k1 - 1 of their
+// sums, kept in sums ([token][row], kTile per token); zero at first.
+static void tail_tokens(float* sums, const float* x, const float* wp, int i, int n, int rows, int b0, int tail, int k0,
+                        int k1, bool first) {
+    for (int p0 = 0; p0 < rows; p0 += kPanel * kTailPanels) {
+        f32x16 acc[kTailPanels][kTail];
+        const float* w[kTailPanels];
+        for (int p = 0; p < kTailPanels; p++) {
+            const int r = p0 + kPanel * p;
+            w[p] = r < rows ? panel_row(wp, i + r, n) : nullptr;
+            for (int b = 0; b < kTail; b++)
+                if (first || !w[p] || b >= tail) acc[p][b] = f32x16{};
+                else load16(acc[p][b], sums + (size_t)b * kTile + r);
+        }
+        for (int k = k0; k < k1; k++)
+            for (int p = 0; p < kTailPanels; p++) {
+                if (!w[p]) continue;
+                f32x16 column;
+                load16(column, w[p] + (size_t)kPanel * k);
+                for (int b = 0; b < kTail; b++)
+                    if (b < tail) madd16(acc[p][b], column, x[(size_t)(b0 + b) * n + k] - f32x16{});
+            }
+        for (int p = 0; p < kTailPanels; p++)
+            for (int b = 0; b < tail; b++)
+                if (w[p]) std::memcpy(sums + (size_t)b * kTile + p0 + kPanel * p, &acc[p][b], sizeof(f32x16));
+    }
+}
+
 // matmul_tile: tile t (rows 64t .. 64t + 63) of W (d, n, as panels at wp) @
 // x (nb, n) -> out (nb, d). One token: panel by panel (a last part-filled
 // panel's zero rows are computed and dropped). A block: from xt (x turned
-// over), column block by column block, pass by pass; the tile's sums wait in
-// `sums` ([row][token]) and are turned back into out's rows 16 x 16 at the end.
+// over), column block by column block, pass by pass, and the last nb % 16 <=
+// kTail tokens by tail_tokens; the tile's sums wait in `sums` ([row][token])
+// and are turned back into out's rows 16 x 16 at the end.
 static void matmul_tile(float* out, const float* x, const float* xt, const float* wp, int n, int d, int nb, int t) {
     const int i = kTile * t, rows = std::min(kTile, d - i);
     if (nb == 1) {
@@ -1091,10 +1129,12 @@ static void matmul_tile(float* out, const float* x, const float* xt, const float
         }
         return;
     }
-    alignas(64) float sums[kTile * kBlock];
-    const int vecs = (nb + 15) / 16;
+    alignas(64) float sums[kTile * kBlock], tail_sums[kTail * kTile];
+    const int tail = nb % 16 <= kTail ? nb % 16 : 0, whole = nb - tail;  // whole: tokens in the lanes
+    const int vecs = (whole + 15) / 16;
     for (int k0 = 0; k0 < n; k0 += kCols) {
         const int k1 = std::min(n, k0 + kCols);
+        if (tail) tail_tokens(tail_sums, x, wp, i, n, rows, whole, tail, k0, k1, k0 == 0);
         for (int v = 0; v < vecs; v += kVecs) {  // a pass: vectors v .. v + kVecs - 1
             const int T = std::min(kVecs, vecs - v);
             const float* xp = xt + (size_t)(v / kVecs) * n * kPass;
@@ -1105,14 +1145,15 @@ static void matmul_tile(float* out, const float* x, const float* xt, const float
     }
     int r = 0;
     for (; r + 16 <= rows; r += 16)
-        for (int b = 0; b < nb; b += 16) {
+        for (int b = 0; b < whole; b += 16) {
             f32x16 v[16];
             for (int q = 0; q < 16; q++) load16(v[q], sums + (size_t)(r + q) * kBlock + b);
             transpose16(v);  // v[q]: token b + q's sums of rows r .. r + 15
-            for (int q = 0; q < std::min(16, nb - b); q++) std::memcpy(out + (size_t)(b + q) * d + i + r, &v[q], sizeof v[q]);
+            for (int q = 0; q < std::min(16, whole - b); q++) std::memcpy(out + (size_t)(b + q) * d + i + r, &v[q], sizeof v[q]);
         }
     for (; r < rows; r++)
-        for (int b = 0; b < nb; b++) out[(size_t)b * d + i + r] = sums[(size_t)r * kBlock + b];
+        for (int b = 0; b < whole; b++) out[(size_t)b * d + i + r] = sums[(size_t)r * kBlock + b];
+    for (int b = 0; b < tail; b++) std::memcpy(out + (size_t)(whole + b) * d + i, tail_sums + (size_t)b * kTile, rows * sizeof(float));
 }
 
 // parallel_tiles: tile(t) for t < count, shared out among the threads, after

@@ -85,9 +85,10 @@ static void test_pack_panels() {
 // matmul equals matmul_reference to the bit, and that is within the bound of
 // a double reference: d around the 16-row panel and the 64-row tile (a tile
 // with 1..4 whole panels and rows left over; for a block, 8-row groups and then
-// 4, 2 and 1 rows), tokens one at a time, blocks of 8 (one part-filled vector of
-// 16 tokens), 37 (a pass of three vectors, the last part-filled), 100 (two whole
-// passes and one vector) and kBlock, and n across column blocks of 128; x, w
+// 4, 2 and 1 rows), tokens one at a time, blocks of 3 (tail tokens only), 8 (one
+// part-filled vector of 16 tokens), 19 (a vector and 3 tail tokens), 37 (a pass of
+// three vectors, the last part-filled), 100 (two whole passes and 4 tail tokens)
+// and kBlock, and n across column blocks of 128; x, w
 // and the panels deliberately misaligned by 0..3 floats so no SIMD path can
 // assume alignment; and each token's result the same, to the bit, whether or
 // not it is in a block.
@@ -123,11 +124,12 @@ static void test_matmul() {
     for (int n : kSizes) {
         for (int d : {1, 3, 17, 64})
             for (int shift : {0, 1, 3})
-                for (int nb : {1, 8}) check_matmul(n, d, shift, nb);
+                for (int nb : {1, 3, 8}) check_matmul(n, d, shift, nb);
         check_matmul(n, 17, 0, 37);    // 8 + 8 + 1 rows; a pass of 2 whole vectors and 5 tokens
         check_matmul(n, 77, 2, 100);   // a tile, then 8 + 4 + 1 rows; 2 passes and 4 tokens
         check_matmul(n, 113, 1, 8);    // a tile, then 3 panels + 1 row (3 x (8 + 8) + 1 for a block)
         check_matmul(n, 250, 3, 37);   // 3 tiles, then 3 panels + 10 rows (3 x (8 + 8) + 8 + 2)
+        check_matmul(n, 250, 1, 19);   // a vector, and 3 tail tokens in a part-filled group of panels
     }
     check_matmul(300, 70, 1, kBlock);  // a whole block: whole passes only
 }
@@ -543,7 +545,7 @@ static void test_fused_matmuls() {
     for (int n : {5, 16, 33})
         for (int dq : {3, 8, 17})
             for (int dkv : {1, 4, 6})
-                for (int nb : {1, 6}) {
+                for (int nb : {1, 3, 6}) {
                     const std::vector<float> x = random_floats((size_t)nb * n, -1, 1);
                     const std::vector<float> wq = as_panels(random_floats((size_t)dq * n, -1, 1).data(), n, dq, 0);
                     const std::vector<float> wk = as_panels(random_floats((size_t)dkv * n, -1, 1).data(), n, dkv, 0);
