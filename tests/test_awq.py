@@ -84,18 +84,28 @@ def perplexity(qbinary, path, text):
     return float(re.match(r"perplexity (\S+)", out)[1])
 
 
-def test_awq_lowers_int4_perplexity(qbinary, tmp_path, report):
+@pytest.fixture(scope="module")
+def int4_files(tmp_path_factory):
+    """stories260K in int4, plain and with AWQ calibrated on one part of the
+    TinyStories sample, and another part held out: exported once for every engine."""
+    d = tmp_path_factory.mktemp("awq")
+    sample = (MODELS / "tinystories" / "tinystories_sample_2MiB.txt").read_bytes()
+    (d / "calib.txt").write_bytes(sample[:60000])
+    (d / "heldout.txt").write_bytes(sample[-40000:])
+    plain, awq = d / "q4.bin", d / "q4-awq.bin"
+    return (export(plain, "--version", 3, "--bin", STORIES),
+            export(awq, "--version", 3, "--bin", STORIES, "--awq", d / "calib.txt", "--awq-tokenizer", TOK512),
+            plain, awq, d / "heldout.txt")
+
+
+def test_awq_lowers_int4_perplexity(qbinary, int4_files, report):
     """stories260K, calibrated on one part of the TinyStories sample and measured
     on another: int4 with AWQ has a lower perplexity than plain int4."""
-    sample = (MODELS / "tinystories" / "tinystories_sample_2MiB.txt").read_bytes()
-    (tmp_path / "calib.txt").write_bytes(sample[:60000])
-    (tmp_path / "heldout.txt").write_bytes(sample[-40000:])
-    plain, awq = tmp_path / "q4.bin", tmp_path / "q4-awq.bin"
-    assert export(plain, "--version", 3, "--bin", STORIES).returncode == 0
-    p = export(awq, "--version", 3, "--bin", STORIES, "--awq", tmp_path / "calib.txt", "--awq-tokenizer", TOK512)
-    assert p.returncode == 0, p.stderr.decode()
-    assert len(re.findall(rb"layer \d+: wq/wk/wv alpha", p.stderr)) == 5  # alpha and errors printed per layer
-    a, b = perplexity(qbinary, plain, tmp_path / "heldout.txt"), perplexity(qbinary, awq, tmp_path / "heldout.txt")
+    p_plain, p_awq, plain, awq, heldout = int4_files
+    assert p_plain.returncode == 0, p_plain.stderr.decode()
+    assert p_awq.returncode == 0, p_awq.stderr.decode()
+    assert len(re.findall(rb"layer \d+: wq/wk/wv alpha", p_awq.stderr)) == 5  # alpha and errors printed per layer
+    a, b = perplexity(qbinary, plain, heldout), perplexity(qbinary, awq, heldout)
     report(f"stories260K int4 held-out perplexity ({qbinary.split('/')[-1]}): plain {a:.3f}, AWQ {b:.3f}")
     assert b < a
 
