@@ -315,13 +315,13 @@ static double memory_limit(const char* cgroup_root) {
     return limit;
 }
 
-// The run state for `positions` (mostly the KV cache) must fit in the memory
-// this process may use once filled: refused up front, with what to do about it.
-static void check_fits_in_memory(uint64_t bytes, int positions) {
+// What a run allocates (the run state, mostly the KV cache; run's copy of the
+// matrices) must fit in the memory this process may use once filled: refused up
+// front, naming what and what to do about it.
+static void check_fits_in_memory(uint64_t bytes, const std::string& what, const char* advice) {
     const double gb = bytes / 1e9, ram = memory_limit("/sys/fs/cgroup") / 1e9;
     if (ram > 0 && gb > ram)
-        fatal("the KV cache for %d positions needs %.1f GB, more than the %.1f GB this process may use: ask for fewer with -n",
-              positions, gb, ram);
+        fatal("%s needs %.1f GB, more than the %.1f GB this process may use: %s", what.c_str(), gb, ram, advice);
 }
 
 // The file must be exactly as long as its header says: no more, no less.
@@ -463,24 +463,21 @@ static Checkpoint load_checkpoint(const char* path) {
     const uint64_t floats = panel_rows(dim) * dim * 2 * L + panel_rows(kv) * dim * 2 * L + panel_rows(hid) * dim * 2 * L +
                             panel_rows(dim) * hid * L + panel_rows(vocab) * dim;
     const uint64_t huge = 1 << 21, bytes = (floats * sizeof(float) + huge - 1) / huge * huge;  // (aligned_alloc wants a multiple)
-    const double ram = memory_limit("/sys/fs/cgroup") / 1e9;
-    if (ram > 0 && bytes / 1e9 > ram)
-        fatal("%s: its matrices need %.1f GB in memory, more than the %.1f GB this process may use", path, bytes / 1e9, ram);
+    check_fits_in_memory(bytes, std::string("the copy of ") + path + "'s matrices", "runq runs an int8 export in a quarter of that");
     ck.panels = FloatBuffer(static_cast<float*>(std::aligned_alloc(huge, bytes)));
     if (!ck.panels) fatal("out of memory: %s's matrices need %.1f GB", path, bytes / 1e9);
 #ifdef MADV_HUGEPAGE
     madvise(ck.panels.get(), bytes, MADV_HUGEPAGE);  // fewer TLB misses while streaming them (+4% decode here; a hint)
 #endif
     float* p = ck.panels.get();
-    const float* m[] = {w.wq, w.wk, w.wv, w.wo, w.w1, w.w2, w.w3, w.wcls};
-    const int rows[] = {c.dim, c.kv_dim(), c.kv_dim(), c.dim, c.hidden_dim, c.dim, c.hidden_dim, c.vocab_size};
-    const int cols[] = {c.dim, c.dim, c.dim, c.dim, c.dim, c.hidden_dim, c.dim, c.dim};
-    const float** to[] = {&w.wq, &w.wk, &w.wv, &w.wo, &w.w1, &w.w2, &w.w3, &w.wcls};
-    for (int i = 0; i < 8; i++) {
-        float* start = p;
-        p = pack_panels(p, m[i], i < 7 ? L : 1, rows[i], cols[i]);
-        *to[i] = start;
-    }
+    auto pack = [&](const float*& m, uint64_t layers, int d, int n) {  // m: from the mapping to its panels
+        const float* rows = m;
+        m = p;
+        p = pack_panels(p, rows, layers, d, n);
+    };
+    pack(w.wq, L, c.dim, c.dim), pack(w.wk, L, c.kv_dim(), c.dim), pack(w.wv, L, c.kv_dim(), c.dim);
+    pack(w.wo, L, c.dim, c.dim), pack(w.w1, L, c.hidden_dim, c.dim), pack(w.w2, L, c.dim, c.hidden_dim);
+    pack(w.w3, L, c.hidden_dim, c.dim), pack(w.wcls, 1, c.vocab_size, c.dim);
     ck.file.release();  // the mapped matrices are not read again: not counted twice in this process's memory
     return ck;
 }
@@ -593,7 +590,8 @@ static RunState make_run_state(const Config& c, int positions, bool kv_int8) {
     const uint64_t kv = kBlock * c.kv_dim(), heads = kBlock * c.n_heads;
     const uint64_t xt = (uint64_t)kBlock * std::max(c.dim, c.hidden_dim);
     const uint64_t floats = 5 * dim + 2 * hidden + 2 * kv + heads + att + logits + xt + 2 * positions * half;
-    check_fits_in_memory(add_ck(floats * sizeof(float) + dim, kv_cache_bytes(c, positions, kv_int8)), positions);
+    check_fits_in_memory(add_ck(floats * sizeof(float) + dim, kv_cache_bytes(c, positions, kv_int8)),
+                         "the KV cache for " + std::to_string(positions) + " positions", "ask for fewer with -n");
     RunState s{alloc_floats(dim), alloc_floats(dim), alloc_floats(dim),
                alloc_floats(hidden), alloc_floats(hidden), alloc_floats(dim),
                alloc_floats(kv), alloc_floats(kv), alloc_int8(dim), alloc_floats(heads),

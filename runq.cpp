@@ -322,13 +322,13 @@ static double memory_limit(const char* cgroup_root) {
     return limit;
 }
 
-// The run state for `positions` (mostly the KV cache) must fit in the memory
-// this process may use once filled: refused up front, with what to do about it.
-static void check_fits_in_memory(uint64_t bytes, int positions) {
+// What a run allocates (the run state, mostly the KV cache; run's copy of the
+// matrices) must fit in the memory this process may use once filled: refused up
+// front, naming what and what to do about it.
+static void check_fits_in_memory(uint64_t bytes, const std::string& what, const char* advice) {
     const double gb = bytes / 1e9, ram = memory_limit("/sys/fs/cgroup") / 1e9;
     if (ram > 0 && gb > ram)
-        fatal("the KV cache for %d positions needs %.1f GB, more than the %.1f GB this process may use: ask for fewer with -n",
-              positions, gb, ram);
+        fatal("%s needs %.1f GB, more than the %.1f GB this process may use: %s", what.c_str(), gb, ram, advice);
 }
 
 // The file must be exactly as long as its header says: no more, no less.
@@ -634,7 +634,8 @@ static RunState make_run_state(const Config& c, int positions, bool kv_int8) {
     const uint64_t dim = kBlock * c.dim, hidden = kBlock * c.hidden_dim, logits = kBlock * c.vocab_size;
     const uint64_t kv = kBlock * c.kv_dim(), heads = kBlock * c.n_heads;
     const uint64_t floats = 5 * dim + 2 * hidden + 2 * kv + heads + att + logits + 2 * positions * half;
-    check_fits_in_memory(add_ck(floats * sizeof(float) + dim, kv_cache_bytes(c, positions, kv_int8)), positions);
+    check_fits_in_memory(add_ck(floats * sizeof(float) + dim, kv_cache_bytes(c, positions, kv_int8)),
+                         "the KV cache for " + std::to_string(positions) + " positions", "ask for fewer with -n");
     RunState s{alloc_floats(dim), alloc_floats(dim), alloc_floats(dim),
                alloc_floats(hidden), alloc_floats(hidden),
                QuantizedBuffer(kBlock, c.dim, c.group_size), QuantizedBuffer(kBlock, c.hidden_dim, c.group_size),
