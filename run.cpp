@@ -1390,6 +1390,11 @@ static void load_byte_level(Tokenizer& t, const uint8_t* p, size_t size, size_t 
         t.range_first.push_back(first), t.range_last.push_back(last), t.range_class.push_back((uint8_t)cls);
     }
     for (uint32_t c = 0; c < 128; c++) t.ascii_class[c] = (uint8_t)range_class(t, c);
+    // The splits' \s must hold ASCII's white space: word_end reads " ?" and the
+    // newlines by these classes, and a table without them would cut text wrongly.
+    for (uint32_t c : {0x9u, 0xAu, 0xBu, 0xCu, 0xDu, 0x20u})
+        if (t.ascii_class[c] != kSpace)
+            fatal("%s: the Unicode ranges do not class U+%04X as white space (the split needs it)", path, c);
     if (off != size) fatal("%s: %zu bytes after the byte-level block", path, size - off);
 }
 
@@ -1521,7 +1526,7 @@ static size_t word_end(const Tokenizer& t, const uint32_t* cp, size_t i, size_t 
     if (llama3)
         for (size_t k = e; k > i; k--)
             if (newline(k - 1)) return k;  // up to the last newline of the run
-    if (e == end || e - i == 1) return std::max(e, i + 1);
+    if (e == end || e - i <= 1) return std::max(e, i + 1);  // always past i, whatever the table says
     return e - 1;  // leave one space to start the next word
 }
 

@@ -625,6 +625,9 @@ def corrupt_extensions(data, x):
         ("range-order", patched(data, ranges_at + 4, "<2I", 0x41, 0x5A), "Unicode range 1"),
         ("range-beyond", patched(data, ranges_at + 4 + 12 * 3 + 4, "<I", 0x110000), "Unicode range 3"),
         ("range-class", patched(data, ranges_at + 4 + 8, "<I", 7), "Unicode range 0"),
+        # ranges 0 and 1 are tab..CR and the space: the split needs both in \s
+        ("space-not-white", patched(data, ranges_at + 4 + 12, "<2I", 0x21, 0x21), "U+0020 as white space"),
+        ("tab-not-white", patched(data, ranges_at + 4, "<I", 0xA), "U+0009 as white space"),
         ("trailing", data + b"\0", "after the byte-level block"),
         ("other-magic", data[:x] + b"tokX" + data[x + 4:], "bytes after"),
     ]
@@ -637,7 +640,7 @@ def test_corrupt_byte_level_block(engine, byte_level, tmp_path):
     tok = tmp_path / "bad.bin"
     for name, bad, words in corrupt_extensions(data, x):
         tok.write_bytes(bad)
-        p = run(engine.binary, ckpt, "-z", tok, "-i", "abc", check=False)
+        p = run(engine.binary, ckpt, "-z", tok, "-i", "a 1 x ", check=False)
         err = p.stderr.decode(errors="replace")
         assert p.returncode == 1 and err.count("\n") == 1 and str(tok) in err and words in err, (name, err)
 

@@ -568,6 +568,31 @@ static void test_fused_matmuls() {
                 }
 }
 
+// word_end, the byte-level split, moves past i for every text and every class
+// table, even one a crafted tokenizer.bin could hold before load_byte_level
+// refused it (U+0020 not white space): a split that stood still or went back
+// would loop or read before the text.
+static void test_word_end_advances() {
+    const uint32_t alphabet[] = {' ', 'a', '1', '\n', '\r', '!', '\'', 's', 0xE9};
+    std::uniform_int_distribution<int> pick(0, 8), cls(kOther, kSpace), len(1, 7);
+    int stuck = 0, cases = 0;
+    for (Split split : {kLlama3Split, kGpt2Split})
+        for (int table = 0; table < 200; table++) {
+            Tokenizer t;
+            t.split = split;
+            for (uint32_t c : alphabet) if (c < 128) t.ascii_class[c] = (uint8_t)cls(rng);
+            for (int text = 0; text < 50; text++) {
+                std::vector<uint32_t> cp(len(rng));
+                for (uint32_t& c : cp) c = alphabet[pick(rng)];
+                for (size_t i = 0; i < cp.size(); i++, cases++) {
+                    const size_t e = word_end(t, cp.data(), i, cp.size());
+                    stuck += e <= i || e > cp.size();
+                }
+            }
+        }
+    CHECK(stuck == 0, "word_end stood still or left the text in %d of %d cases", stuck, cases);
+}
+
 // The memory limit: the machine's RAM, or a container's cgroup limit when
 // smaller (v2's memory.max, v1's memory/memory.limit_in_bytes); "max" and v1's
 // huge "no limit" number leave the RAM.
@@ -612,6 +637,7 @@ int main() {
     test_rope();
     test_attention();
     test_tokenizer();
+    test_word_end_advances();
     test_text_out();
     test_rng();
     test_sampler();
