@@ -523,16 +523,20 @@ static KVCache make_kv_cache(const Config& c, int positions, bool int8) {
 }
 
 // Symmetric int8 of n values sharing one scale: scale = max|x| / 127,
-// q = round(x / scale) in [-127, 127] (ties to even), so x is within half a
-// step, scale / 2, of q * scale. Returns the scale (0 for an all-zero group).
+// q = round(x / scale) (ties to even, as export.py rounds the weights), so x is
+// within half a step, scale / 2, of q * scale. Returns the scale (0 for an
+// all-zero group). The clamp is for subnormal groups, whose scale is rounded
+// so coarsely that x / scale can reach 128 (and (int8_t)128.0f is undefined).
 // A NaN or infinity makes the scale NaN (and q 0): it must reach the logits,
 // where check_logits stops the run, not vanish in the rounding.
+// The KV cache and the queries use it, and runq's matmul inputs (quantize).
 static float quantize_group(int8_t* q, const float* x, int n) {
     float amax = 0;
     bool finite = true;
     for (int i = 0; i < n; i++) amax = std::max(amax, std::fabs(x[i])), finite = finite && std::isfinite(x[i]);
     const float scale = finite ? amax / 127.0f : NAN;
-    for (int i = 0; i < n; i++) q[i] = (int8_t)(finite && scale > 0 ? std::nearbyint(x[i] / scale) : 0.0f);
+    for (int i = 0; i < n; i++)
+        q[i] = finite && scale > 0 ? (int8_t)std::clamp(std::nearbyint(x[i] / scale), -127.0f, 127.0f) : 0;
     return scale;
 }
 

@@ -551,16 +551,20 @@ static KVCache make_kv_cache(const Config& c, int positions, bool int8) {
 }
 
 // Symmetric int8 of n values sharing one scale: scale = max|x| / 127,
-// q = round(x / scale) in [-127, 127] (ties to even), so x is within half a
-// step, scale / 2, of q * scale. Returns the scale (0 for an all-zero group).
+// q = round(x / scale) (ties to even, as export.py rounds the weights), so x is
+// within half a step, scale / 2, of q * scale. Returns the scale (0 for an
+// all-zero group). The clamp is for subnormal groups, whose scale is rounded
+// so coarsely that x / scale can reach 128 (and (int8_t)128.0f is undefined).
 // A NaN or infinity makes the scale NaN (and q 0): it must reach the logits,
 // where check_logits stops the run, not vanish in the rounding.
+// The KV cache and the queries use it, and runq's matmul inputs (quantize).
 static float quantize_group(int8_t* q, const float* x, int n) {
     float amax = 0;
     bool finite = true;
     for (int i = 0; i < n; i++) amax = std::max(amax, std::fabs(x[i])), finite = finite && std::isfinite(x[i]);
     const float scale = finite ? amax / 127.0f : NAN;
-    for (int i = 0; i < n; i++) q[i] = (int8_t)(finite && scale > 0 ? std::nearbyint(x[i] / scale) : 0.0f);
+    for (int i = 0; i < n; i++)
+        q[i] = finite && scale > 0 ? (int8_t)std::clamp(std::nearbyint(x[i] / scale), -127.0f, 127.0f) : 0;
     return scale;
 }
 
@@ -966,31 +970,22 @@ static void accum(float* x, const float* y, int n) {
 // time, on int8. The activations are quantized first, so each group's dot
 // product is exact integer arithmetic, scaled once by the two groups' scales.
 
-// quantize: rows of n floats -> qx (8 bits), group by group, the last group of
-// a row shorter when group_size does not divide n. With qx.offsets, also each
-// group's -128 * sum(q), for the VNNI kernels, which add 128 to every weight.
+// quantize: rows of n floats -> qx (8 bits), group by group (quantize_group),
+// the last group of a row shorter when group_size does not divide n. With
+// qx.offsets, also each group's -128 * sum(q), for the VNNI kernels, which add
+// 128 to every weight.
 // Error: |q * s - x| <= s / 2 + |x| u per element, s = max|group| / 127.
 static void quantize(QuantizedTensor& qx, const float* x, int rows, int n) {
     const int gs = qx.group_size, groups = qx.groups(n);
     for (size_t r = 0; r < (size_t)rows; r++)
         for (int g = 0; g < groups; g++) {
             const int len = std::min(gs, n - g * gs);
-            const float* v = x + r * n + g * gs;
             int8_t* q = qx.q + r * n + g * gs;
-            float vmax = 0.0f;
-            bool finite = true;
-            for (int i = 0; i < len; i++) vmax = std::max(vmax, std::fabs(v[i])), finite = finite && std::isfinite(v[i]);
-            // NaN or infinity must stay visible (check_logits stops on it): the group
-            // gets scale NaN and values 0. The clamp is for subnormal groups, whose
-            // scale vmax / 127 is rounded so coarsely that v / scale can pass 127.
-            const float scale = finite ? vmax / 127.0f : NAN;
-            qx.s[r * groups + g] = scale;
+            qx.s[r * groups + g] = quantize_group(q, x + r * n + g * gs, len);
+            if (!qx.offsets) continue;
             int32_t sum = 0;
-            for (int i = 0; i < len; i++) {  // a group of zeros gets scale 0 and zeros, not NaN
-                q[i] = scale == 0.0f || !finite ? 0 : (int8_t)std::clamp(std::round(v[i] / scale), -127.0f, 127.0f);
-                sum += q[i];
-            }
-            if (qx.offsets) qx.offsets[r * groups + g] = -128 * sum;
+            for (int i = 0; i < len; i++) sum += q[i];
+            qx.offsets[r * groups + g] = -128 * sum;
         }
 }
 

@@ -568,6 +568,29 @@ static void test_fused_matmuls() {
                 }
 }
 
+// The int8 KV cache of a subnormal head (quantize_group): the scale max / 127
+// rounds to a few ulps, x / scale reaches 128, and the stored value must stay
+// in [-127, 127] with its sign (an unclamped cast is undefined; on x86 it
+// stores -128). Ties round to even, as export.py rounds the weights.
+static void test_quantize_group() {
+    Config c{};
+    c.n_kv_heads = 1, c.n_heads = 1, c.dim = 16, c.n_layers = 1;
+    KVCache kv = make_kv_cache(c, 1, true);
+    for (float tiny : {1.8e-43f, 3e-44f, 1e-45f, 1e-30f}) {
+        std::vector<float> k(16);
+        for (int i = 0; i < 16; i++) k[i] = tiny * (i % 2 ? -1.0f : 1.0f) * (float)(16 - i) / 16;
+        store_kv(kv, c, 1, 0, 0, 1, k.data(), k.data());
+        bool ok = true;
+        for (int i = 0; i < 16; i++) ok = ok && kv.key8[i] != -128 && kv.key8[i] * k[i] >= 0 && kv.value8[i] * k[i] >= 0;
+        CHECK(ok && kv.key8[0] == (kv.key_scale[0] > 0 ? 127 : 0), "the KV cache of a subnormal head of max %g", tiny);
+    }
+    // scale 1: 2.5 and -0.5 are ties, rounded to even
+    const float x[4] = {127.0f, 2.5f, -0.5f, 3.5f};
+    int8_t q[4];
+    CHECK(quantize_group(q, x, 4) == 1.0f && q[1] == 2 && q[2] == 0 && q[3] == 4, "ties to even: %d %d %d", q[1], q[2],
+          q[3]);
+}
+
 // word_end, the byte-level split, moves past i for every text and every class
 // table, even one a crafted tokenizer.bin could hold before load_byte_level
 // refused it (U+0020 not white space): a split that stood still or went back
@@ -638,6 +661,7 @@ int main() {
     test_attention();
     test_tokenizer();
     test_word_end_advances();
+    test_quantize_group();
     test_text_out();
     test_rng();
     test_sampler();

@@ -63,6 +63,18 @@ static void test_quantize() {
             for (int i = 0; i < gs; i++) ok = ok && q[i] != -128 && q[i] * y[i] >= 0;
             CHECK(ok, "gs=%d: subnormal group of max %g", gs, tiny);
         }
+        // one rounding rule for the activations and the KV cache: quantize is
+        // quantize_group, group by group (ties included: x = 2.5 at scale 1)
+        {
+            std::vector<float> y = x;
+            y[4 * gs] = 127.0f;
+            if (gs > 1) y[4 * gs + 1] = 2.5f;
+            quantize(t, y.data(), 1, n);
+            std::vector<int8_t> q2(n);
+            bool same = true;
+            for (int g = 0; g < n / gs; g++) same = same && quantize_group(q2.data() + g * gs, y.data() + g * gs, gs) == s[g];
+            CHECK(same && q == q2 && (gs == 1 || q[4 * gs + 1] == 2), "gs=%d: quantize is quantize_group per group", gs);
+        }
         quantize(t, x.data(), 1, n);
         bool zero_group = s[1] == 0.0f;
         for (int i = gs; i < 2 * gs; i++) zero_group = zero_group && q[i] == 0 && back[i] == 0.0f;
