@@ -71,7 +71,9 @@ struct FatalError : std::runtime_error {
 class MappedFile {
 public:
     MappedFile() = default;
-    explicit MappedFile(const char* path) {
+    // populate: map every page now (for a file read in place), else each page
+    // as it is first read (a file mostly copied once, or read only in part).
+    explicit MappedFile(const char* path, bool populate = true) {
         int fd = open(path, O_RDONLY | O_NONBLOCK);  // a FIFO must not block the open
         if (fd < 0) fatal("cannot open %s: %s", path, std::strerror(errno));
         struct stat st;
@@ -86,11 +88,11 @@ public:
         size_ = (size_t)st.st_size;
         // MAP_POPULATE maps every page now, in one call, instead of a page fault
         // at a time in the first forward pass (which would count in the prompt's speed).
+        int flags = MAP_PRIVATE;
 #ifdef MAP_POPULATE
-        void* p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-#else
-        void* p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (populate) flags |= MAP_POPULATE;
 #endif
+        void* p = mmap(nullptr, size_, PROT_READ, flags, fd, 0);
         close(fd);  // the mapping keeps the file alive
         if (p == MAP_FAILED) fatal("cannot map %s: %s", path, std::strerror(errno));
         data_ = static_cast<const uint8_t*>(p);
@@ -108,12 +110,14 @@ public:
     }
     const uint8_t* data() const { return data_; }
     size_t size() const { return size_; }
-    // Unmaps the pages from this process, not from the file: the next read of
-    // one maps it again from the page cache (the kernel keeps the file there
-    // while memory allows). For a file whose contents were copied elsewhere.
-    void release() const {
+    // Unmaps the whole pages of [p, p + bytes), a part of the mapping, from this
+    // process, not from the file: the next read of one maps it again from the
+    // page cache. For a part whose contents were copied elsewhere.
+    void release(const void* p, size_t bytes) const {
 #ifdef MADV_DONTNEED
-        if (data_) madvise(const_cast<uint8_t*>(data_), size_, MADV_DONTNEED);
+        const uintptr_t page = (uintptr_t)sysconf(_SC_PAGE_SIZE), a = (uintptr_t)p;
+        const uintptr_t first = (a + page - 1) / page * page, last = (a + bytes) / page * page;
+        if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
 #endif
     }
 
@@ -155,6 +159,24 @@ static uint64_t add_ck(uint64_t a, uint64_t b) {
     uint64_t r;
     if (__builtin_add_overflow(a, b, &r)) fatal("checkpoint sizes overflow 64 bits");
     return r;
+}
+
+// The threads a parallel loop runs on, and which one this is: per-thread
+// scratch is threads() rows, indexed by thread_id().
+static int threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int thread_id() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
 }
 
 // ----------------------------------------------------------------------------
@@ -411,7 +433,7 @@ struct WeightCursor {
 
 static Checkpoint load_checkpoint(const char* path) {
     Checkpoint ck;
-    ck.file = MappedFile(path);
+    ck.file = MappedFile(path, false);  // most of it is copied once: not mapped all at once
     const Config& c = ck.config = read_config(ck.file, path);
     if (c.version >= 2)
         fatal("%s: is a version %d (%s) checkpoint: run it with runq", path, c.version, c.version == 2 ? "int8" : "int4");
@@ -463,22 +485,29 @@ static Checkpoint load_checkpoint(const char* path) {
     const uint64_t floats = panel_rows(dim) * dim * 2 * L + panel_rows(kv) * dim * 2 * L + panel_rows(hid) * dim * 2 * L +
                             panel_rows(dim) * hid * L + panel_rows(vocab) * dim;
     const uint64_t huge = 1 << 21, bytes = (floats * sizeof(float) + huge - 1) / huge * huge;  // (aligned_alloc wants a multiple)
-    check_fits_in_memory(bytes, std::string("the copy of ") + path + "'s matrices", "runq runs an int8 export in a quarter of that");
+    // held at the peak: the copy, the embedding table and norms read in place, one layer's matrix on its way
+    const uint64_t mapped = (vocab * dim + (2 * L + 1) * dim + dim * std::max({dim, hid, vocab})) * sizeof(float);
+    check_fits_in_memory(bytes + mapped, std::string("the copy of ") + path + "'s matrices",
+                         "runq runs an int8 export in a quarter of that");
     ck.panels = FloatBuffer(static_cast<float*>(std::aligned_alloc(huge, bytes)));
     if (!ck.panels) fatal("out of memory: %s's matrices need %.1f GB", path, bytes / 1e9);
 #ifdef MADV_HUGEPAGE
     madvise(ck.panels.get(), bytes, MADV_HUGEPAGE);  // fewer TLB misses while streaming them (+4% decode here; a hint)
 #endif
     float* p = ck.panels.get();
-    auto pack = [&](const float*& m, uint64_t layers, int d, int n) {  // m: from the mapping to its panels
+    // m: from the mapping to its panels, a layer at a time; each layer's pages in
+    // the mapping are released once copied, so the weights are held once, not twice
+    auto pack = [&](const float*& m, uint64_t layers, int d, int n) {
         const float* rows = m;
         m = p;
-        p = pack_panels(p, rows, layers, d, n);
+        for (uint64_t l = 0; l < layers; l++, rows += (uint64_t)d * n) {
+            p = pack_panels(p, rows, 1, d, n);
+            if (rows != w.token_embedding) ck.file.release(rows, (uint64_t)d * n * sizeof(float));
+        }
     };
     pack(w.wq, L, c.dim, c.dim), pack(w.wk, L, c.kv_dim(), c.dim), pack(w.wv, L, c.kv_dim(), c.dim);
     pack(w.wo, L, c.dim, c.dim), pack(w.w1, L, c.hidden_dim, c.dim), pack(w.w2, L, c.dim, c.hidden_dim);
     pack(w.w3, L, c.hidden_dim, c.dim), pack(w.wcls, 1, c.vocab_size, c.dim);
-    ck.file.release();  // the mapped matrices are not read again: not counted twice in this process's memory
     return ck;
 }
 
@@ -577,7 +606,7 @@ struct RunState {
     FloatBuffer k, v;         // (block, kv_dim) the block's keys and values, until attention stores them
     Int8Buffer q8;            // (block, dim) int8 queries, for an int8 KV cache
     FloatBuffer q_scale;      // (block, n_heads) their scales
-    FloatBuffer att;          // (block, n_heads, positions) attention scores
+    FloatBuffer att;          // (threads, positions) attention scores, one row per thread
     FloatBuffer logits;       // (block, vocab_size)
     FloatBuffer xt;           // (kBlock / kPass, max(dim, hidden_dim), kPass) a block's matmul input, turned over
     KVCache kv;               // (layer, positions, kv_dim) keys and values
@@ -589,7 +618,7 @@ struct RunState {
 // Sized for `positions` (-n), not the model's whole seq_len, and refused up
 // front if it could not fit in this machine's memory once filled.
 static RunState make_run_state(const Config& c, int positions, bool kv_int8) {
-    const uint64_t half = c.head_size() / 2, att = mul_ck(kBlock * c.n_heads, positions);
+    const uint64_t half = c.head_size() / 2, att = mul_ck(threads(), positions);
     const uint64_t dim = kBlock * c.dim, hidden = kBlock * c.hidden_dim, logits = kBlock * c.vocab_size;
     const uint64_t kv = kBlock * c.kv_dim(), heads = kBlock * c.n_heads;
     const uint64_t xt = (uint64_t)kBlock * std::max(c.dim, c.hidden_dim);
@@ -618,14 +647,6 @@ static double now_seconds() {
 }
 // The threads the parallel loops use: OMP_NUM_THREADS, else one per core; 1
 // in a build without OpenMP.
-static int threads() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
 struct Stopwatch {
     double& total;
     const double start = now_seconds();
@@ -888,7 +909,7 @@ static void attention(RunState& s, const Config& c, int l, int pos, int n) {
     for (int bh = 0; bh < n * c.n_heads; bh++) {
         const int b = bh / c.n_heads, h = bh % c.n_heads, last = pos + b;
         const size_t row = kv.head(c, s.positions, l, h / kv_mul);  // position 0 of the kv head it reads
-        float* att = s.att.get() + (size_t)bh * s.positions;
+        float* att = s.att.get() + (size_t)thread_id() * s.positions;  // this thread's scores
         float* out = s.xb.get() + (size_t)bh * head_size;
         if (!kv.int8) {
             const float* qh = s.q.get() + (size_t)bh * head_size;
@@ -2055,6 +2076,8 @@ static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler, const 
         }
         const std::vector<int> prompt = render_turn(tok, tmpl, turn == 0, system, user);
         if (pos + (int)prompt.size() > steps) {
+            std::fputc('\n', stdout);
+            std::fflush(stdout);
             std::fprintf(stderr, "the context is full (%d of %d positions used); ending the chat\n",
                          pos, steps);
             return;
@@ -2219,16 +2242,17 @@ static Options parse_args(int argc, char** argv) {
 static int run_main(int argc, char** argv) {
     Options o = parse_args(argc, argv);
 
-    Transformer tr{load_checkpoint(o.checkpoint), {}};
-    const Config& c = tr.config();
-    Tokenizer tok = load_tokenizer(o.tokenizer, c.vocab_size);
-
-    if (o.mode == "tokenize") {
-        const std::vector<int> ids = encode(tok, o.prompt, true);
+    if (o.mode == "tokenize") {  // needs only the vocabulary's size: the header, not the weights
+        const Config c = read_config(MappedFile(o.checkpoint, false), o.checkpoint);
+        const std::vector<int> ids = encode(load_tokenizer(o.tokenizer, c.vocab_size), o.prompt, true);
         for (size_t i = 0; i < ids.size(); i++) std::printf(i ? " %d" : "%d", ids[i]);
         std::printf("\n");
         return 0;
     }
+
+    Transformer tr{load_checkpoint(o.checkpoint), {}};
+    const Config& c = tr.config();
+    Tokenizer tok = load_tokenizer(o.tokenizer, c.vocab_size);
 
     if (o.mode == "perplexity") {
         if (!o.text_file) fatal("-m perplexity needs a text file: -f <path>");

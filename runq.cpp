@@ -78,7 +78,9 @@ struct FatalError : std::runtime_error {
 class MappedFile {
 public:
     MappedFile() = default;
-    explicit MappedFile(const char* path) {
+    // populate: map every page now (for a file read in place), else each page
+    // as it is first read (a file mostly copied once, or read only in part).
+    explicit MappedFile(const char* path, bool populate = true) {
         int fd = open(path, O_RDONLY | O_NONBLOCK);  // a FIFO must not block the open
         if (fd < 0) fatal("cannot open %s: %s", path, std::strerror(errno));
         struct stat st;
@@ -93,11 +95,11 @@ public:
         size_ = (size_t)st.st_size;
         // MAP_POPULATE maps every page now, in one call, instead of a page fault
         // at a time in the first forward pass (which would count in the prompt's speed).
+        int flags = MAP_PRIVATE;
 #ifdef MAP_POPULATE
-        void* p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-#else
-        void* p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (populate) flags |= MAP_POPULATE;
 #endif
+        void* p = mmap(nullptr, size_, PROT_READ, flags, fd, 0);
         close(fd);  // the mapping keeps the file alive
         if (p == MAP_FAILED) fatal("cannot map %s: %s", path, std::strerror(errno));
         data_ = static_cast<const uint8_t*>(p);
@@ -115,12 +117,14 @@ public:
     }
     const uint8_t* data() const { return data_; }
     size_t size() const { return size_; }
-    // Unmaps the pages from this process, not from the file: the next read of
-    // one maps it again from the page cache (the kernel keeps the file there
-    // while memory allows). For a file whose contents were copied elsewhere.
-    void release() const {
+    // Unmaps the whole pages of [p, p + bytes), a part of the mapping, from this
+    // process, not from the file: the next read of one maps it again from the
+    // page cache. For a part whose contents were copied elsewhere.
+    void release(const void* p, size_t bytes) const {
 #ifdef MADV_DONTNEED
-        if (data_) madvise(const_cast<uint8_t*>(data_), size_, MADV_DONTNEED);
+        const uintptr_t page = (uintptr_t)sysconf(_SC_PAGE_SIZE), a = (uintptr_t)p;
+        const uintptr_t first = (a + page - 1) / page * page, last = (a + bytes) / page * page;
+        if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
 #endif
     }
 
@@ -162,6 +166,24 @@ static uint64_t add_ck(uint64_t a, uint64_t b) {
     uint64_t r;
     if (__builtin_add_overflow(a, b, &r)) fatal("checkpoint sizes overflow 64 bits");
     return r;
+}
+
+// The threads a parallel loop runs on, and which one this is: per-thread
+// scratch is threads() rows, indexed by thread_id().
+static int threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int thread_id() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
 }
 
 // ----------------------------------------------------------------------------
@@ -623,7 +645,7 @@ struct RunState {
     FloatBuffer k, v;         // (block, kv_dim) the block's keys and values, until attention stores them
     Int8Buffer q8;            // (block, dim) int8 queries, for an int8 KV cache
     FloatBuffer q_scale;      // (block, n_heads) their scales
-    FloatBuffer att;          // (block, n_heads, positions) attention scores
+    FloatBuffer att;          // (threads, positions) attention scores, one row per thread
     FloatBuffer logits;       // (block, vocab_size)
     KVCache kv;               // (layer, positions, kv_dim) keys and values
     FloatBuffer rope_cos;     // (positions, head_size / 2)
@@ -634,7 +656,7 @@ struct RunState {
 // Sized for `positions` (-n), not the model's whole seq_len, and refused up
 // front if it could not fit in this machine's memory once filled.
 static RunState make_run_state(const Config& c, int positions, bool kv_int8) {
-    const uint64_t half = c.head_size() / 2, att = mul_ck(kBlock * c.n_heads, positions);
+    const uint64_t half = c.head_size() / 2, att = mul_ck(threads(), positions);
     const uint64_t dim = kBlock * c.dim, hidden = kBlock * c.hidden_dim, logits = kBlock * c.vocab_size;
     const uint64_t kv = kBlock * c.kv_dim(), heads = kBlock * c.n_heads;
     const uint64_t floats = 5 * dim + 2 * hidden + 2 * kv + heads + att + logits + 2 * positions * half;
@@ -663,14 +685,6 @@ static double now_seconds() {
 }
 // The threads the parallel loops use: OMP_NUM_THREADS, else one per core; 1
 // in a build without OpenMP.
-static int threads() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
 struct Stopwatch {
     double& total;
     const double start = now_seconds();
@@ -933,7 +947,7 @@ static void attention(RunState& s, const Config& c, int l, int pos, int n) {
     for (int bh = 0; bh < n * c.n_heads; bh++) {
         const int b = bh / c.n_heads, h = bh % c.n_heads, last = pos + b;
         const size_t row = kv.head(c, s.positions, l, h / kv_mul);  // position 0 of the kv head it reads
-        float* att = s.att.get() + (size_t)bh * s.positions;
+        float* att = s.att.get() + (size_t)thread_id() * s.positions;  // this thread's scores
         float* out = s.xb.get() + (size_t)bh * head_size;
         if (!kv.int8) {
             const float* qh = s.q.get() + (size_t)bh * head_size;
@@ -2449,6 +2463,8 @@ static void chat(Transformer& tr, const Tokenizer& tok, Sampler& sampler, const 
         }
         const std::vector<int> prompt = render_turn(tok, tmpl, turn == 0, system, user);
         if (pos + (int)prompt.size() > steps) {
+            std::fputc('\n', stdout);
+            std::fflush(stdout);
             std::fprintf(stderr, "the context is full (%d of %d positions used); ending the chat\n",
                          pos, steps);
             return;
@@ -2613,16 +2629,17 @@ static Options parse_args(int argc, char** argv) {
 static int run_main(int argc, char** argv) {
     Options o = parse_args(argc, argv);
 
-    Transformer tr{load_checkpoint(o.checkpoint), {}};
-    const Config& c = tr.config();
-    Tokenizer tok = load_tokenizer(o.tokenizer, c.vocab_size);
-
-    if (o.mode == "tokenize") {
-        const std::vector<int> ids = encode(tok, o.prompt, true);
+    if (o.mode == "tokenize") {  // needs only the vocabulary's size: the header, not the weights
+        const Config c = read_config(MappedFile(o.checkpoint, false), o.checkpoint);
+        const std::vector<int> ids = encode(load_tokenizer(o.tokenizer, c.vocab_size), o.prompt, true);
         for (size_t i = 0; i < ids.size(); i++) std::printf(i ? " %d" : "%d", ids[i]);
         std::printf("\n");
         return 0;
     }
+
+    Transformer tr{load_checkpoint(o.checkpoint), {}};
+    const Config& c = tr.config();
+    Tokenizer tok = load_tokenizer(o.tokenizer, c.vocab_size);
 
     if (o.mode == "perplexity") {
         if (!o.text_file) fatal("-m perplexity needs a text file: -f <path>");

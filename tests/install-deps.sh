@@ -4,13 +4,13 @@
 #                                    (Debian's PyTorch multiplies matrices ~35x faster with it)
 #   sh tests/install-deps.sh         make test: also pytest (and pytest-xdist, to run tests on
 #                                    every core) and sentencepiece, clang++ with its
-#                                    OpenMP and libFuzzer runtimes, valgrind, and the ARM
+#                                    OpenMP and libFuzzer runtimes, valgrind, GNU time, the ARM
 #                                    cross-compiler with qemu to run what it builds, and node
 #                                    with npm (the tests' JavaScript references)
 set -e
 PYTHON=${PYTHON:-/usr/bin/python3}
 TRAIN_PKGS="python3-torch python3-numpy libopenblas0-pthread"
-PKGS="$TRAIN_PKGS python3-pytest python3-pytest-xdist python3-sentencepiece clang libomp-dev libclang-rt-14-dev valgrind g++-aarch64-linux-gnu qemu-user"
+PKGS="$TRAIN_PKGS python3-pytest python3-pytest-xdist python3-sentencepiece clang libomp-dev libclang-rt-14-dev valgrind time g++-aarch64-linux-gnu qemu-user"
 # Debian's npm conflicts with a NodeSource nodejs (which bundles npm): only when npm is missing
 command -v npm >/dev/null || PKGS="$PKGS nodejs npm"
 
@@ -23,7 +23,7 @@ has_testing() {
     command -v clang++ >/dev/null && echo 'int main(){}' | clang++ -fopenmp -x c++ - -o /dev/null 2>/dev/null &&
     echo 'extern "C" int LLVMFuzzerTestOneInput(const char*, long) { return 0; }' |
         clang++ -fsanitize=fuzzer -x c++ - -o /dev/null 2>/dev/null &&
-    command -v valgrind >/dev/null &&
+    command -v valgrind >/dev/null && test -x /usr/bin/time &&
     command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null &&
     command -v node >/dev/null && command -v npm >/dev/null
 }

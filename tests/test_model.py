@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (BINARIES, M, ROOT, STORIES, TOK512, assert_threads, binary_id, decode_text, existing,
-                      random_model, read_dump, read_tokenizer, run, save_model, threaded, vocab_of_size,
+from conftest import (M, ROOT, STORIES, TOK512, decode_text, existing,
+                      random_model, read_dump, read_tokenizer, run, save_model, vocab_of_size,
                       write_tokenizer)
 
 U = 2.0 ** -24  # float32 unit roundoff
@@ -155,17 +155,6 @@ def test_versions_give_identical_output(binary, tmp_path):
             outputs.append(run(binary, dst, "-z", tokenizer, "-s", 42, "-n", 80).stdout)
         outputs.append(run(binary, src, "-z", tokenizer, "-s", 42, "-n", 80).stdout)
         assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) > 40
-
-
-@pytest.mark.parametrize("binary", threaded(BINARIES), ids=binary_id)
-def test_same_bytes_for_any_thread_count(binary):
-    outs = set()
-    for n in (1, 2, 3):
-        p = run(existing(binary), STORIES, "-z", TOK512, "-s", 11, "-t", "1.0", "-p", "0.95", "-n", 256,
-                env={"OMP_NUM_THREADS": str(n)})
-        assert_threads(p, n)
-        outs.add(p.stdout)
-    assert len(outs) == 1
 
 
 def test_training_checkpoint_export(tmp_path):
