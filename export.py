@@ -109,9 +109,11 @@ def write_atomically(path, chunks):
             for chunk in chunks:
                 f.write(chunk)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            fail(f"cannot write {path}: {e.strerror}")
         raise
 
 
@@ -253,8 +255,13 @@ def to_gguf(a, model):
         meta = {k: v for k, v in model.gguf.meta.items() if k.startswith("tokenizer.ggml.")}
     else:
         path = a.vocab or "tokenizer.bin"
+        used = path if a.vocab else f"{path} (no --vocab given, so ./tokenizer.bin)"
         if not os.path.isfile(path):
-            fail(f"{path}: no such file: --to-gguf needs the model's tokenizer.bin (--vocab)")
+            fail(f"{used}: no such file: --to-gguf needs the model's tokenizer.bin (--vocab)")
+        count = len(read_tokenizer_bin(path)[0])
+        if count != model.args.vocab_size:
+            fail(f"{used}: {count} pieces, but the model's vocabulary has {model.args.vocab_size}: "
+                 "--vocab names the model's own tokenizer.bin")
         pieces, scores = read_tokenizer_bin(path, model.args.vocab_size)
         meta = vocabulary_meta(pieces, scores, read_tokenizer_extension(path, len(pieces)))
     write_gguf(a.out, model, GGUF_TYPES[a.type], meta, groups)
@@ -293,10 +300,32 @@ def main():
     ap.add_argument("-o", dest="tokenizer_out", default="tokenizer.bin",
                     help="tokenizer output of --tokenizer and --gguf (default tokenizer.bin)")
     a = ap.parse_args()
-    out = a.tokenizer_out if a.tokenizer else a.out
-    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):  # before any work
-        fail(f"{out}: directory {os.path.dirname(os.path.abspath(out))} does not exist")
+    check_outputs(a)
+    source = a.tokenizer or a.gguf or a.hf or a.meta or a.checkpoint or a.bin
+    try:
+        convert(a)
+    except RecursionError:
+        fail(f"{source}: nested too deeply to read")
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, OverflowError, MemoryError,
+            struct.error) as e:  # what no check above foresaw: still one line, and nothing written
+        fail(f"{source}: cannot convert it ({type(e).__name__}: {e})")
 
+
+def check_outputs(a):
+    """The files this run writes, checked before any work: each a file in a
+    folder that exists, and the checkpoint and tokenizer not one file."""
+    outs = [a.tokenizer_out] if a.tokenizer else [a.out] + ([a.tokenizer_out] if a.gguf and not a.to_gguf else [])
+    for out in filter(None, outs):
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(folder):
+            fail(f"{out}: directory {folder} does not exist")
+        if os.path.isdir(out):
+            fail(f"{out} is a directory: name the file to write")
+    if len(outs) == 2 and os.path.realpath(outs[0]) == os.path.realpath(outs[1]):
+        fail(f"{a.out} is both the checkpoint and the tokenizer (-o): name two files")
+
+
+def convert(a):
     if a.tokenizer:
         export_tokenizer(a.tokenizer, a.tokenizer_out)
         return
@@ -343,7 +372,11 @@ def main():
         a.version = 0
     write_checkpoint(model, a.out, a.version, a.group_size)
     if a.gguf:
-        write_tokenizer(a.gguf, a.tokenizer_out, gguf_tokens, model.vocabulary[3])
+        try:
+            write_tokenizer(a.gguf, a.tokenizer_out, gguf_tokens, model.vocabulary[3])
+        except BaseException:  # (SystemExit included) a refused run leaves neither file
+            os.remove(a.out)
+            raise
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import model as M
-from exporter import LazyModel, check_args, fail, our_shapes, progress
+from exporter import LazyModel, as_float32, check_args, fail, our_shapes, progress
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -254,8 +254,9 @@ def meta_int(g, key, default=None):
 
 def meta_float(g, key, default):
     v = g.meta.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        fail(f"{g.path}: {key} = {v!r} (must be a positive number)")
+    f32 = None if isinstance(v, bool) or not isinstance(v, (int, float)) else as_float32(v)
+    if f32 is None or not math.isfinite(f32) or f32 <= 0:  # (1e-300 would be stored as 0: the default)
+        fail(f"{g.path}: {key} = {v!r} (must be a positive number within float32's range)")
     # a float32 in the file: the default's float32 means the default
     return default if default is not None and np.float32(v) == np.float32(default) else float(v)
 
@@ -371,8 +372,9 @@ def gguf_tokenizer(g):
     types = g.meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * n)
     if not n or not all(isinstance(t, str) for t in tokens):
         fail(f"{g.path}: tokenizer.ggml.tokens is not a list of strings")
-    if not (isinstance(scores, list) and len(scores) == n and all(isinstance(s, float) and math.isfinite(s) for s in scores)):
-        fail(f"{g.path}: tokenizer.ggml.scores is not {n} finite numbers")
+    if not (isinstance(scores, list) and len(scores) == n and
+            all(isinstance(s, float) and as_float32(s) is not None and math.isfinite(s) for s in scores)):
+        fail(f"{g.path}: tokenizer.ggml.scores is not {n} finite numbers within float32's range")
     if not (isinstance(types, list) and len(types) == n and all(isinstance(t, int) for t in types)):
         fail(f"{g.path}: tokenizer.ggml.token_type is not {n} integers")
     ids = {}
@@ -387,7 +389,7 @@ def gguf_tokenizer(g):
             fail(f"{g.path}: bos/eos ids are {bos}/{eos}; run.cpp expects 1/2")
         return [(t.encode(), s, k) for t, s, k in zip(tokens, scores, types)], bos, eos, None
     pre = g.meta.get("tokenizer.ggml.pre", "gpt-2")
-    if pre not in GGUF_SPLITS:
+    if not isinstance(pre, str) or pre not in GGUF_SPLITS:
         fail(f"{g.path}: tokenizer.ggml.pre {pre!r} is not supported ({', '.join(GGUF_SPLITS)})")
     merges = g.meta.get("tokenizer.ggml.merges")
     if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import model as M
-from exporter import LazyModel, check_args, fail, our_shapes, progress
+from exporter import LazyModel, check_args, fail, load_json, our_shapes, progress
 from exporter.checkpoint import load_torch_file
 
 # ----------------------------------------------------------------------------
@@ -133,10 +133,9 @@ def hf_args(folder):
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         fail(f"{folder}: no config.json (not a Hugging Face model directory)")
-    try:
-        cfg = json.load(open(path))
-    except ValueError as e:
-        fail(f"{path}: not JSON ({e})")
+    cfg = load_json(path)
+    if not isinstance(cfg, dict):
+        fail(f"{path}: not a JSON object")
     arch = cfg.get("architectures", ["LlamaForCausalLM"])
     if cfg.get("model_type", "llama") != "llama" or arch != ["LlamaForCausalLM"]:
         fail(f"{path}: model_type {cfg.get('model_type')!r}, architectures {arch}: only Llama "
@@ -155,6 +154,8 @@ def hf_args(folder):
                            shared_classifier=bool(cfg.get("tie_word_embeddings", False)))
     except KeyError as e:
         fail(f"{path}: no {e.args[0]}")
+    except (TypeError, ValueError) as e:  # float("x")
+        fail(f"{path}: rms_norm_eps or rope_theta is not a number ({e})")
     check_args(args, path)
     return args
 
@@ -166,7 +167,10 @@ def hf_tensors(folder):
     if files:
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.isfile(index):
-            files = sorted({os.path.join(folder, f) for f in json.load(open(index))["weight_map"].values()})
+            weight_map = load_json(index).get("weight_map") if isinstance(load_json(index), dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                fail(f"{index}: no weight_map of tensor names to file names")
+            files = sorted({os.path.join(folder, f) for f in weight_map.values()})
         found = {}
         for f in files:
             if not os.path.isfile(f):

@@ -3,13 +3,12 @@ per model-parallel rank. Meta's names are model.py's, and its q/k rows are
 already in interleaved-pair order."""
 
 import glob
-import json
 import os
 
 import torch
 
 import model as M
-from exporter import LazyModel, check_args, fail, our_shapes, progress
+from exporter import LazyModel, check_args, fail, load_json, our_shapes, progress
 from exporter.checkpoint import load_torch_file
 
 
@@ -33,7 +32,9 @@ def load_meta(folder, seq_len):
     if not seq_len:
         fail("--meta needs --seq-len: params.json does not say the context length (Llama 2: 4096)")
     try:
-        p = json.load(open(params_path))
+        p = load_json(params_path)
+        if not isinstance(p, dict):
+            fail(f"{params_path}: not a JSON object")
         if p.get("use_scaled_rope"):  # Meta's scaling constants live in its code, not in params.json
             fail(f"{params_path}: use_scaled_rope (Llama 3.1 and later) is not supported with --meta; "
                  "export the Hugging Face release with --hf, whose config.json states its rope_scaling")

@@ -6,7 +6,7 @@ import math
 import os
 import struct
 
-from exporter import fail
+from exporter import fail, load_json
 
 # ----------------------------------------------------------------------------
 # Tokenizer: the sentencepiece .model protobuf, read without the sentencepiece
@@ -80,6 +80,9 @@ def read_sentencepiece(path):
         fail(f"{path}: not a sentencepiece model ({e})")
     if not pieces:
         fail(f"{path}: not a sentencepiece model (no pieces)")
+    for i, (piece, score, _) in enumerate(pieces):
+        if not math.isfinite(score):
+            fail(f"{path}: piece {i} {piece!r} has score {score}")
     return pieces, ids[41], ids[42]
 
 
@@ -91,29 +94,41 @@ def read_tokenizer_json(path):
     encoder, which applies the best-scoring merge first, applies them in the
     tokenizer's merge order; pieces no merge makes score 0 (never used).
     A byte-level BPE (Llama 3, GPT-2, SmolLM2) goes to read_byte_level."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            tj = json.load(f)
-        model = tj["model"]
-        kind, vocab, merges = model.get("type"), model["vocab"], model["merges"]
-        if not isinstance(vocab, dict) or not isinstance(merges, list):
-            raise TypeError("model.vocab must be an object and model.merges a list")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        fail(f"{path}: not a tokenizer.json ({e})")
+    tj = load_json(path, "a tokenizer.json")
+    model = tj.get("model") if isinstance(tj, dict) else None
+    if not isinstance(model, dict):
+        fail(f"{path}: not a tokenizer.json (no \"model\" object)")
+    kind, vocab, merges = model.get("type"), model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(merges, list):
+        fail(f"{path}: not a tokenizer.json (model.vocab must be an object and model.merges a list)")
     if kind != "BPE":
         fail(f"{path}: model type {kind!r}; only BPE is supported")
     if not model.get("byte_fallback"):
         return read_byte_level(path, tj)
-    for token in tj.get("added_tokens", []):
+    vocab = dict(vocab)
+    for token in added_tokens(path, tj):
         vocab.setdefault(token["content"], token["id"])
     by_id = ids_to_pieces(path, vocab)
     if by_id[:3] != ["<unk>", "<s>", "</s>"] or by_id[3:259] != [f"<0x{b:02X}>" for b in range(256)]:
         fail(f"{path}: run.cpp needs <unk>, <s>, </s> at ids 0-2 and the byte pieces <0x00>..<0xFF> at 3-258")
     rank = {}
     for r, (left, right) in enumerate(split_merges(path, merges)):
+        if not (left in vocab and right in vocab and left + right in vocab):
+            fail(f"{path}: merge {r} ({left!r} {right!r}) joins pieces that are not in the vocabulary")
         rank.setdefault(left + right, r)
     pieces = [(p.encode(), -float(rank[p]) if p in rank else 0.0, 1) for p in by_id]
     return pieces, 1, 2, None
+
+
+def added_tokens(path, tj):
+    """tokenizer.json's added_tokens, checked: a list of {id, content}."""
+    added = tj.get("added_tokens", [])
+    if not isinstance(added, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("content"), str) and t["content"]
+            and isinstance(t.get("id"), int) and not isinstance(t["id"], bool) and 0 <= t["id"] < 1 << 24
+            for t in added):
+        fail(f"{path}: added_tokens must be a list of {{id, content}} (ids 0..{(1 << 24) - 1})")
+    return added
 
 
 def ids_to_pieces(path, vocab):
@@ -213,32 +228,30 @@ def unicode_ranges():
     return [tuple(r) for r in ranges]
 
 
-def read_config_ids(path, tj):
+def read_config_ids(path, tj, n_vocab):
     """bos and eos ids: the token the post-processor puts first (else
     tokenizer_config.json's bos_token when add_bos_token is set), and every
     end-of-sequence id named in tokenizer_config.json, config.json or
-    generation_config.json beside the tokenizer."""
+    generation_config.json beside the tokenizer (each one of the n_vocab ids)."""
     folder = os.path.dirname(os.path.abspath(path))
 
     def load(name):
         p = os.path.join(folder, name)
         if not os.path.exists(p):
             return {}
-        try:
-            with open(p, encoding="utf-8") as f:
-                d = json.load(f)
-        except (OSError, ValueError) as e:
-            fail(f"{p}: not JSON ({e})")
+        d = load_json(p)
         if not isinstance(d, dict):
             fail(f"{p}: not a JSON object")
         return d
-    added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    added = {t["content"]: t["id"] for t in added_tokens(path, tj)}
 
     def token_id(where, tok):
         if isinstance(tok, dict):
             tok = tok.get("content")
         if tok is None:
             return None
+        if not isinstance(tok, str):
+            fail(f"{where}: token {tok!r} is not a string")
         if tok not in added:
             fail(f"{where}: {tok!r} is not one of the tokenizer's added tokens")
         return added[tok]
@@ -247,14 +260,24 @@ def read_config_ids(path, tj):
         v = v if isinstance(v, list) else [v]
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
             fail(f"{where}: token ids {v!r} are not integers")
+        for i in v:
+            if not 0 <= i < n_vocab:
+                fail(f"{where}: token id {i} is not in the vocabulary of {n_vocab}")
         return v
     tcfg, cfg, gen = load("tokenizer_config.json"), load("config.json"), load("generation_config.json")
     bos = None
     post = tj.get("post_processor") or {}
-    for p in post.get("processors", [post]) if isinstance(post, dict) else []:
-        first = (p.get("single") or [None])[0] if p.get("type") == "TemplateProcessing" else None
+    processors = post.get("processors", [post]) if isinstance(post, dict) else None
+    if not isinstance(processors, list) or not all(isinstance(p, dict) for p in processors):
+        fail(f"{path}: post_processor {json.dumps(post)[:100]} is not an object or a list of them")
+    for p in processors:
+        single = p.get("single") if p.get("type") == "TemplateProcessing" else None
+        first = single[0] if isinstance(single, list) and single else None
         if isinstance(first, dict) and "SpecialToken" in first:
-            bos = token_id(f"{path}: post_processor", first["SpecialToken"].get("id"))
+            special = first["SpecialToken"]
+            if not isinstance(special, dict):
+                fail(f"{path}: post_processor's SpecialToken {special!r} is not an object")
+            bos = token_id(f"{path}: post_processor", special.get("id"))
     if bos is None and tcfg.get("add_bos_token"):
         bos = token_id(os.path.join(folder, "tokenizer_config.json"), tcfg.get("bos_token"))
     eos = []
@@ -275,17 +298,17 @@ def read_byte_level(path, tj):
             fail(f"{path}: BPE {key} = {model[key]!r} is not supported")
     if tj.get("normalizer") is not None:
         fail(f"{path}: normalizer {json.dumps(tj['normalizer'])[:100]} is not supported (byte-level BPE without one)")
+    decoder = tj.get("decoder")
+    if decoder is not None and not (isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"):
+        fail(f"{path}: decoder {json.dumps(decoder)[:100]} is not supported (a byte-level BPE decodes with ByteLevel)")
     split = pre_tokenizer_kind(path, tj.get("pre_tokenizer"))
     vocab = dict(model["vocab"])
-    added = tj.get("added_tokens", [])
-    if not isinstance(added, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str) and t["content"]
-                                              and isinstance(t.get("id"), int) for t in added):
-        fail(f"{path}: added_tokens must be a list of {{id, content}}")
+    added = added_tokens(path, tj)
     for t in added:
         if vocab.setdefault(t["content"], t["id"]) != t["id"]:
             fail(f"{path}: added token {t['content']!r} has id {t['id']}, the vocabulary {vocab[t['content']]}")
     by_id = ids_to_pieces(path, vocab)
-    bos, eos = read_config_ids(path, tj)
+    bos, eos = read_config_ids(path, tj, len(by_id))
     return byte_level_vocabulary(path, by_id, sorted({t["id"] for t in added}), split_merges(path, model["merges"]),
                                  split, bool(model.get("ignore_merges")), bos, eos)
 
@@ -355,8 +378,7 @@ def read_tokenizer_bin(path, vocab_size=None):
         scores.append(score)
         off += 8 + n
     if vocab_size is not None and (len(pieces) != vocab_size or (off != len(data) and data[off:off + 4] != b"tokx")):
-        fail(f"{path}: holds {len(pieces)} pieces{' and more bytes' if off != len(data) else ''}, "
-             f"but the model's vocabulary has {vocab_size}")
+        fail(f"{path}: holds {len(read_tokenizer_bin(path)[0])} pieces, but the model's vocabulary has {vocab_size}")
     return pieces, scores
 
 
@@ -388,10 +410,19 @@ def read_tokenizer_extension(path, n_pieces):
     version, kind, split, flags, bos = take(5)
     if (version, kind) != (1, 1) or split not in (1, 2, 3):
         fail(f"{path}: extension version {version}, kind {kind}, split {split} not known")
-    eos = take(take(1)[0])
-    special = take(take(1)[0])
-    flat = take(2 * take(1)[0])
+
+    def check(what, ids, lowest=0):  # each an id of the n_pieces, as the engines check them
+        bad = [i for i in ids if not lowest <= i < n_pieces]
+        if bad:
+            fail(f"{path}: the extension block's {what} id {bad[0]} is not in the vocabulary of {n_pieces}")
+        return ids
+    check("bos", [bos], -1)
+    eos = check("eos", take(take(1)[0]))
+    special = check("special token", take(take(1)[0]))
+    flat = check("merge", take(2 * take(1)[0]))
     n_ranges = take(1)[0]
     take(3 * n_ranges)
+    if pos != len(v):
+        fail(f"{path}: {4 * (len(v) - pos)} bytes after the extension block")
     return dict(split=split, ignore_merges=bool(flags & 1), bos=None if bos < 0 else bos, eos=eos, special=special,
                 merges=list(zip(flat[0::2], flat[1::2])))

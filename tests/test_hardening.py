@@ -501,7 +501,7 @@ BAD_TOKENIZERS = {
     "cut-in-entry": (tokenizer_bin([b"a", b"bc"])[:-5], "cut off"),
     "cut-in-piece": (tokenizer_bin([b"a", b"bc"])[:-1], "past the end"),
     "too-few-pieces": (tokenizer_bin([b"a", b"b"]), "holds 2 pieces"),
-    "too-many-pieces": (tokenizer_bin([b"a", b"b", b"c", b"d"]), "more bytes"),
+    "too-many-pieces": (tokenizer_bin([b"a", b"b", b"c", b"d"]), "holds 4 pieces"),
     "empty": (b"", "truncated"),
 }
 
@@ -526,6 +526,47 @@ def test_export_refuses_group_size_0(tmp_path, version):
     err = p.stderr.decode()
     assert p.returncode == 1 and err.count("\n") == 1 and "--group-size 0" in err, err
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_export_output_paths(tiny_gguf, tmp_path):
+    """Outputs that are folders, in missing folders, or one file named twice:
+    refused before any work, with one line, and nothing written."""
+    src = tmp_path / "in.gguf"
+    src.write_bytes(tiny_gguf)
+    (tmp_path / "folder").mkdir()
+    cases = [([tmp_path / "folder", "--gguf", src, "-o", tmp_path / "tok.bin"], "is a directory"),
+             ([tmp_path / "out.bin", "--gguf", src, "-o", tmp_path / "folder"], "is a directory"),
+             ([tmp_path / "out.bin", "--gguf", src, "-o", tmp_path / "no" / "tok.bin"], "does not exist"),
+             ([tmp_path / "out.bin", "--gguf", src, "-o", tmp_path / "out.bin"], "both the checkpoint and the tokenizer"),
+             (["--tokenizer", LLAMA_MODEL, "-o", tmp_path / "folder"], "is a directory"),
+             ([tmp_path / "folder", "--bin", STORIES], "is a directory")]
+    for args, words in cases:
+        p = export(*args)
+        err = p.stderr.decode()
+        assert p.returncode == 1 and err.count("\n") == 1 and words in err, (args, err)
+        assert sorted(os.listdir(tmp_path)) == ["folder", "in.gguf"] and not os.listdir(tmp_path / "folder"), args
+
+
+def sentencepiece_model(pieces):
+    """A sentencepiece .model protobuf: ModelProto field 1, a SentencePiece
+    {1: piece, 2: score (float32), 3: type} per (piece, score, type)."""
+    def field(number, wire, payload):
+        key = bytes([number << 3 | wire])
+        return key + (bytes([len(payload)]) + payload if wire == 2 else payload)
+    return b"".join(field(1, 2, field(1, 2, p.encode()) + field(2, 5, struct.pack("<f", s)) + field(3, 0, bytes([t])))
+                    for p, s, t in pieces)
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf")])
+def test_export_refuses_sentencepiece_scores(tmp_path, score):
+    good = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3), ("\u2581a", -1.0, 1), ("b", -2.0, 1)]
+    (tmp_path / "ok.model").write_bytes(sentencepiece_model(good))
+    assert export("--tokenizer", tmp_path / "ok.model", "-o", tmp_path / "ok.bin").returncode == 0
+    (tmp_path / "bad.model").write_bytes(sentencepiece_model(good[:4] + [("b", score, 1)]))
+    p = export("--tokenizer", tmp_path / "bad.model", "-o", tmp_path / "bad.bin")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1 and f"piece 4 b'b' has score {score}" in err, err
+    assert not (tmp_path / "bad.bin").exists()
 
 
 def test_export_output_in_missing_directory(tmp_path):
@@ -587,20 +628,62 @@ BAD_TOKENIZER_JSON = {
     "added-id-clash": (lambda d: d["added_tokens"].append({"id": 3, "content": "<x>"}), "is both"),
     "merges-not-list": (lambda d: d["model"].update(merges="a b"), "not a tokenizer.json"),
     "wordpiece": (lambda d: d["model"].update(type="WordPiece"), "WordPiece"),
+    "model-list": (lambda d: d.update(model=[d["model"]]), '"model" object'),
+    "model-string": (lambda d: d.update(model="BPE"), '"model" object'),
+    "added-object": (lambda d: d.update(added_tokens={t["content"]: t["id"] for t in d["added_tokens"]}),
+                     "added_tokens"),
+    "added-without-id": (lambda d: d["added_tokens"].append({"content": "<x>"}), "added_tokens"),
+    "processors-number": (lambda d: d.update(post_processor={"type": "Sequence", "processors": 5}), "post_processor"),
+    "processors-numbers": (lambda d: d.update(post_processor={"type": "Sequence", "processors": [1, 2]}),
+                           "post_processor"),
+    "special-token-string": (lambda d: d.update(post_processor={
+        "type": "TemplateProcessing", "single": [{"SpecialToken": "<|begin_of_text|>"}]}), "SpecialToken"),
+    "decoder-unknown": (lambda d: d.update(decoder={"type": "Metaspace"}), "decoder"),
 }
+# the same checks on a byte-fallback (SentencePiece-style) tokenizer.json
+BAD_BYTE_FALLBACK_JSON = {
+    "unknown-merge": (lambda d: d["model"]["merges"].append("x yz"), "merge 1"),
+    "added-object": (lambda d: d.update(added_tokens={"<unk>": 0}), "added_tokens"),
+    "added-without-id": (lambda d: d["added_tokens"].append({"content": "<x>"}), "added_tokens"),
+    "model-list": (lambda d: d.update(model=[d["model"]]), '"model" object'),
+}
+NESTED = "[" * 100000 + "]" * 100000  # deeper than Python's JSON reader can recurse
 BAD_TOKENIZER_CONFIGS = {  # the files beside tokenizer.json: special tokens that do not match it
     "eos-not-added": ("tokenizer_config.json", {"eos_token": "<|im_end|>"}, "<|im_end|>"),
     "bos-not-added": ("tokenizer_config.json", {"add_bos_token": True, "bos_token": {"content": "<s>"}}, "<s>"),
     "eos-ids-not-ints": ("generation_config.json", {"eos_token_id": ["x"]}, "not integers"),
     "not-json": ("config.json", "{", "not JSON"),
+    "eos-a-list": ("tokenizer_config.json", {"eos_token": ["<|end_of_text|>"]}, "not a string"),
+    "eos-content-a-list": ("tokenizer_config.json", {"eos_token": {"content": ["<|end_of_text|>"]}}, "not a string"),
+    "eos-id-past-vocabulary": ("config.json", {"eos_token_id": 99999}, "token id 99999"),
+    "eos-id-negative": ("generation_config.json", {"eos_token_id": -1}, "token id -1"),
+    "config-nested": ("config.json", NESTED, "nested too deeply"),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_TOKENIZER_JSON) + list(BAD_TOKENIZER_CONFIGS))
+def byte_fallback_json():
+    """A small SentencePiece-style tokenizer.json: <unk>, <s>, </s>, the 256
+    byte pieces, "a", "b" and "ab" (one merge)."""
+    vocab = {p: i for i, p in enumerate(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+                                        + ["a", "b", "ab"])}
+    return {"model": {"type": "BPE", "byte_fallback": True, "vocab": vocab, "merges": ["a b"]},
+            "added_tokens": [{"id": i, "content": t, "special": True} for i, t in enumerate(["<unk>", "<s>", "</s>"])]}
+
+
+@pytest.mark.parametrize("case", list(BAD_TOKENIZER_JSON) + [f"fallback-{c}" for c in BAD_BYTE_FALLBACK_JSON] +
+                         list(BAD_TOKENIZER_CONFIGS) + ["nested"])
 def test_export_refuses_bad_tokenizer_json(tmp_path, case):
     if case in BAD_TOKENIZER_JSON:
         change, words = BAD_TOKENIZER_JSON[case]
         write_json(tmp_path / "tokenizer.json", mutated(change))
+    elif case.startswith("fallback-"):
+        change, words = BAD_BYTE_FALLBACK_JSON[case.removeprefix("fallback-")]
+        d = byte_fallback_json()
+        change(d)
+        write_json(tmp_path / "tokenizer.json", d)
+    elif case == "nested":
+        (tmp_path / "tokenizer.json").write_text(NESTED)
+        words = "nested too deeply"
     else:
         name, content, words = BAD_TOKENIZER_CONFIGS[case]
         write_json(tmp_path / "tokenizer.json", byte_level_json())
@@ -754,6 +837,35 @@ def tensor_field(name, field, fmt, value):
     return lambda d: put(d, gguf_tensor(d, name) + at, fmt, value)
 
 
+def with_meta(**changes):
+    """The GGUF rewritten with metadata values changed or added: key -> (value
+    type, value bytes), so a value can change its type and size."""
+    import tempfile
+    from exporter.gguf import GGUF, string_bytes, value_bytes
+
+    def mutate(data):
+        with tempfile.NamedTemporaryFile(suffix=".gguf") as f:
+            f.write(data)
+            f.flush()
+            g = GGUF(f.name)
+            meta = {k: value_bytes(v) for k, v in g.meta.items()}
+            meta.update(changes)
+            out = b"GGUF" + struct.pack("<IQQ", 3, len(g.tensors), len(meta))
+            out += b"".join(string_bytes(k) + struct.pack("<I", kind) + raw for k, (kind, raw) in meta.items())
+            for name, (kind, shape, start) in g.tensors.items():
+                out += string_bytes(name) + struct.pack(f"<I{len(shape)}QIQ", len(shape), *reversed(shape), kind,
+                                                        start - g.data_start)
+            return out.ljust(-(-len(out) // 32) * 32, b"\0") + bytes(g.buf[g.data_start:])
+    return mutate
+
+
+def scores_with(value):
+    """tokenizer.ggml.scores as float64, the fourth one `value`."""
+    scores = [-float(i) for i in range(len(PIECES))]
+    scores[3] = value
+    return struct.pack(f"<IQ{len(scores)}d", 12, len(scores), *scores)
+
+
 BAD_GGUF = {
     "empty": (lambda d: b"", "magic"),
     "not-gguf": (lambda d: b"GGML" + d[4:], "not a GGUF"),
@@ -799,6 +911,17 @@ BAD_GGUF = {
     "bos-id": (set_u32_key("tokenizer.ggml.bos_token_id", 5), "bos/eos"),
     "cut-in-data": (lambda d: d[:-100], "past the data"),
     "cut-in-infos": (lambda d: d[:gguf_tensor(d, "blk.1.ffn_up.weight")], "needs"),
+    # values beyond what the header's float32 and the engines' caps hold
+    "freq-base-beyond-float32": (with_meta(**{"llama.rope.freq_base": (12, struct.pack("<d", 1e300))}), "freq_base"),
+    "rms-eps-below-float32": (with_meta(**{"llama.attention.layer_norm_rms_epsilon": (12, struct.pack("<d", 1e-300))}),
+                              "epsilon"),
+    "context-length-2^24": (set_u32_key("llama.context_length", 2**24), "max_seq_len = 16777216"),
+    "context-length-2^31-1": (set_u32_key("llama.context_length", 2**31 - 1), "max_seq_len = 2147483647"),
+    "block-count-2^31-1": (set_u32_key("llama.block_count", 2**31 - 1), "n_layers = 2147483647"),
+    "score-beyond-float32": (with_meta(**{"tokenizer.ggml.scores": (9, scores_with(1e300))}), "scores"),
+    "pre-an-array": (with_meta(**{"tokenizer.ggml.model": (8, struct.pack("<Q", 4) + b"gpt2"),
+                                  "tokenizer.ggml.pre": (9, struct.pack("<IQQ", 8, 1, 5) + b"gpt-2")}),
+                     "tokenizer.ggml.pre"),
 }
 
 @pytest.mark.parametrize("case", BAD_GGUF)
@@ -810,6 +933,45 @@ def test_export_refuses_bad_gguf(tiny_gguf, tmp_path, case):
     assert p.returncode == 1 and err.count("\n") == 1 and err.startswith("export.py: error: ") \
         and words in err and "Traceback" not in err, err
     assert sorted(os.listdir(tmp_path)) == ["in.gguf"]  # nothing written, no temporary left
+
+
+def test_with_meta_unchanged_is_the_same_model(tiny_gguf, tmp_path):
+    """The rewriting behind the cases above, with nothing changed, gives a file
+    that exports to the same checkpoint as the original."""
+    for name, data in (("a", tiny_gguf), ("b", with_meta()(tiny_gguf))):
+        (tmp_path / f"{name}.gguf").write_bytes(data)
+        assert export(tmp_path / f"{name}.bin", "--gguf", tmp_path / f"{name}.gguf", "-o", tmp_path / f"{name}.tok"
+                      ).returncode == 0
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+
+
+def test_to_gguf_refuses_bad_byte_level_ids(byte_level, tmp_path):
+    """--to-gguf --vocab: every id of the byte-level block is checked before it is written."""
+    m, _, data, x = byte_level
+    ckpt = tmp_path / "m.bin"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E, "progress", lambda *_: None)
+        E.write_checkpoint(m, str(ckpt), 0)
+    n_merges_at = x + 24 + 4 + 4 * 1 + 4 + 4 * 5  # as in corrupt_extensions
+    for field, at, value in (("merge", n_merges_at + 4, 99999), ("merge", n_merges_at + 8, -1), ("bos", x + 20, 264),
+                             ("eos", x + 28, 600), ("special token", x + 36, 700)):
+        (tmp_path / "tok.bin").write_bytes(patched(data, at, "<i", value))
+        p = export(tmp_path / "out.gguf", "--to-gguf", "--vocab", tmp_path / "tok.bin", "--bin", ckpt)
+        err = p.stderr.decode()
+        assert p.returncode == 1 and err.count("\n") == 1 and f"{field} id {value} " in err, err
+        assert not (tmp_path / "out.gguf").exists()
+
+
+def test_to_gguf_names_the_default_vocabulary(tmp_path):
+    """Without --vocab, --to-gguf reads ./tokenizer.bin: a mismatch says which
+    file, how many pieces against the model's vocabulary, and what --vocab does."""
+    write_tokenizer(tmp_path / "tokenizer.bin", PIECES)
+    p = subprocess.run([os.sys.executable, str(ROOT / "export.py"), "out.gguf", "--to-gguf", "--bin", STORIES],
+                       cwd=tmp_path, capture_output=True, timeout=300)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1 and "tokenizer.bin (no --vocab" in err \
+        and "8 pieces, but the model's vocabulary has 512" in err and "--vocab names" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["tokenizer.bin"]
 
 
 def export_main(monkeypatch, *args):
