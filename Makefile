@@ -3,6 +3,9 @@
 #                   own model (committed in models/: models/README.md); PROMPT=... STEPS=...
 #   make            ./run and ./runq with OpenMP, tuned for this CPU (same as `make runomp`)
 #   make test       build every variant and run all tests (installs test packages if missing)
+#   make unit       the unit tests alone (kernels against their references): the quick loop
+#   make lesson     diff run.cpp runq.cpp without the fast-path sections: the quantization lesson
+#   make runref     ./run and ./runq with every matmul its plain reference: the same output bytes
 #   make bench      fp32 against int8: tok/s, GB/s and the machine's memory bandwidth
 #   make bench-kernels  one matmul (int8, int4, then fp32): what unrolling, threads and SIMD each buy
 #   make quality    fp32 / int8 / int4 / int4 + AWQ: perplexity, size and speed
@@ -45,7 +48,7 @@ TOK    ?= models/tinystories-tok.bin
 PROMPT ?= Once upon a time
 STEPS  ?= 256
 
-.PHONY: all run runfast runomp debug test unit e2e bench bench-kernels quality check-model check-model-if-changed fuzz clean
+.PHONY: all run runfast runomp runref debug lesson test unit e2e bench bench-kernels quality check-model check-model-if-changed fuzz clean
 all: runomp
 
 run:                    # portable: any x86-64 or ARM, one thread; then a story
@@ -61,6 +64,14 @@ runomp:                 # this CPU, all cores
 debug:                  # address + undefined-behaviour sanitizers
 	$(CXX) $(WARN) $(NOOMP) $(SAN) -o run run.cpp
 	$(CXX) $(WARN) $(NOOMP) $(SAN) -o runq runq.cpp
+# -DMATMUL_REFERENCE: matmul is matmul_reference (the plain loops; run reads the rows in
+# place, no panels). The fast kernels compute the same sums in the same order, so the
+# text and the logits are the fast build's to the bit (make test compares them).
+runref:                 # the fast paths switched off: slower, the same bytes
+	$(CXX) $(WARN) $(NOOMP) $(OPT) -DMATMUL_REFERENCE -o run run.cpp
+	$(CXX) $(WARN) $(NOOMP) $(OPT) -DMATMUL_REFERENCE -o runq runq.cpp
+lesson:                 # what quantization changes: the diff of the two engines' lesson sections
+	@$(PYTHON) tests/lesson.py
 
 tokenizer.bin: export.py exporter/tokenizers.py $(TOKENIZER_MODEL)
 	@test -n "$(TOKENIZER_MODEL)" || { echo "no tokenizer.model: download Llama 2's and put it here" >&2; exit 1; }
@@ -107,6 +118,8 @@ CXX_gcc-omp   = $(CXX)   $(WARN) -Werror $(OPT) $(NATIVE) $(OMP)
 CXX_clang     = $(CLANG) $(WARN) -Werror $(NOOMP) $(OPT) $(NATIVE)
 CXX_clang-omp = $(CLANG) $(WARN) -Werror $(OPT) $(OMP)
 CXX_debug     = $(CXX)   $(WARN) -Werror $(NOOMP) $(SAN)
+# the reference build (make runref), compared with gcc's bytes: the same flags but -D
+CXX_ref       = $(CXX)   $(WARN) -Werror $(NOOMP) $(OPT) -DMATMUL_REFERENCE
 # ARM: cross-compiled for 64-bit ARM with the dot-product instructions, linked
 # statically and run under qemu's user-mode emulation (build/X-arm is a wrapper).
 CXX_arm       = aarch64-linux-gnu-g++ $(WARN) -Werror $(NOOMP) $(OPT) -march=armv8.2-a+dotprod -static
@@ -169,7 +182,7 @@ SAME_ISA = gcc,clang-omp,debug gcc-omp,clang
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 e2e: build/.deps build/npm/.installed models/tinystories-val.txt $(VARIANTS:%=build/run-%) $(VARIANTS:%=build/runq-%) \
-     build/tokenize_many
+     build/tokenize_many build/run-ref build/runq-ref
 	RUN_BINARIES="$(VARIANTS:%=build/run-%)" RUNQ_BINARIES="$(VARIANTS:%=build/runq-%)" SAME_ISA="$(SAME_ISA)" \
 	    $(PYTHON) -m pytest -q -n $(JOBS) --durations=10 tests
 

@@ -9,7 +9,7 @@
   python3 export.py --tokenizer tokenizer.model|tokenizer.json [-o tokenizer.bin]  # -> tokenizer.bin
   python3 export.py OUT.gguf --to-gguf [--type f32|f16|q8_0|q4_0] [--vocab tokenizer.bin] --bin IN.bin  # (or any source)
 
-The layouts are documented byte by byte in README.md. Files are written to a
+The layouts are documented byte by byte in docs/file-formats.md. Files are written to a
 temporary name and renamed, so a failed export never leaves a half-written file.
 """
 
@@ -186,7 +186,7 @@ def write_tokenizer_bin(path, pieces, scores, ext=None):
     """tokenizer.bin: the longest piece's length (int32), then per id its score
     (float32), length (int32) and bytes, as llama2.c writes it. A byte-level
     BPE adds an extension block after the pieces (llama2.c's reader stops
-    before it), all int32 unless noted (README.md, "tokenizer.bin"):
+    before it), all int32 unless noted (docs/file-formats.md, "tokenizer.bin"):
       "tokx", version 1, kind 1 (byte-level BPE), split (1 Llama 3 regex,
       2 GPT-2 regex, 3 GPT-2 after single digits), flags (bit 0: ignore_merges),
       bos (-1: none), n_eos, eos ids, n_special, special ids, n_merges,

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MAGIC = 0x616B3432  # "ak42"
-HEADER_BYTES = 256  # versions 1 and 2
+HEADER_BYTES = 256  # versions 1, 2 and 3
 DEFAULT_ROPE_THETA = 10000.0
 DEFAULT_NORM_EPS = 1e-5
 
@@ -179,7 +179,7 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# Reading our checkpoints. The layouts are documented byte by byte in README.md.
+# Reading our checkpoints. The layouts are documented byte by byte in docs/file-formats.md.
 
 # (name in the state dict per layer, shape as a function of args), in file order
 def layer_tensors(args):

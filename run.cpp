@@ -29,15 +29,16 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__FMA__) || defined(__AVX2__)  // madd16's fused multiply-adds, load16's int8 widening
-#include <immintrin.h>
-#elif defined(__ARM_FEATURE_FMA)
-#include <arm_neon.h>
-#endif
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#if defined(__SSE2__)  // every x86-64; AVX2 / AVX-512 paths are chosen inside
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
 
 constexpr const char* kProgram = "run";  // for the usage text
 constexpr bool kDefaultKvInt8 = false;   // -k: an f32 KV cache unless asked
@@ -177,6 +178,31 @@ static int thread_id() {
 #else
     return 0;
 #endif
+}
+
+// The memory this process may use, in bytes: the machine's RAM, or less if a
+// container's cgroup limits it (v2's memory.max, v1's memory.limit_in_bytes,
+// under cgroup_root; "max" or a huge number means no limit).
+static double memory_limit(const char* cgroup_root) {
+    double limit = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE);
+    for (const char* file : {"memory.max", "memory/memory.limit_in_bytes"}) {
+        const std::string path = std::string(cgroup_root) + "/" + file;
+        if (std::FILE* f = std::fopen(path.c_str(), "r")) {
+            double bytes;
+            if (std::fscanf(f, "%lf", &bytes) == 1 && bytes > 0) limit = limit > 0 ? std::min(limit, bytes) : bytes;
+            std::fclose(f);
+        }
+    }
+    return limit;
+}
+
+// What a run allocates (the run state, mostly the KV cache; run's copy of the
+// matrices) must fit in the memory this process may use once filled: refused up
+// front, naming what and what to do about it.
+static void check_fits_in_memory(uint64_t bytes, const std::string& what, const char* advice) {
+    const double gb = bytes / 1e9, ram = memory_limit("/sys/fs/cgroup") / 1e9;
+    if (ram > 0 && gb > ram)
+        fatal("%s needs %.1f GB, more than the %.1f GB this process may use: %s", what.c_str(), gb, ram, advice);
 }
 
 // ----------------------------------------------------------------------------
@@ -321,31 +347,6 @@ static Config read_config(const MappedFile& f, const char* path) {
     fatal("%s: bad header: %s", path, problem.c_str());
 }
 
-// The memory this process may use, in bytes: the machine's RAM, or less if a
-// container's cgroup limits it (v2's memory.max, v1's memory.limit_in_bytes,
-// under cgroup_root; "max" or a huge number means no limit).
-static double memory_limit(const char* cgroup_root) {
-    double limit = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE);
-    for (const char* file : {"memory.max", "memory/memory.limit_in_bytes"}) {
-        const std::string path = std::string(cgroup_root) + "/" + file;
-        if (std::FILE* f = std::fopen(path.c_str(), "r")) {
-            double bytes;
-            if (std::fscanf(f, "%lf", &bytes) == 1 && bytes > 0) limit = limit > 0 ? std::min(limit, bytes) : bytes;
-            std::fclose(f);
-        }
-    }
-    return limit;
-}
-
-// What a run allocates (the run state, mostly the KV cache; run's copy of the
-// matrices) must fit in the memory this process may use once filled: refused up
-// front, naming what and what to do about it.
-static void check_fits_in_memory(uint64_t bytes, const std::string& what, const char* advice) {
-    const double gb = bytes / 1e9, ram = memory_limit("/sys/fs/cgroup") / 1e9;
-    if (ram > 0 && gb > ram)
-        fatal("%s needs %.1f GB, more than the %.1f GB this process may use: %s", what.c_str(), gb, ram, advice);
-}
-
 // The file must be exactly as long as its header says: no more, no less.
 static void check_file_size(uint64_t expected, size_t size, const char* path) {
     if (expected != size)
@@ -380,55 +381,49 @@ static void fill_rope_tables(float* cos, float* sin, const Config& c, int positi
 
 // ----------------------------------------------------------------------------
 // Weights: the vectors and the embedding table used in place in the mapping;
-// the matrices copied at load time into the layout matmul reads, panels.
-//
-// Panels: a matrix W (d, n) stored by rows, as in the file, is stored again as
-// ceil(d / 16) panels of 16 rows, each panel column by column: wp[p, j, r] =
-// W[16 p + r, j] (rows past d are zeros). Column j of 16 rows is then 16
-// consecutive floats, one vector load, so generating a token advances 16 rows'
-// sums per madd with no transposing (see Matmul), and each panel is one
-// sequential stream of memory. The cost: a copy of every matrix (the file's
-// size, less the embedding table and the norms) in memory, made in one pass
-// at load (0.5 s for 2.1 GB of matrices here), and while it is made the file
-// is mapped too. It was measured worth it: generating with a 2.7 GB model
-// (two Llama 2 7B layers) ran about a fifth faster on this project's 2-core
-// VM than with the rows read in place from the mapped file and transposed in
-// registers (README, Speed).
+// the matrices copied at load into panels, the layout the fast matmul reads.
 
-constexpr int kPanel = 16;  // rows per panel: one per lane
-static uint64_t panel_rows(uint64_t d) { return (d + kPanel - 1) / kPanel * kPanel; }
+
+// Matrix: one matrix of weights, (rows, n).
+using Matrix = const float*;  // row-major in the mapping; its panels once packed
 
 struct TransformerWeights {
-    const float* token_embedding;  // (vocab_size, dim)       in the mapping
-    const float* rms_att;          // (layer, dim)            in the mapping
-    const float* rms_ffn;          // (layer, dim)            in the mapping
-    const float* rms_final;        // (dim,)                  in the mapping
-    const float* wq;               // (layer, dim, dim)        as panels: (layer, dim / 16, dim, 16), rows are outputs
-    const float* wk;               // (layer, kv_dim, dim)
-    const float* wv;               // (layer, kv_dim, dim)
-    const float* wo;               // (layer, dim, dim)
-    const float* w1;               // (layer, hidden_dim, dim)
-    const float* w2;               // (layer, dim, hidden_dim)
-    const float* w3;               // (layer, hidden_dim, dim)
-    const float* wcls;             // (vocab_size, dim)
+    Matrix token_embedding;           // (vocab_size, dim)
+    const float* rms_att;             // (layer, dim)
+    const float* rms_ffn;             // (layer, dim)
+    const float* rms_final;           // (dim,)
+    std::vector<Matrix> wq;           // layer x (dim, dim)        rows are outputs
+    std::vector<Matrix> wk;           // layer x (kv_dim, dim)
+    std::vector<Matrix> wv;           // layer x (kv_dim, dim)
+    std::vector<Matrix> wo;           // layer x (dim, dim)
+    std::vector<Matrix> w1;           // layer x (hidden_dim, dim)
+    std::vector<Matrix> w2;           // layer x (dim, hidden_dim)
+    std::vector<Matrix> w3;           // layer x (hidden_dim, dim)
+    Matrix wcls;                      // (vocab_size, dim)
 };
 
 struct Checkpoint {
     Config config;
     TransformerWeights w;
-    MappedFile file;     // the vectors and the embedding table point into this mapping
-    FloatBuffer panels;  // the matrices, as panels
+    MappedFile file;  // the weights point into this mapping
+    FloatBuffer panels;  // but for the matrices, copied into panels
 };
 
-// pack_panels (defined with the kernels that read panels, in Matmul): the
-// `layers` matrices (d, n) at w, row-major, one after another, -> panels at wp
-// (layers, panel_rows(d) / 16, n, 16). Returns the end of wp's part.
-static float* pack_panels(float* wp, const float* w, uint64_t layers, int d, int n);
+static void pack_matrices(Checkpoint& ck, const char* path);  // the matrices into panels (in Fast matmul)
 
 // Hands out the mapping's consecutive arrays in file order.
 struct WeightCursor {
     const float* p;
-    const float* take(uint64_t n) { const float* r = p; p += n; return r; }
+    const float* floats(uint64_t n) {
+        const float* r = p;
+        p += n;
+        return r;
+    }
+    std::vector<Matrix> layers(int n_layers, uint64_t rows, int n) {
+        std::vector<Matrix> v;
+        for (int l = 0; l < n_layers; l++) v.push_back(floats(rows * n));
+        return v;
+    }
 };
 
 static Checkpoint load_checkpoint(const char* path) {
@@ -453,61 +448,36 @@ static Checkpoint load_checkpoint(const char* path) {
 
     TransformerWeights& w = ck.w;
     WeightCursor cur{reinterpret_cast<const float*>(ck.file.data() + c.header_bytes)};
-    if (c.version == 0) {
-        w.token_embedding = cur.take(vocab * dim);
-        w.rms_att = cur.take(L * dim);
-        w.wq = cur.take(L * dim * dim);
-        w.wk = cur.take(L * kv * dim);
-        w.wv = cur.take(L * kv * dim);
-        w.wo = cur.take(L * dim * dim);
-        w.rms_ffn = cur.take(L * dim);
-        w.w1 = cur.take(L * hid * dim);
-        w.w2 = cur.take(L * dim * hid);
-        w.w3 = cur.take(L * hid * dim);
-        w.rms_final = cur.take(dim);
-        cur.take((uint64_t)c.seq_len * c.head_size());  // freq_cis_real, freq_cis_imag
+    if (c.version == 0) {  // llama2.c's order: each norm before the matrices it feeds
+        w.token_embedding = cur.floats(vocab * dim);
+        w.rms_att = cur.floats(L * dim);
+        w.wq = cur.layers(L, dim, c.dim);
+        w.wk = cur.layers(L, kv, c.dim);
+        w.wv = cur.layers(L, kv, c.dim);
+        w.wo = cur.layers(L, dim, c.dim);
+        w.rms_ffn = cur.floats(L * dim);
+        w.w1 = cur.layers(L, hid, c.dim);
+        w.w2 = cur.layers(L, dim, c.hidden_dim);
+        w.w3 = cur.layers(L, hid, c.dim);
+        w.rms_final = cur.floats(dim);
+        cur.floats((uint64_t)c.seq_len * c.head_size());  // freq_cis_real, freq_cis_imag
     } else {
-        w.rms_att = cur.take(L * dim);
-        w.rms_ffn = cur.take(L * dim);
-        w.rms_final = cur.take(dim);
-        w.token_embedding = cur.take(vocab * dim);
-        w.wq = cur.take(L * dim * dim);
-        w.wk = cur.take(L * kv * dim);
-        w.wv = cur.take(L * kv * dim);
-        w.wo = cur.take(L * dim * dim);
-        w.w1 = cur.take(L * hid * dim);
-        w.w2 = cur.take(L * dim * hid);
-        w.w3 = cur.take(L * hid * dim);
+        w.rms_att = cur.floats(L * dim);
+        w.rms_ffn = cur.floats(L * dim);
+        w.rms_final = cur.floats(dim);
+        w.token_embedding = cur.floats(vocab * dim);
+        w.wq = cur.layers(L, dim, c.dim);
+        w.wk = cur.layers(L, kv, c.dim);
+        w.wv = cur.layers(L, kv, c.dim);
+        w.wo = cur.layers(L, dim, c.dim);
+        w.w1 = cur.layers(L, hid, c.dim);
+        w.w2 = cur.layers(L, dim, c.hidden_dim);
+        w.w3 = cur.layers(L, hid, c.dim);
     }
-    w.wcls = c.shared_classifier ? w.token_embedding : cur.take(vocab * dim);
-
-    // The matrices, as panels, in a buffer of their own (2 MB aligned, huge pages asked for).
-    const uint64_t floats = panel_rows(dim) * dim * 2 * L + panel_rows(kv) * dim * 2 * L + panel_rows(hid) * dim * 2 * L +
-                            panel_rows(dim) * hid * L + panel_rows(vocab) * dim;
-    const uint64_t huge = 1 << 21, bytes = (floats * sizeof(float) + huge - 1) / huge * huge;  // (aligned_alloc wants a multiple)
-    // held at the peak: the copy, the embedding table and norms read in place, one layer's matrix on its way
-    const uint64_t mapped = (vocab * dim + (2 * L + 1) * dim + dim * std::max({dim, hid, vocab})) * sizeof(float);
-    check_fits_in_memory(bytes + mapped, std::string("the copy of ") + path + "'s matrices",
-                         "runq runs an int8 export in a quarter of that");
-    ck.panels = FloatBuffer(static_cast<float*>(std::aligned_alloc(huge, bytes)));
-    if (!ck.panels) fatal("out of memory: %s's matrices need %.1f GB", path, bytes / 1e9);
-#ifdef MADV_HUGEPAGE
-    madvise(ck.panels.get(), bytes, MADV_HUGEPAGE);  // fewer TLB misses while streaming them (+4% decode here; a hint)
+    w.wcls = c.shared_classifier ? w.token_embedding : cur.floats(vocab * dim);
+#ifndef MATMUL_REFERENCE  // (make runref reads the rows in place)
+    pack_matrices(ck, path);
 #endif
-    float* p = ck.panels.get();
-    // m: from the mapping to its panels, a layer at a time; each layer's pages in
-    // the mapping are released once copied, so the weights are held once, not twice
-    auto pack = [&](const float*& m, uint64_t layers, int d, int n) {
-        const float* rows = m;
-        m = p;
-        for (uint64_t l = 0; l < layers; l++, rows += (uint64_t)d * n) {
-            p = pack_panels(p, rows, 1, d, n);
-            if (rows != w.token_embedding) ck.file.release(rows, (uint64_t)d * n * sizeof(float));
-        }
-    };
-    pack(w.wq, L, c.dim, c.dim), pack(w.wk, L, c.kv_dim(), c.dim), pack(w.wv, L, c.kv_dim(), c.dim);
-    pack(w.wo, L, c.dim, c.dim), pack(w.w1, L, c.hidden_dim, c.dim), pack(w.w2, L, c.dim, c.hidden_dim);
-    pack(w.w3, L, c.hidden_dim, c.dim), pack(w.wcls, 1, c.vocab_size, c.dim);
     return ck;
 }
 
@@ -593,9 +563,9 @@ static void store_kv(KVCache& kv, const Config& c, int positions, int l, int pos
 
 // Prompt tokens per pass over the weights: each weight row, once in cache,
 // serves the whole block, so reading a prompt costs far less memory traffic
-// per token than generating does. 192 is four of matmul's passes of 48 tokens;
-// each pass over the weights costs time that compute hides only in part
-// (a 131-token prompt read in one block rather than two: 13% faster on a 7B layer).
+// per token than generating does. 192 is four of run's prompt kernel's passes
+// of 48 tokens; a 131-token prompt read in one block rather than two was 13%
+// faster in run, 3-10% in runq.
 constexpr int kBlock = 192;
 
 struct RunState {
@@ -653,23 +623,6 @@ struct Stopwatch {
     ~Stopwatch() { total += now_seconds() - start; }
 };
 
-// Sixteen floats as one value (GCC/clang vector extension): the compiler maps
-// it onto whatever SIMD registers the target has (one AVX-512 register, two
-// AVX, four SSE or NEON) and its arithmetic onto their lanes.
-typedef float f32x16 __attribute__((vector_size(64)));
-static inline void load16(f32x16& v, const float* p) {
-    std::memcpy(&v, p, sizeof v);  // an unaligned load (by reference: no vector crosses a call ABI)
-}
-// The sum of v's 16 lanes, halving the vector four times: a chain of four
-// dependent adds where adding lane by lane would be sixteen.
-static inline float hsum16(const f32x16& v) {
-    float a[16];
-    std::memcpy(a, &v, sizeof a);
-    for (int half = 8; half >= 1; half /= 2)
-        for (int k = 0; k < half; k++) a[k] += a[k + half];
-    return a[0];
-}
-
 // a * b + c: one rounding where the CPU has a fused multiply-add, else two.
 // Written out because the Makefile turns off the compiler's own fusing
 // (-ffp-contract=off): left to itself, g++ fuses a * b + c in one inlined copy of
@@ -686,91 +639,6 @@ static inline float madd(float a, float b, float c) {
     return a * b + c;
 #endif
 }
-// The target's own vector: W floats (16 with AVX-512, 8 with AVX, 4 with SSE or
-// NEON). Kernels that must stay in registers work on these; f32x16 is 16 / W of them.
-#if defined(__AVX512F__)
-constexpr int kW = 16;
-#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3), F(s, 4), F(s, 5), F(s, 6), F(s, 7), \
-    F(s, 8), F(s, 9), F(s, 10), F(s, 11), F(s, 12), F(s, 13), F(s, 14), F(s, 15)
-#elif defined(__AVX__)
-constexpr int kW = 8;
-#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3), F(s, 4), F(s, 5), F(s, 6), F(s, 7)
-#else
-constexpr int kW = 4;
-#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3)
-#endif
-typedef float f32xW __attribute__((vector_size(4 * kW)));
-
-// madd on each lane of a W-float vector: one instruction with a fused
-// multiply-add. (Left to std::fma lane by lane, g++ 12 emits scalar ones.)
-static inline void maddW(f32xW& acc, const f32xW& a, const f32xW& b) {
-#if defined(__AVX512F__)
-    acc = (f32xW)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
-#elif defined(__FMA__)
-    acc = (f32xW)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
-#elif defined(__ARM_FEATURE_FMA)
-    acc = (f32xW)vfmaq_f32((float32x4_t)acc, (float32x4_t)a, (float32x4_t)b);
-#elif defined(HAS_FMA)
-    for (int k = 0; k < kW; k++) acc[k] = std::fma(a[k], b[k], acc[k]);
-#else
-    acc += a * b;
-#endif
-}
-// madd on each of sixteen lanes: maddW on each W-float part.
-static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
-    typedef f32xW __attribute__((may_alias)) part;  // may alias the f32x16 it is part of
-    const part *pa = reinterpret_cast<const part*>(&a), *pb = reinterpret_cast<const part*>(&b);
-    part* pc = reinterpret_cast<part*>(&acc);
-    for (int h = 0; h < 16 / kW; h++) maddW(pc[h], pa[h], pb[h]);
-}
-
-// transpose16: r[c] lane k <- r[k] lane c, a 16 x 16 block turned over in
-// registers. It works on W-float vectors (a shuffle wider than the registers,
-// compilers spill to memory lane by lane): each W x W block turns over in log2(W) rounds,
-// each swapping the off-diagonal halves of pairs of vectors (swap_halves, one
-// permute per vector), then the blocks trade places. 64 permutes with AVX-512.
-#define TRANSPOSE_LO(s, l) (((l) & (s)) ? kW + (l) - (s) : (l))  // a's lanes, b's low half moved up
-#define TRANSPOSE_HI(s, l) (((l) & (s)) ? kW + (l) : (l) + (s))  // a's high half moved down, b's lanes
-template <int S>
-static inline void swap_halves(f32xW (&r)[kW]) {
-    if constexpr (S >= 1) {
-        for (int block = 0; block < kW; block += 2 * S)
-            for (int i = block; i < block + S; i++) {  // pairs (i, i + S)
-                const f32xW a = r[i], b = r[i + S];
-                r[i] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_LO, S));
-                r[i + S] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_HI, S));
-            }
-        swap_halves<S / 2>(r);
-    }
-}
-[[maybe_unused]] static inline void transpose16(f32x16 (&r)[16]) {  // (runq: AVX-512 builds only)
-    constexpr int B = 16 / kW;
-    f32xW v[B][B][kW];  // [block row][block column][row in the block]
-    for (int i = 0; i < 16; i++)
-        for (int c = 0; c < B; c++) std::memcpy(&v[i / kW][c][i % kW], (const float*)&r[i] + c * kW, sizeof(f32xW));
-    for (int bi = 0; bi < B; bi++)
-        for (int bj = 0; bj < B; bj++) swap_halves<kW / 2>(v[bi][bj]);
-    for (int i = 0; i < 16; i++)  // row i of the result: block column i / kW of every block row
-        for (int c = 0; c < B; c++) std::memcpy((float*)&r[i] + c * kW, &v[c][i / kW][i % kW], sizeof(f32xW));
-}
-
-// dot: a . b over n floats (attention's scores). The sum runs in 16
-// independent lanes (a single running sum would serialize on the add latency),
-// added up at the end by hsum16, then the last n % 16 products.
-// Error: |out - exact| <= n u sum_j |a[j] b[j]| (no term sees more than n roundings).
-static inline float dot(const float* a, const float* b, int n) {
-    f32x16 lane = {};
-    for (int j = 0; j + 16 <= n; j += 16) {
-        f32x16 aj, bj;
-        load16(aj, a + j);
-        load16(bj, b + j);
-        madd16(lane, aj, bj);
-    }
-    float tail = 0.0f;
-    for (int j = n / 16 * 16; j < n; j++) tail = madd(a[j], b[j], tail);
-    return hsum16(lane) + tail;
-}
-
 // head_dot_i8: a . b over n int8 values (an int8 cache's q . k), exact in
 // int32 (|sum| <= n 127^2 < 2^31 for any head size). A plain loop: compilers
 // turn it into widening multiply-adds (vpmaddwd; vpdpwssd with VNNI).
@@ -780,55 +648,18 @@ static inline int32_t head_dot_i8(const int8_t* a, const int8_t* b, int n) {
     return sum;
 }
 
-// 16 int8 values as floats (exactly: every int8 is a float). GCC 12 turns the
-// portable loop into 4-wide pieces through the stack, hence the two forms.
-// (maskz forms: GCC 12 warns that the plain ones read an uninitialized value.)
-static inline void load16(f32x16& v, const int8_t* p) {
-#if defined(__AVX512F__)
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m512 f = _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_maskz_cvtepi8_epi32(0xFFFF, b));
-    std::memcpy(&v, &f, sizeof v);
-#elif defined(__AVX2__)
-    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
-    std::memcpy(&v, &lo, sizeof lo);
-    std::memcpy(reinterpret_cast<float*>(&v) + 8, &hi, sizeof hi);
-#else
-    float f[16];
-    for (int k = 0; k < 16; k++) f[k] = p[k];
-    std::memcpy(&v, f, sizeof v);
-#endif
-}
-
+// Attention's two vector kernels (defined in Vector helpers, after the command
+// line): the sums of plain loops, in a fixed order, 16 lanes at a time.
+// dot: a . b over n floats, in 16 lanes (j % 16) added up at the end, then the
+// last n % 16 products. Error: |out - exact| <= n u sum_j |a[j] b[j]|.
+static inline float dot(const float* a, const float* b, int n);
 // weighted_sum: out[i] = sum over t = 0..T-1 of p[t] * scale_t * v_t[i], i < n,
 // where v_t = v + t * stride (floats, or int8 with one scale per position:
-// scale_t = scales[t * scale_stride]; none for floats). Each out[i] adds its
-// terms in t order with one multiply-add each (p[t] * scale_t rounded first),
-// as the plain loop does; 64 outputs at a time stay in registers while t runs
-// (accumulating in memory would wait on a store and a reload per term).
+// scale_t = scales[t * scale_stride]; none for floats), each out[i] in t order
+// with one madd per term (p[t] * scale_t rounded first).
 template <typename V>
 static void weighted_sum(float* out, const float* p, int T, const V* v, size_t stride, int n,
-                         const float* scales = nullptr, size_t scale_stride = 0) {
-    auto weight = [&](int t) { return scales ? p[t] * scales[t * scale_stride] : p[t]; };
-    int i0 = 0;
-    for (; i0 + 64 <= n; i0 += 64) {
-        f32x16 acc[4] = {};
-        for (int t = 0; t < T; t++) {
-            const f32x16 wv = weight(t) - f32x16{};  // (w - 0: a broadcast)
-            f32x16 x;
-            for (int c = 0; c < 4; c++) {
-                load16(x, v + t * stride + i0 + 16 * c);
-                madd16(acc[c], wv, x);
-            }
-        }
-        std::memcpy(out + i0, acc, sizeof acc);
-    }
-    for (int i = i0; i < n; i++) {  // the last n % 64 outputs: the plain loop
-        float sum = 0.0f;
-        for (int t = 0; t < T; t++) sum = madd(weight(t), (float)v[t * stride + i], sum);
-        out[i] = sum;
-    }
-}
+                         const float* scales = nullptr, size_t scale_stride = 0);
 
 // Weights with NaN or infinity in them make every later token garbage: stop
 // at the first position whose logits (rows of vocab) are not all finite.
@@ -942,7 +773,7 @@ static void accum(float* x, const float* y, int n) {
 }
 
 // ----------------------------------------------------------------------------
-// Matmul: W (d, n) @ x (n,) -> out (d,), the loop that takes nearly all the time.
+// Matmul: W (d, n) @ x (nb, n) -> out (nb, d), the loop that takes nearly all the time.
 
 // rows_reference: rows r0 .. r1 - 1 of matmul_reference.
 static void rows_reference(float* out, const float* x, const float* w, int n, int d, int nb, int r0, int r1) {
@@ -963,221 +794,24 @@ static void rows_reference(float* out, const float* x, const float* w, int n, in
     rows_reference(out, x, w, n, d, nb, 0, d);
 }
 
-// The fast kernels read W as panels (see Weights): wp[p, j, r] = w[16 p + r, j].
-// Generating (one token), a panel's 16 rows' sums run side by side, row r in
-// lane r: column j of the panel (16 consecutive floats) times x[j] in every
-// lane advances all 16 sums by one term with one madd16, in the reference's
-// order. No horizontal sums, no transposes, and one stream of memory per panel.
-// A tile, four panels, is what the threads share out.
-constexpr int kTile = 64;  // rows per tile
+// Threads share a matrix's rows out in tiles: tile t is rows kTile t .. kTile t
+// + kTile - 1, fewer in the last. A row is computed by one thread whole, so a
+// result does not depend on the thread count.
+constexpr int kTile = 64;  // rows per tile: four panels
 static inline int tiles(int d) { return (d + kTile - 1) / kTile; }
 
-// A tile's panels are streams the hardware prefetcher finds late (it stops at
-// each 4 KB page); the prompt kernel asks for them kAhead columns (1 KB) ahead.
-constexpr int kAhead = 16;
-
-// panel_row: where row i of the panels at wp (n columns) starts; its column j
-// is at panel_row(..)[16 j].
-static inline const float* panel_row(const float* wp, int i, int n) {
-    return wp + (size_t)(i / kPanel) * kPanel * n + i % kPanel;
+// matmul_tile: tile t of W (d, n) @ x (nb, n) -> out (nb, d), the reference's
+// sums to the bit, by the fast kernels (in Fast matmul, after the command line;
+// W as panels, and a block of tokens read from x turned over, xt).
+#ifdef MATMUL_REFERENCE  // make runref: every matmul is the reference
+static void matmul_tile(float* out, const float* x, const float*, const float* w, int n, int d, int nb, int t) {
+    rows_reference(out, x, w, n, d, nb, kTile * t, std::min(d, kTile * (t + 1)));
 }
-
-// pack_panels: W (d, n) -> panels, for a stack of `layers` matrices (see
-// Weights). 16 x 16 blocks are turned over in registers (transpose16, in
-// Kernels), so reads and writes both go whole cache lines at a time.
-static float* pack_panels(float* wp, const float* w, uint64_t layers, int d, int n) {
-    const uint64_t per_layer = panel_rows(d) / kPanel, panels = layers * per_layer;
-    #pragma omp parallel for schedule(static)
-    for (uint64_t q = 0; q < panels; q++) {  // panel q % per_layer of layer q / per_layer
-        const int i0 = (int)(q % per_layer) * kPanel, rows = std::min(kPanel, d - i0);
-        const float* row0 = w + (q / per_layer * d + i0) * n;
-        float* p = wp + q * kPanel * n;
-        int j = 0;
-        for (; j + 16 <= n; j += 16) {
-            f32x16 block[16] = {};  // rows past d stay zero
-            for (int r = 0; r < rows; r++) load16(block[r], row0 + (size_t)r * n + j);
-            transpose16(block);  // block[c]: column j + c of the 16 rows
-            std::memcpy(p + (size_t)j * kPanel, block, sizeof block);
-        }
-        for (; j < n; j++)
-            for (int r = 0; r < kPanel; r++) p[(size_t)j * kPanel + r] = r < rows ? row0[(size_t)r * n + j] : 0.0f;
-    }
-    return wp + panels * kPanel * n;
-}
-
-// panel_token: out[0 .. 15] = the panel at wp (16 rows, n columns) times one
-// token's x: the generating case.
-static void panel_token(float* out, const float* wp, const float* x, int n) {
-    f32x16 acc = {};
-    for (int j = 0; j < n; j++) {
-        f32x16 column;
-        load16(column, wp + (size_t)kPanel * j);
-        madd16(acc, column, x[j] - f32x16{});  // (x - 0: a broadcast)
-    }
-    std::memcpy(out, &acc, sizeof acc);
-}
-
-// Reading a prompt (a block of tokens), the lanes hold tokens instead: token b
-// in lane b % 16. The block's activations are turned over once (x (nb, n) ->
-// xt, 16 tokens of one column side by side), and each weight w[i, k], loaded
-// from its panel and broadcast, advances 16 tokens' sums of row i by one
-// term with one madd16, again in the reference's order. kRows rows x kVecs
-// vectors of tokens stay in registers (8 x 3 = 24 sums with AVX-512): per
-// column, kVecs loads and kRows broadcasts feed kRows kVecs madds, and the
-// weights need no transposing (turning x over costs nb n moves; the weights,
-// d n per block). Column blocks of kCols keep a pass's activations near the
-// core (L1 or L2) while the tile's rows go by. AVX: 6 x 1 (12 of 16 registers);
-// SSE and NEON: 4 x 1 (16).
-constexpr int kRows = kW == 16 ? 8 : kW == 8 ? 6 : 4;  // rows whose sums stay in registers
-constexpr int kVecs = kW == 16 ? 3 : 1;                // ... times vectors of 16 tokens: 24 of AVX-512's 32 registers
-constexpr int kPass = 16 * kVecs;                      // tokens per pass over a tile's rows
-constexpr int kCols = 128;                             // columns per block: a pass's 24 KB of activations and 8 KB of a panel, in L1
-static_assert(kBlock % kPass == 0, "xt and a tile's sums hold whole passes");
-
-// transpose_tokens: xt[p][k][c] = x[kPass p + c, k] for pass p (zero for
-// tokens past nb): each pass's columns of kPass tokens, one after another.
-// Called inside a parallel region, it shares the 16 x 16 blocks among the
-// threads (an orphaned omp for, which ends with a barrier).
-static void transpose_tokens(float* xt, const float* x, int n, int nb) {
-    const int vecs = (nb + 15) / 16, blocks = (n + 15) / 16;
-    #pragma omp for schedule(static)
-    for (int vb = 0; vb < vecs * blocks; vb++) {
-        const int v = vb / blocks, k0 = vb % blocks * 16, tokens = std::min(16, nb - 16 * v);
-        const float* xv = x + (size_t)16 * v * n;
-        float* out = xt + (size_t)(v / kVecs) * n * kPass + 16 * (v % kVecs);  // column k at out + k kPass
-        if (k0 + 16 <= n) {
-            f32x16 r[16];
-            for (int q = 0; q < 16; q++)
-                if (q < tokens) load16(r[q], xv + (size_t)q * n + k0);
-                else r[q] = f32x16{};
-            transpose16(r);
-            for (int c = 0; c < 16; c++) std::memcpy(out + (size_t)(k0 + c) * kPass, &r[c], sizeof r[c]);
-        } else {
-            for (int k = k0; k < n; k++)
-                for (int q = 0; q < 16; q++) out[(size_t)k * kPass + q] = q < tokens ? xv[(size_t)q * n + k] : 0.0f;
-        }
-    }
-}
-
-// rows_tokens<R, T>: for R rows of one panel, from the one at w (a row as
-// panel_row gives it), and 16 T tokens (one pass, xt as transpose_tokens lays
-// it out), the terms of columns k0 .. k1 - 1 of their sums, kept in sums (row
-// stride kBlock, token b at sums[b]); they start at zero on the first column
-// block (first).
-template <int R, int T>
-static inline void rows_tokens(float* sums, const float* w, int n, const float* xt, int k0, int k1, bool first) {
-    f32x16 acc[R][T];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++)
-            if (first) acc[r][t] = f32x16{};
-            else load16(acc[r][t], sums + (size_t)r * kBlock + 16 * t);
-    for (int k = k0; k < k1; k++) {
-        __builtin_prefetch(w + (size_t)kPanel * std::min(k + kAhead, n - 1));
-        f32x16 xk[T];
-        for (int t = 0; t < T; t++) load16(xk[t], xt + (size_t)k * kPass + 16 * t);
-        for (int r = 0; r < R; r++) {
-            const f32x16 wk = w[(size_t)kPanel * k + r] - f32x16{};  // (w - 0: a broadcast)
-            for (int t = 0; t < T; t++) madd16(acc[r][t], wk, xk[t]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) std::memcpy(sums + (size_t)r * kBlock + 16 * t, &acc[r][t], sizeof(f32x16));
-}
-// tile_rows<T>: rows_tokens over rows i .. i + rows - 1 (i a multiple of 16),
-// panel by panel: in each, kRows rows at a time, then 4, 2, 1.
-template <int T>
-static void tile_rows(float* sums, const float* wp, int i, int n, int rows, const float* xt, int k0, int k1, bool first) {
-    for (int p = 0; p < rows; p += kPanel) {
-        const float* w = panel_row(wp, i + p, n);
-        float* s = sums + (size_t)p * kBlock;
-        const int in_panel = std::min(kPanel, rows - p);
-        int r = 0;
-        for (; r + kRows <= in_panel; r += kRows) rows_tokens<kRows, T>(s + (size_t)r * kBlock, w + r, n, xt, k0, k1, first);
-        if (r + 4 <= in_panel) rows_tokens<4, T>(s + (size_t)r * kBlock, w + r, n, xt, k0, k1, first), r += 4;
-        if (r + 2 <= in_panel) rows_tokens<2, T>(s + (size_t)r * kBlock, w + r, n, xt, k0, k1, first), r += 2;
-        if (r + 1 <= in_panel) rows_tokens<1, T>(s + (size_t)r * kBlock, w + r, n, xt, k0, k1, first);
-    }
-}
-
-// A block's last few tokens (nb % 16 of them, up to kTail) would fill only a few
-// lanes of a last vector of tokens, the other lanes' madds wasted. They are read
-// as one token is when generating, rows in the lanes: a panel's column times the
-// token's x[k] advances 16 rows' sums per madd16, kTailPanels panels and kTail
-// tokens' sums at a time (16 with AVX-512: enough independent chains).
-constexpr int kTail = 4;                     // at most this many tokens go this way
-constexpr int kTailPanels = kW == 16 ? 4 : 1;  // panels at a time (AVX, NEON: 8 of their 16 registers)
-
-// tail_tokens: for the tail tokens b0 .. b0 + tail - 1 (x's rows) and rows i ..
-// i + rows - 1 of the panels at wp, the terms of columns k0 .. k1 - 1 of their
-// sums, kept in sums ([token][row], kTile per token); zero at first.
-static void tail_tokens(float* sums, const float* x, const float* wp, int i, int n, int rows, int b0, int tail, int k0,
-                        int k1, bool first) {
-    for (int p0 = 0; p0 < rows; p0 += kPanel * kTailPanels) {
-        f32x16 acc[kTailPanels][kTail];
-        const float* w[kTailPanels];
-        for (int p = 0; p < kTailPanels; p++) {
-            const int r = p0 + kPanel * p;
-            w[p] = r < rows ? panel_row(wp, i + r, n) : nullptr;
-            for (int b = 0; b < kTail; b++)
-                if (first || !w[p] || b >= tail) acc[p][b] = f32x16{};
-                else load16(acc[p][b], sums + (size_t)b * kTile + r);
-        }
-        for (int k = k0; k < k1; k++)
-            for (int p = 0; p < kTailPanels; p++) {
-                if (!w[p]) continue;
-                f32x16 column;
-                load16(column, w[p] + (size_t)kPanel * k);
-                for (int b = 0; b < kTail; b++)
-                    if (b < tail) madd16(acc[p][b], column, x[(size_t)(b0 + b) * n + k] - f32x16{});
-            }
-        for (int p = 0; p < kTailPanels; p++)
-            for (int b = 0; b < tail; b++)
-                if (w[p]) std::memcpy(sums + (size_t)b * kTile + p0 + kPanel * p, &acc[p][b], sizeof(f32x16));
-    }
-}
-
-// matmul_tile: tile t (rows 64t .. 64t + 63) of W (d, n, as panels at wp) @
-// x (nb, n) -> out (nb, d). One token: panel by panel (a last part-filled
-// panel's zero rows are computed and dropped). A block: from xt (x turned
-// over), column block by column block, pass by pass, and the last nb % 16 <=
-// kTail tokens by tail_tokens; the tile's sums wait in `sums` ([row][token])
-// and are turned back into out's rows 16 x 16 at the end.
-static void matmul_tile(float* out, const float* x, const float* xt, const float* wp, int n, int d, int nb, int t) {
-    const int i = kTile * t, rows = std::min(kTile, d - i);
-    if (nb == 1) {
-        for (int r = 0; r < rows; r += kPanel) {
-            float panel[kPanel];
-            panel_token(panel, panel_row(wp, i + r, n), x, n);
-            std::memcpy(out + i + r, panel, std::min(kPanel, rows - r) * sizeof(float));
-        }
-        return;
-    }
-    alignas(64) float sums[kTile * kBlock], tail_sums[kTail * kTile];
-    const int tail = nb % 16 <= kTail ? nb % 16 : 0, whole = nb - tail;  // whole: tokens in the lanes
-    const int vecs = (whole + 15) / 16;
-    for (int k0 = 0; k0 < n; k0 += kCols) {
-        const int k1 = std::min(n, k0 + kCols);
-        if (tail) tail_tokens(tail_sums, x, wp, i, n, rows, whole, tail, k0, k1, k0 == 0);
-        for (int v = 0; v < vecs; v += kVecs) {  // a pass: vectors v .. v + kVecs - 1
-            const int T = std::min(kVecs, vecs - v);
-            const float* xp = xt + (size_t)(v / kVecs) * n * kPass;
-            if (T == kVecs) tile_rows<kVecs>(sums + 16 * v, wp, i, n, rows, xp, k0, k1, k0 == 0);
-            else if (T == 2) tile_rows<2>(sums + 16 * v, wp, i, n, rows, xp, k0, k1, k0 == 0);
-            else tile_rows<1>(sums + 16 * v, wp, i, n, rows, xp, k0, k1, k0 == 0);
-        }
-    }
-    int r = 0;
-    for (; r + 16 <= rows; r += 16)
-        for (int b = 0; b < whole; b += 16) {
-            f32x16 v[16];
-            for (int q = 0; q < 16; q++) load16(v[q], sums + (size_t)(r + q) * kBlock + b);
-            transpose16(v);  // v[q]: token b + q's sums of rows r .. r + 15
-            for (int q = 0; q < std::min(16, whole - b); q++) std::memcpy(out + (size_t)(b + q) * d + i + r, &v[q], sizeof v[q]);
-        }
-    for (; r < rows; r++)
-        for (int b = 0; b < whole; b++) out[(size_t)b * d + i + r] = sums[(size_t)r * kBlock + b];
-    for (int b = 0; b < tail; b++) std::memcpy(out + (size_t)(whole + b) * d + i, tail_sums + (size_t)b * kTile, rows * sizeof(float));
-}
+static void transpose_tokens(float*, const float*, int, int) {}
+#else
+static void matmul_tile(float* out, const float* x, const float* xt, const float* wp, int n, int d, int nb, int t);
+static void transpose_tokens(float* xt, const float* x, int n, int nb);
+#endif
 
 // parallel_tiles: tile(t) for t < count, shared out among the threads, after
 // x (nb, n) is turned over into xt for a block of tokens. Tiles go to threads,
@@ -1224,7 +858,7 @@ static void matmul_swiglu(float* h, float* h3, const float* x, const float* w1, 
 }
 
 // ----------------------------------------------------------------------------
-// The forward pass: one token at one position in, logits for the next out.
+// The forward pass: a block of tokens at their positions in, logits out.
 
 struct Transformer {
     Checkpoint checkpoint;
@@ -1257,8 +891,7 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
         float* v = s.v.get();
         {
             Stopwatch clock{tr.matmul_seconds};
-            matmul_qkv(s.q.get(), k, v, s.xb.get(), w.wq + l * panel_rows(dim) * dim,
-                       w.wk + l * panel_rows(kv_dim) * dim, w.wv + l * panel_rows(kv_dim) * dim, dim, dim, kv_dim, n, s.xt.get());
+            matmul_qkv(s.q.get(), k, v, s.xb.get(), w.wq[l], w.wk[l], w.wv[l], dim, dim, kv_dim, n, s.xt.get());
         }
 
         // q, k = apply_rope(q, k); out = softmax(q @ k.T / sqrt(head_size), causal) @ v
@@ -1270,7 +903,7 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
         // x = x + self.attention.wo(out)
         {
             Stopwatch clock{tr.matmul_seconds};
-            matmul(s.xb2.get(), s.xb.get(), w.wo + l * panel_rows(dim) * dim, dim, dim, n, s.xt.get());
+            matmul(s.xb2.get(), s.xb.get(), w.wo[l], dim, dim, n, s.xt.get());
         }
         accum(x, s.xb2.get(), n * dim);
 
@@ -1278,12 +911,11 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
         for (int b = 0; b < n; b++) rmsnorm(s.xb.get() + b * dim, x + b * dim, w.rms_ffn + l * dim, dim, c.norm_eps);
         {
             Stopwatch clock{tr.matmul_seconds};
-            matmul_swiglu(s.hb.get(), s.hb2.get(), s.xb.get(), w.w1 + l * panel_rows(hidden) * dim,
-                          w.w3 + l * panel_rows(hidden) * dim, dim, hidden, n, s.xt.get());
+            matmul_swiglu(s.hb.get(), s.hb2.get(), s.xb.get(), w.w1[l], w.w3[l], dim, hidden, n, s.xt.get());
         }
         {
             Stopwatch clock{tr.matmul_seconds};
-            matmul(s.xb.get(), s.hb.get(), w.w2 + l * panel_rows(dim) * hidden, hidden, dim, n, s.xt.get());
+            matmul(s.xb.get(), s.hb.get(), w.w2[l], hidden, dim, n, s.xt.get());
         }
         accum(x, s.xb.get(), n * dim);
     }
@@ -1304,7 +936,7 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
 // U+2581 already turned into ' '. Ids 0, 1, 2 are <unk>, BOS, EOS; when the
 // vocabulary has byte-fallback pieces they are "<0x00>".."<0xFF>" at ids 3..258.
 // A byte-level BPE (GPT-2's scheme: Llama 3, SmolLM2) stores its pieces as raw
-// bytes and adds a block after them (README.md, "tokenizer.bin"): its BOS and
+// bytes and adds a block after them (docs/file-formats.md, "tokenizer.bin"): its BOS and
 // EOS ids, the special tokens, the merges in rank order, the regex that splits
 // text into words, and the Unicode classes that regex needs.
 
@@ -1334,94 +966,12 @@ struct Tokenizer {
     Tokenizer& operator=(const Tokenizer&) = delete;
 };
 
-static CharClass range_class(const Tokenizer& t, uint32_t cp) {
-    const auto it = std::upper_bound(t.range_first.begin(), t.range_first.end(), cp);
-    if (it == t.range_first.begin()) return kOther;
-    const size_t r = it - t.range_first.begin() - 1;
-    return cp <= t.range_last[r] ? (CharClass)t.range_class[r] : kOther;
-}
-
-static CharClass char_class(const Tokenizer& t, uint32_t cp) {
-    return cp < 128 ? (CharClass)t.ascii_class[cp] : range_class(t, cp);
-}
-
-// The block after a byte-level BPE's pieces; every count and id is checked
-// against the bytes left and the vocabulary before it is used.
-static void load_byte_level(Tokenizer& t, const uint8_t* p, size_t size, size_t off, const char* path) {
-    const int n = (int)t.vocab.size();
-    auto next_int = [&](const char* what) {
-        if (size - off < 4) fatal("%s: the byte-level block ends inside %s", path, what);
-        const int32_t v = read_at<int32_t>(p, off);
-        off += 4;
-        return v;
-    };
-    auto count = [&](const char* what, size_t item_bytes) {
-        const int32_t c = next_int(what);
-        if (c < 0 || (size_t)c > (size - off) / item_bytes)
-            fatal("%s: %s count %d does not fit in the file", path, what, c);
-        return c;
-    };
-    auto id = [&](const char* what) {
-        const int32_t v = next_int(what);
-        if (v < 0 || v >= n) fatal("%s: %s id %d is not in the vocabulary of %d", path, what, v, n);
-        return v;
-    };
-    const int32_t version = next_int("the header"), kind = next_int("the header");
-    const int32_t split = next_int("the header"), flags = next_int("the header");
-    if (version != 1 || kind != 1)
-        fatal("%s: tokenizer extension version %d kind %d (this build reads version 1 kind 1)", path, version, kind);
-    if (split < kLlama3Split || split > kGpt2DigitsSplit) fatal("%s: unknown split kind %d", path, split);
-    if (flags & ~1) fatal("%s: unknown tokenizer flags 0x%x", path, flags);
-    t.split = (Split)split;
-    t.ignore_merges = flags & 1;
-    t.bos = next_int("the header");
-    if (t.bos < -1 || t.bos >= n) fatal("%s: bos id %d is not in the vocabulary of %d", path, t.bos, n);
-    t.eos.resize(count("eos", 4));
-    for (int& e : t.eos) e = id("eos");
-    t.byte_fallback = false;
-    t.special.assign(n, false);
-    for (int i = count("special token", 4); i > 0; i--) t.special[id("special token")] = true;
-
-    // normal pieces only: text never turns into a special token
-    for (int i = 0; i < n; i++)
-        if (!t.special[i]) t.ids.emplace(t.vocab[i], i);
-    for (int b = 0; b < 256; b++) {
-        const char c = (char)b;
-        const auto found = t.ids.find(std::string_view(&c, 1));
-        if (found == t.ids.end()) fatal("%s: the byte 0x%02X has no piece of its own", path, b);
-        t.byte_id[b] = found->second;
-    }
-    const int n_merges = count("merge", 8);
-    t.merges.reserve(n_merges);
-    std::string buf;
-    for (int r = 0; r < n_merges; r++) {
-        const int left = id("merge"), right = id("merge");
-        buf = t.vocab[left];
-        buf += t.vocab[right];
-        const auto it = t.ids.find(buf);
-        if (t.special[left] || t.special[right] || it == t.ids.end())
-            fatal("%s: merge %d (%d, %d) does not make a normal piece", path, r, left, right);
-        // a repeated pair keeps its last rank, as Hugging Face's map does
-        t.merges[(uint64_t)left << 32 | (uint32_t)right] = {r, it->second};
-    }
-    const int n_ranges = count("Unicode range", 12);
-    for (int r = 0; r < n_ranges; r++) {
-        const uint32_t first = read_at<uint32_t>(p, off), last = read_at<uint32_t>(p, off + 4);
-        const uint32_t cls = read_at<uint32_t>(p, off + 8);
-        off += 12;
-        if (first > last || last > 0x10FFFF || cls < kLetter || cls > kSpace ||
-            (r > 0 && first <= t.range_last.back()))
-            fatal("%s: Unicode range %d (%u..%u class %u) is out of order or invalid", path, r, first, last, cls);
-        t.range_first.push_back(first), t.range_last.push_back(last), t.range_class.push_back((uint8_t)cls);
-    }
-    for (uint32_t c = 0; c < 128; c++) t.ascii_class[c] = (uint8_t)range_class(t, c);
-    // The splits' \s must hold ASCII's white space: word_end reads " ?" and the
-    // newlines by these classes, and a table without them would cut text wrongly.
-    for (uint32_t c : {0x9u, 0xAu, 0xBu, 0xCu, 0xDu, 0x20u})
-        if (t.ascii_class[c] != kSpace)
-            fatal("%s: the Unicode ranges do not class U+%04X as white space (the split needs it)", path, c);
-    if (off != size) fatal("%s: %zu bytes after the byte-level block", path, size - off);
-}
+// The byte-level BPE's parts (in Byte-level BPE, after the command line): the
+// block after its pieces, read and checked; and the text cut into words and
+// bytes, the symbols encode merges.
+static void load_byte_level(Tokenizer& t, const uint8_t* p, size_t size, size_t off, const char* path);
+static void byte_level_symbols(const Tokenizer& t, std::string_view text, std::vector<int>& sym,
+                               std::vector<char>& word_start);
 
 static Tokenizer load_tokenizer(const char* path, int vocab_size) {
     MappedFile f(path);
@@ -1511,95 +1061,6 @@ static int utf8_decode(const unsigned char* s, size_t n, uint32_t* cp) {
     }
     *cp = c;
     return u.len;
-}
-
-// Where the word that starts at cp[i] ends (cp[end] is not part of the text),
-// by the byte-level BPE's split regex, matched as a regex engine does: the
-// first alternative that matches, each as long as it can.
-//   Llama 3: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
-//            ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
-//   GPT-2:   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-// (?i:) folds ASCII case only, as the reference (transformers.js) does.
-static size_t word_end(const Tokenizer& t, const uint32_t* cp, size_t i, size_t end) {
-    auto cls = [&](size_t k) { return k < end ? (int)char_class(t, cp[k]) : -1; };
-    auto newline = [&](size_t k) { return k < end && (cp[k] == '\r' || cp[k] == '\n'); };
-    const bool llama3 = t.split == kLlama3Split;
-    auto lower = [&](size_t k) { return k >= end ? 0u : llama3 && cp[k] >= 'A' && cp[k] <= 'Z' ? cp[k] + 32 : cp[k]; };
-    auto run = [&](size_t k, int c) { while (cls(k) == c) k++; return k; };
-    if (cp[i] == '\'') {  // contractions
-        const uint32_t a = lower(i + 1), b = lower(i + 2);
-        if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
-        if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
-    }
-    const size_t after_space = i + (cp[i] == ' ');
-    if (llama3) {
-        const int c = cls(i);
-        const size_t k = i + (c != kLetter && c != kNumber && !newline(i));  // [^\r\n\p{L}\p{N}]?
-        if (cls(k) == kLetter) return run(k, kLetter);
-        if (c == kNumber) return std::min(run(i, kNumber), i + 3);
-        if (cls(after_space) == kOther) {
-            size_t e = run(after_space, kOther);
-            while (newline(e)) e++;
-            return e;
-        }
-    } else {
-        for (int c : {kLetter, kNumber, kOther})
-            if (cls(after_space) == c) return run(after_space, c);
-    }
-    // white space: \s*[\r\n]+ (Llama 3), then \s+(?!\S), then \s+
-    const size_t e = run(i, kSpace);
-    if (llama3)
-        for (size_t k = e; k > i; k--)
-            if (newline(k - 1)) return k;  // up to the last newline of the run
-    if (e == end || e - i <= 1) return std::max(e, i + 1);  // always past i, whatever the table says
-    return e - 1;  // leave one space to start the next word
-}
-
-// The byte-level BPE's symbols before merging: the text's words (invalid UTF-8
-// read as U+FFFD), each a piece of its own if ignore_merges finds it in the
-// vocabulary, else one symbol per byte. word_start marks where merges stop.
-static void byte_level_symbols(const Tokenizer& t, std::string_view text, std::vector<int>& sym,
-                               std::vector<char>& word_start) {
-    std::vector<uint32_t> cp;
-    std::vector<size_t> at;  // cp[k]'s first byte in `clean`
-    std::string clean;
-    const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-    for (size_t i = 0; i < text.size();) {
-        uint32_t c;
-        const int len = utf8_decode(s + i, text.size() - i, &c);
-        at.push_back(clean.size());
-        if (c == 0xFFFD) clean += "\xEF\xBF\xBD"; else clean.append(text.substr(i, len));
-        cp.push_back(c);
-        i += len;
-    }
-    at.push_back(clean.size());
-    auto word = [&](size_t from, size_t to) {  // code points [from, to)
-        const std::string_view w(clean.data() + at[from], at[to] - at[from]);
-        const auto it = t.ignore_merges ? t.ids.find(w) : t.ids.end();
-        if (it != t.ids.end()) {
-            sym.push_back(it->second), word_start.push_back(1);
-            return;
-        }
-        for (size_t k = 0; k < w.size(); k++) sym.push_back(t.byte_id[(unsigned char)w[k]]), word_start.push_back(k == 0);
-    };
-    const size_t n = cp.size();
-    for (size_t i = 0; i < n;) {
-        size_t end = n;  // the split's text: all of it, or (SmolLM2) up to the next ASCII digit
-        if (t.split == kGpt2DigitsSplit) {
-            if (cp[i] >= '0' && cp[i] <= '9') {
-                word(i, i + 1);
-                i++;
-                continue;
-            }
-            end = i;
-            while (end < n && !(cp[end] >= '0' && cp[end] <= '9')) end++;
-        }
-        while (i < end) {
-            const size_t e = word_end(t, cp.data(), i, end);
-            word(i, e);
-            i = e;
-        }
-    }
 }
 
 // encode: text -> token ids. SentencePiece BPE (with a dummy prefix):
@@ -2305,3 +1766,615 @@ int main(int argc, char** argv) {
     }
 }
 #endif
+
+// ----------------------------------------------------------------------------
+// Byte-level BPE: GPT-2's scheme (Llama 3, SmolLM2). The extension block of
+// tokenizer.bin read and checked, and the split of text into words by the
+// model's regex, using the Unicode classes the block carries.
+
+static CharClass range_class(const Tokenizer& t, uint32_t cp) {
+    const auto it = std::upper_bound(t.range_first.begin(), t.range_first.end(), cp);
+    if (it == t.range_first.begin()) return kOther;
+    const size_t r = it - t.range_first.begin() - 1;
+    return cp <= t.range_last[r] ? (CharClass)t.range_class[r] : kOther;
+}
+
+static CharClass char_class(const Tokenizer& t, uint32_t cp) {
+    return cp < 128 ? (CharClass)t.ascii_class[cp] : range_class(t, cp);
+}
+
+// The block after a byte-level BPE's pieces; every count and id is checked
+// against the bytes left and the vocabulary before it is used.
+static void load_byte_level(Tokenizer& t, const uint8_t* p, size_t size, size_t off, const char* path) {
+    const int n = (int)t.vocab.size();
+    auto next_int = [&](const char* what) {
+        if (size - off < 4) fatal("%s: the byte-level block ends inside %s", path, what);
+        const int32_t v = read_at<int32_t>(p, off);
+        off += 4;
+        return v;
+    };
+    auto count = [&](const char* what, size_t item_bytes) {
+        const int32_t c = next_int(what);
+        if (c < 0 || (size_t)c > (size - off) / item_bytes)
+            fatal("%s: %s count %d does not fit in the file", path, what, c);
+        return c;
+    };
+    auto id = [&](const char* what) {
+        const int32_t v = next_int(what);
+        if (v < 0 || v >= n) fatal("%s: %s id %d is not in the vocabulary of %d", path, what, v, n);
+        return v;
+    };
+    const int32_t version = next_int("the header"), kind = next_int("the header");
+    const int32_t split = next_int("the header"), flags = next_int("the header");
+    if (version != 1 || kind != 1)
+        fatal("%s: tokenizer extension version %d kind %d (this build reads version 1 kind 1)", path, version, kind);
+    if (split < kLlama3Split || split > kGpt2DigitsSplit) fatal("%s: unknown split kind %d", path, split);
+    if (flags & ~1) fatal("%s: unknown tokenizer flags 0x%x", path, flags);
+    t.split = (Split)split;
+    t.ignore_merges = flags & 1;
+    t.bos = next_int("the header");
+    if (t.bos < -1 || t.bos >= n) fatal("%s: bos id %d is not in the vocabulary of %d", path, t.bos, n);
+    t.eos.resize(count("eos", 4));
+    for (int& e : t.eos) e = id("eos");
+    t.byte_fallback = false;
+    t.special.assign(n, false);
+    for (int i = count("special token", 4); i > 0; i--) t.special[id("special token")] = true;
+
+    // normal pieces only: text never turns into a special token
+    for (int i = 0; i < n; i++)
+        if (!t.special[i]) t.ids.emplace(t.vocab[i], i);
+    for (int b = 0; b < 256; b++) {
+        const char c = (char)b;
+        const auto found = t.ids.find(std::string_view(&c, 1));
+        if (found == t.ids.end()) fatal("%s: the byte 0x%02X has no piece of its own", path, b);
+        t.byte_id[b] = found->second;
+    }
+    const int n_merges = count("merge", 8);
+    t.merges.reserve(n_merges);
+    std::string buf;
+    for (int r = 0; r < n_merges; r++) {
+        const int left = id("merge"), right = id("merge");
+        buf = t.vocab[left];
+        buf += t.vocab[right];
+        const auto it = t.ids.find(buf);
+        if (t.special[left] || t.special[right] || it == t.ids.end())
+            fatal("%s: merge %d (%d, %d) does not make a normal piece", path, r, left, right);
+        // a repeated pair keeps its last rank, as Hugging Face's map does
+        t.merges[(uint64_t)left << 32 | (uint32_t)right] = {r, it->second};
+    }
+    const int n_ranges = count("Unicode range", 12);
+    for (int r = 0; r < n_ranges; r++) {
+        const uint32_t first = read_at<uint32_t>(p, off), last = read_at<uint32_t>(p, off + 4);
+        const uint32_t cls = read_at<uint32_t>(p, off + 8);
+        off += 12;
+        if (first > last || last > 0x10FFFF || cls < kLetter || cls > kSpace ||
+            (r > 0 && first <= t.range_last.back()))
+            fatal("%s: Unicode range %d (%u..%u class %u) is out of order or invalid", path, r, first, last, cls);
+        t.range_first.push_back(first), t.range_last.push_back(last), t.range_class.push_back((uint8_t)cls);
+    }
+    for (uint32_t c = 0; c < 128; c++) t.ascii_class[c] = (uint8_t)range_class(t, c);
+    // The splits' \s must hold ASCII's white space: word_end reads " ?" and the
+    // newlines by these classes, and a table without them would cut text wrongly.
+    for (uint32_t c : {0x9u, 0xAu, 0xBu, 0xCu, 0xDu, 0x20u})
+        if (t.ascii_class[c] != kSpace)
+            fatal("%s: the Unicode ranges do not class U+%04X as white space (the split needs it)", path, c);
+    if (off != size) fatal("%s: %zu bytes after the byte-level block", path, size - off);
+}
+
+// Where the word that starts at cp[i] ends (cp[end] is not part of the text),
+// by the byte-level BPE's split regex, matched as a regex engine does: the
+// first alternative that matches, each as long as it can.
+//   Llama 3: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+//            ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+//   GPT-2:   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+// (?i:) folds ASCII case only, as the reference (transformers.js) does.
+static size_t word_end(const Tokenizer& t, const uint32_t* cp, size_t i, size_t end) {
+    auto cls = [&](size_t k) { return k < end ? (int)char_class(t, cp[k]) : -1; };
+    auto newline = [&](size_t k) { return k < end && (cp[k] == '\r' || cp[k] == '\n'); };
+    const bool llama3 = t.split == kLlama3Split;
+    auto lower = [&](size_t k) { return k >= end ? 0u : llama3 && cp[k] >= 'A' && cp[k] <= 'Z' ? cp[k] + 32 : cp[k]; };
+    auto run = [&](size_t k, int c) { while (cls(k) == c) k++; return k; };
+    if (cp[i] == '\'') {  // contractions
+        const uint32_t a = lower(i + 1), b = lower(i + 2);
+        if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+        if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+    }
+    const size_t after_space = i + (cp[i] == ' ');
+    if (llama3) {
+        const int c = cls(i);
+        const size_t k = i + (c != kLetter && c != kNumber && !newline(i));  // [^\r\n\p{L}\p{N}]?
+        if (cls(k) == kLetter) return run(k, kLetter);
+        if (c == kNumber) return std::min(run(i, kNumber), i + 3);
+        if (cls(after_space) == kOther) {
+            size_t e = run(after_space, kOther);
+            while (newline(e)) e++;
+            return e;
+        }
+    } else {
+        for (int c : {kLetter, kNumber, kOther})
+            if (cls(after_space) == c) return run(after_space, c);
+    }
+    // white space: \s*[\r\n]+ (Llama 3), then \s+(?!\S), then \s+
+    const size_t e = run(i, kSpace);
+    if (llama3)
+        for (size_t k = e; k > i; k--)
+            if (newline(k - 1)) return k;  // up to the last newline of the run
+    if (e == end || e - i <= 1) return std::max(e, i + 1);  // always past i, whatever the table says
+    return e - 1;  // leave one space to start the next word
+}
+
+// The byte-level BPE's symbols before merging: the text's words (invalid UTF-8
+// read as U+FFFD), each a piece of its own if ignore_merges finds it in the
+// vocabulary, else one symbol per byte. word_start marks where merges stop.
+static void byte_level_symbols(const Tokenizer& t, std::string_view text, std::vector<int>& sym,
+                               std::vector<char>& word_start) {
+    std::vector<uint32_t> cp;
+    std::vector<size_t> at;  // cp[k]'s first byte in `clean`
+    std::string clean;
+    const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+    for (size_t i = 0; i < text.size();) {
+        uint32_t c;
+        const int len = utf8_decode(s + i, text.size() - i, &c);
+        at.push_back(clean.size());
+        if (c == 0xFFFD) clean += "\xEF\xBF\xBD"; else clean.append(text.substr(i, len));
+        cp.push_back(c);
+        i += len;
+    }
+    at.push_back(clean.size());
+    auto word = [&](size_t from, size_t to) {  // code points [from, to)
+        const std::string_view w(clean.data() + at[from], at[to] - at[from]);
+        const auto it = t.ignore_merges ? t.ids.find(w) : t.ids.end();
+        if (it != t.ids.end()) {
+            sym.push_back(it->second), word_start.push_back(1);
+            return;
+        }
+        for (size_t k = 0; k < w.size(); k++) sym.push_back(t.byte_id[(unsigned char)w[k]]), word_start.push_back(k == 0);
+    };
+    const size_t n = cp.size();
+    for (size_t i = 0; i < n;) {
+        size_t end = n;  // the split's text: all of it, or (SmolLM2) up to the next ASCII digit
+        if (t.split == kGpt2DigitsSplit) {
+            if (cp[i] >= '0' && cp[i] <= '9') {
+                word(i, i + 1);
+                i++;
+                continue;
+            }
+            end = i;
+            while (end < n && !(cp[end] >= '0' && cp[end] <= '9')) end++;
+        }
+        while (i < end) {
+            const size_t e = word_end(t, cp.data(), i, end);
+            word(i, e);
+            i = e;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Vector helpers: the SIMD plumbing behind dot, weighted_sum and the fast
+// matmuls, a section a first reading can skip. f32x16 is sixteen floats the compiler
+// maps onto the target's registers; f32xW is one register of them.
+
+// Sixteen floats as one value (GCC/clang vector extension): the compiler maps
+// it onto whatever SIMD registers the target has (one AVX-512 register, two
+// AVX, four SSE or NEON) and its arithmetic onto their lanes.
+typedef float f32x16 __attribute__((vector_size(64)));
+static inline void load16(f32x16& v, const float* p) {
+    std::memcpy(&v, p, sizeof v);  // an unaligned load (by reference: no vector crosses a call ABI)
+}
+// The sum of v's 16 lanes, halving the vector four times: a chain of four
+// dependent adds where adding lane by lane would be sixteen.
+static inline float hsum16(const f32x16& v) {
+    float a[16];
+    std::memcpy(a, &v, sizeof a);
+    for (int half = 8; half >= 1; half /= 2)
+        for (int k = 0; k < half; k++) a[k] += a[k + half];
+    return a[0];
+}
+
+// The target's own vector: W floats (16 with AVX-512, 8 with AVX, 4 with SSE or
+// NEON). Kernels that must stay in registers work on these; f32x16 is 16 / W of them.
+#if defined(__AVX512F__)
+constexpr int kW = 16;
+#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3), F(s, 4), F(s, 5), F(s, 6), F(s, 7), \
+    F(s, 8), F(s, 9), F(s, 10), F(s, 11), F(s, 12), F(s, 13), F(s, 14), F(s, 15)
+#elif defined(__AVX__)
+constexpr int kW = 8;
+#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3), F(s, 4), F(s, 5), F(s, 6), F(s, 7)
+#else
+constexpr int kW = 4;
+#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3)
+#endif
+typedef float f32xW __attribute__((vector_size(4 * kW)));
+
+// madd on each lane of a W-float vector: one instruction with a fused
+// multiply-add. (Left to std::fma lane by lane, g++ 12 emits scalar ones.)
+static inline void maddW(f32xW& acc, const f32xW& a, const f32xW& b) {
+#if defined(__AVX512F__)
+    acc = (f32xW)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
+#elif defined(__FMA__)
+    acc = (f32xW)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#elif defined(__ARM_FEATURE_FMA)
+    acc = (f32xW)vfmaq_f32((float32x4_t)acc, (float32x4_t)a, (float32x4_t)b);
+#elif defined(HAS_FMA)
+    for (int k = 0; k < kW; k++) acc[k] = std::fma(a[k], b[k], acc[k]);
+#else
+    acc += a * b;
+#endif
+}
+// madd on each of sixteen lanes: maddW on each W-float part.
+static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
+    typedef f32xW __attribute__((may_alias)) part;  // may alias the f32x16 it is part of
+    const part *pa = reinterpret_cast<const part*>(&a), *pb = reinterpret_cast<const part*>(&b);
+    part* pc = reinterpret_cast<part*>(&acc);
+    for (int h = 0; h < 16 / kW; h++) maddW(pc[h], pa[h], pb[h]);
+}
+
+// transpose16: r[c] lane k <- r[k] lane c, a 16 x 16 block turned over in
+// registers. It works on W-float vectors (a shuffle wider than the registers,
+// compilers spill to memory lane by lane): each W x W block turns over in log2(W) rounds,
+// each swapping the off-diagonal halves of pairs of vectors (swap_halves, one
+// permute per vector), then the blocks trade places. 64 permutes with AVX-512.
+#define TRANSPOSE_LO(s, l) (((l) & (s)) ? kW + (l) - (s) : (l))  // a's lanes, b's low half moved up
+#define TRANSPOSE_HI(s, l) (((l) & (s)) ? kW + (l) : (l) + (s))  // a's high half moved down, b's lanes
+template <int S>
+static inline void swap_halves(f32xW (&r)[kW]) {
+    if constexpr (S >= 1) {
+        for (int block = 0; block < kW; block += 2 * S)
+            for (int i = block; i < block + S; i++) {  // pairs (i, i + S)
+                const f32xW a = r[i], b = r[i + S];
+                r[i] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_LO, S));
+                r[i + S] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_HI, S));
+            }
+        swap_halves<S / 2>(r);
+    }
+}
+[[maybe_unused]] static inline void transpose16(f32x16 (&r)[16]) {  // (runq: AVX-512 builds only)
+    constexpr int B = 16 / kW;
+    f32xW v[B][B][kW];  // [block row][block column][row in the block]
+    for (int i = 0; i < 16; i++)
+        for (int c = 0; c < B; c++) std::memcpy(&v[i / kW][c][i % kW], (const float*)&r[i] + c * kW, sizeof(f32xW));
+    for (int bi = 0; bi < B; bi++)
+        for (int bj = 0; bj < B; bj++) swap_halves<kW / 2>(v[bi][bj]);
+    for (int i = 0; i < 16; i++)  // row i of the result: block column i / kW of every block row
+        for (int c = 0; c < B; c++) std::memcpy((float*)&r[i] + c * kW, &v[c][i / kW][i % kW], sizeof(f32xW));
+}
+
+// dot: a . b over n floats (attention's scores). The sum runs in 16
+// independent lanes (a single running sum would serialize on the add latency),
+// added up at the end by hsum16, then the last n % 16 products.
+// Error: |out - exact| <= n u sum_j |a[j] b[j]| (no term sees more than n roundings).
+static inline float dot(const float* a, const float* b, int n) {
+    f32x16 lane = {};
+    for (int j = 0; j + 16 <= n; j += 16) {
+        f32x16 aj, bj;
+        load16(aj, a + j);
+        load16(bj, b + j);
+        madd16(lane, aj, bj);
+    }
+    float tail = 0.0f;
+    for (int j = n / 16 * 16; j < n; j++) tail = madd(a[j], b[j], tail);
+    return hsum16(lane) + tail;
+}
+
+// 16 int8 values as floats (exactly: every int8 is a float). GCC 12 turns the
+// portable loop into 4-wide pieces through the stack, hence the two forms.
+// (maskz forms: GCC 12 warns that the plain ones read an uninitialized value.)
+static inline void load16(f32x16& v, const int8_t* p) {
+#if defined(__AVX512F__)
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m512 f = _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_maskz_cvtepi8_epi32(0xFFFF, b));
+    std::memcpy(&v, &f, sizeof v);
+#elif defined(__AVX2__)
+    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+    std::memcpy(&v, &lo, sizeof lo);
+    std::memcpy(reinterpret_cast<float*>(&v) + 8, &hi, sizeof hi);
+#else
+    float f[16];
+    for (int k = 0; k < 16; k++) f[k] = p[k];
+    std::memcpy(&v, f, sizeof v);
+#endif
+}
+
+// weighted_sum: out[i] = sum over t = 0..T-1 of p[t] * scale_t * v_t[i], i < n,
+// where v_t = v + t * stride (floats, or int8 with one scale per position:
+// scale_t = scales[t * scale_stride]; none for floats). Each out[i] adds its
+// terms in t order with one multiply-add each (p[t] * scale_t rounded first),
+// as the plain loop does; 64 outputs at a time stay in registers while t runs
+// (accumulating in memory would wait on a store and a reload per term).
+template <typename V>
+static void weighted_sum(float* out, const float* p, int T, const V* v, size_t stride, int n, const float* scales,
+                         size_t scale_stride) {
+    auto weight = [&](int t) { return scales ? p[t] * scales[t * scale_stride] : p[t]; };
+    int i0 = 0;
+    for (; i0 + 64 <= n; i0 += 64) {
+        f32x16 acc[4] = {};
+        for (int t = 0; t < T; t++) {
+            const f32x16 wv = weight(t) - f32x16{};  // (w - 0: a broadcast)
+            f32x16 x;
+            for (int c = 0; c < 4; c++) {
+                load16(x, v + t * stride + i0 + 16 * c);
+                madd16(acc[c], wv, x);
+            }
+        }
+        std::memcpy(out + i0, acc, sizeof acc);
+    }
+    for (int i = i0; i < n; i++) {  // the last n % 64 outputs: the plain loop
+        float sum = 0.0f;
+        for (int t = 0; t < T; t++) sum = madd(weight(t), (float)v[t * stride + i], sum);
+        out[i] = sum;
+    }
+}
+
+
+// ----------------------------------------------------------------------------
+// Fast matmul: the kernels behind matmul_tile, reading the matrices as panels.
+// They compute matmul_reference's sums in its order, so their results are its
+// results to the bit (tests/test_run.cpp checks, over odd sizes).
+//
+// Panels: a matrix W (d, n) stored by rows, as in the file, is stored again as
+// ceil(d / 16) panels of 16 rows, each panel column by column: wp[p, j, r] =
+// W[16 p + r, j] (rows past d are zeros). Column j of 16 rows is then 16
+// consecutive floats, one vector load, so generating a token advances 16 rows'
+// sums per madd with no transposing (see Matmul), and each panel is one
+// sequential stream of memory. The cost: a copy of every matrix (the file's
+// size, less the embedding table and the norms) in memory, made in one pass
+// at load (0.5 s for 2.1 GB of matrices here), each layer's pages of the file
+// released once copied. It was measured worth it: generating with a 2.7 GB model
+// (two Llama 2 7B layers) ran about a fifth faster on this project's 2-core
+// VM than with the rows read in place from the mapped file and transposed in
+// registers (docs/performance.md).
+
+constexpr int kPanel = 16;  // rows per panel: one per lane
+static uint64_t panel_rows(uint64_t d) { return (d + kPanel - 1) / kPanel * kPanel; }  // d, rounded up to whole panels
+
+// pack_panels: W (d, n) -> panels, for a stack of `layers` matrices (see
+// Weights). 16 x 16 blocks are turned over in registers (transpose16, in
+// Vector helpers), so reads and writes both go whole cache lines at a time.
+static float* pack_panels(float* wp, const float* w, uint64_t layers, int d, int n) {
+    const uint64_t per_layer = panel_rows(d) / kPanel, panels = layers * per_layer;
+    #pragma omp parallel for schedule(static)
+    for (uint64_t q = 0; q < panels; q++) {  // panel q % per_layer of layer q / per_layer
+        const int i0 = (int)(q % per_layer) * kPanel, rows = std::min(kPanel, d - i0);
+        const float* row0 = w + (q / per_layer * d + i0) * n;
+        float* p = wp + q * kPanel * n;
+        int j = 0;
+        for (; j + 16 <= n; j += 16) {
+            f32x16 block[16] = {};  // rows past d stay zero
+            for (int r = 0; r < rows; r++) load16(block[r], row0 + (size_t)r * n + j);
+            transpose16(block);  // block[c]: column j + c of the 16 rows
+            std::memcpy(p + (size_t)j * kPanel, block, sizeof block);
+        }
+        for (; j < n; j++)
+            for (int r = 0; r < kPanel; r++) p[(size_t)j * kPanel + r] = r < rows ? row0[(size_t)r * n + j] : 0.0f;
+    }
+    return wp + panels * kPanel * n;
+}
+
+// pack_matrices: the checkpoint's matrices copied into panels, in a buffer of
+// their own (2 MB aligned, huge pages asked for); its pointers then point there.
+[[maybe_unused]] static void pack_matrices(Checkpoint& ck, const char* path) {
+    const Config& c = ck.config;
+    TransformerWeights& w = ck.w;
+    const uint64_t L = c.n_layers, dim = c.dim, hid = c.hidden_dim, kv = c.kv_dim(), vocab = c.vocab_size;
+    const uint64_t floats = panel_rows(dim) * dim * 2 * L + panel_rows(kv) * dim * 2 * L + panel_rows(hid) * dim * 2 * L +
+                            panel_rows(dim) * hid * L + panel_rows(vocab) * dim;
+    const uint64_t huge = 1 << 21, bytes = (floats * sizeof(float) + huge - 1) / huge * huge;  // (aligned_alloc wants a multiple)
+    // held at the peak: the copy, the embedding table and norms read in place, one layer's matrix on its way
+    const uint64_t mapped = (vocab * dim + (2 * L + 1) * dim + dim * std::max({dim, hid, vocab})) * sizeof(float);
+    check_fits_in_memory(bytes + mapped, std::string("the copy of ") + path + "'s matrices",
+                         "runq runs an int8 export in a quarter of that");
+    ck.panels = FloatBuffer(static_cast<float*>(std::aligned_alloc(huge, bytes)));
+    if (!ck.panels) fatal("out of memory: %s's matrices need %.1f GB", path, bytes / 1e9);
+#ifdef MADV_HUGEPAGE
+    madvise(ck.panels.get(), bytes, MADV_HUGEPAGE);  // fewer TLB misses while streaming them (+4% decode here; a hint)
+#endif
+    float* p = ck.panels.get();
+    // m: from the mapping to its panels; its pages in the mapping are released
+    // once copied (a layer at a time), so the weights are held once, not twice
+    auto pack = [&](Matrix& m, int d, int n) {
+        const float* rows = m;
+        m = p;
+        p = pack_panels(p, rows, 1, d, n);
+        if (rows != w.token_embedding) ck.file.release(rows, (uint64_t)d * n * sizeof(float));
+    };
+    for (int l = 0; l < c.n_layers; l++) {
+        pack(w.wq[l], c.dim, c.dim), pack(w.wk[l], c.kv_dim(), c.dim), pack(w.wv[l], c.kv_dim(), c.dim);
+        pack(w.wo[l], c.dim, c.dim), pack(w.w1[l], c.hidden_dim, c.dim), pack(w.w2[l], c.dim, c.hidden_dim);
+        pack(w.w3[l], c.hidden_dim, c.dim);
+    }
+    pack(w.wcls, c.vocab_size, c.dim);
+}
+
+#ifndef MATMUL_REFERENCE
+// The fast kernels read W as panels (see Weights): wp[p, j, r] = w[16 p + r, j].
+// Generating (one token), a panel's 16 rows' sums run side by side, row r in
+// lane r: column j of the panel (16 consecutive floats) times x[j] in every
+// lane advances all 16 sums by one term with one madd16, in the reference's
+// order. No horizontal sums, no transposes, and one stream of memory per panel.
+
+// A tile's panels are streams the hardware prefetcher finds late (it stops at
+// each 4 KB page); the prompt kernel asks for them kAhead columns (1 KB) ahead.
+constexpr int kAhead = 16;
+
+// panel_row: where row i of the panels at wp (n columns) starts; its column j
+// is at panel_row(..)[16 j].
+static inline const float* panel_row(const float* wp, int i, int n) {
+    return wp + (size_t)(i / kPanel) * kPanel * n + i % kPanel;
+}
+
+// panel_token: out[0 .. 15] = the panel at wp (16 rows, n columns) times one
+// token's x: the generating case.
+static void panel_token(float* out, const float* wp, const float* x, int n) {
+    f32x16 acc = {};
+    for (int j = 0; j < n; j++) {
+        f32x16 column;
+        load16(column, wp + (size_t)kPanel * j);
+        madd16(acc, column, x[j] - f32x16{});  // (x - 0: a broadcast)
+    }
+    std::memcpy(out, &acc, sizeof acc);
+}
+
+// Reading a prompt (a block of tokens), the lanes hold tokens instead: token b
+// in lane b % 16. The block's activations are turned over once (x (nb, n) ->
+// xt, 16 tokens of one column side by side), and each weight w[i, k], loaded
+// from its panel and broadcast, advances 16 tokens' sums of row i by one
+// term with one madd16, again in the reference's order. kRows rows x kVecs
+// vectors of tokens stay in registers (8 x 3 = 24 sums with AVX-512): per
+// column, kVecs loads and kRows broadcasts feed kRows kVecs madds, and the
+// weights need no transposing (turning x over costs nb n moves; the weights,
+// d n per block). Column blocks of kCols keep a pass's activations near the
+// core (L1 or L2) while the tile's rows go by. AVX: 6 x 1 (12 of 16 registers);
+// SSE and NEON: 4 x 1 (16).
+constexpr int kRows = kW == 16 ? 8 : kW == 8 ? 6 : 4;  // rows whose sums stay in registers
+constexpr int kVecs = kW == 16 ? 3 : 1;                // ... times vectors of 16 tokens: 24 of AVX-512's 32 registers
+constexpr int kPass = 16 * kVecs;                      // tokens per pass over a tile's rows
+constexpr int kCols = 128;                             // columns per block: a pass's 24 KB of activations and 8 KB of a panel, in L1
+static_assert(kBlock % kPass == 0, "xt and a tile's sums hold whole passes");
+
+// transpose_tokens: xt[p][k][c] = x[kPass p + c, k] for pass p (zero for
+// tokens past nb): each pass's columns of kPass tokens, one after another.
+// Called inside a parallel region, it shares the 16 x 16 blocks among the
+// threads (an orphaned omp for, which ends with a barrier).
+static void transpose_tokens(float* xt, const float* x, int n, int nb) {
+    const int vecs = (nb + 15) / 16, blocks = (n + 15) / 16;
+    #pragma omp for schedule(static)
+    for (int vb = 0; vb < vecs * blocks; vb++) {
+        const int v = vb / blocks, k0 = vb % blocks * 16, tokens = std::min(16, nb - 16 * v);
+        const float* xv = x + (size_t)16 * v * n;
+        float* out = xt + (size_t)(v / kVecs) * n * kPass + 16 * (v % kVecs);  // column k at out + k kPass
+        if (k0 + 16 <= n) {
+            f32x16 r[16];
+            for (int q = 0; q < 16; q++)
+                if (q < tokens) load16(r[q], xv + (size_t)q * n + k0);
+                else r[q] = f32x16{};
+            transpose16(r);
+            for (int c = 0; c < 16; c++) std::memcpy(out + (size_t)(k0 + c) * kPass, &r[c], sizeof r[c]);
+        } else {
+            for (int k = k0; k < n; k++)
+                for (int q = 0; q < 16; q++) out[(size_t)k * kPass + q] = q < tokens ? xv[(size_t)q * n + k] : 0.0f;
+        }
+    }
+}
+
+// rows_tokens<R, T>: for R rows of one panel, from the one at w (a row as
+// panel_row gives it), and 16 T tokens (one pass, xt as transpose_tokens lays
+// it out), the terms of columns k0 .. k1 - 1 of their sums, kept in sums (row
+// stride kBlock, token b at sums[b]); they start at zero on the first column
+// block (first).
+template <int R, int T>
+static inline void rows_tokens(float* sums, const float* w, int n, const float* xt, int k0, int k1, bool first) {
+    f32x16 acc[R][T];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            if (first) acc[r][t] = f32x16{};
+            else load16(acc[r][t], sums + (size_t)r * kBlock + 16 * t);
+    for (int k = k0; k < k1; k++) {
+        __builtin_prefetch(w + (size_t)kPanel * std::min(k + kAhead, n - 1));
+        f32x16 xk[T];
+        for (int t = 0; t < T; t++) load16(xk[t], xt + (size_t)k * kPass + 16 * t);
+        for (int r = 0; r < R; r++) {
+            const f32x16 wk = w[(size_t)kPanel * k + r] - f32x16{};  // (w - 0: a broadcast)
+            for (int t = 0; t < T; t++) madd16(acc[r][t], wk, xk[t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) std::memcpy(sums + (size_t)r * kBlock + 16 * t, &acc[r][t], sizeof(f32x16));
+}
+// pass_rows<T>: rows_tokens over rows i .. i + rows - 1 (i a multiple of 16),
+// panel by panel: in each, kRows rows at a time, then 4, 2, 1.
+template <int T>
+static void pass_rows(float* sums, const float* wp, int i, int n, int rows, const float* xt, int k0, int k1, bool first) {
+    for (int p = 0; p < rows; p += kPanel) {
+        const float* w = panel_row(wp, i + p, n);
+        float* s = sums + (size_t)p * kBlock;
+        const int in_panel = std::min(kPanel, rows - p);
+        int r = 0;
+        for (; r + kRows <= in_panel; r += kRows) rows_tokens<kRows, T>(s + (size_t)r * kBlock, w + r, n, xt, k0, k1, first);
+        if (r + 4 <= in_panel) rows_tokens<4, T>(s + (size_t)r * kBlock, w + r, n, xt, k0, k1, first), r += 4;
+        if (r + 2 <= in_panel) rows_tokens<2, T>(s + (size_t)r * kBlock, w + r, n, xt, k0, k1, first), r += 2;
+        if (r + 1 <= in_panel) rows_tokens<1, T>(s + (size_t)r * kBlock, w + r, n, xt, k0, k1, first);
+    }
+}
+
+// A block's last few tokens (nb % 16 of them, up to kTail) would fill only a few
+// lanes of a last vector of tokens, the other lanes' madds wasted. They are read
+// as one token is when generating, rows in the lanes: a panel's column times the
+// token's x[k] advances 16 rows' sums per madd16, kTailPanels panels and kTail
+// tokens' sums at a time (16 with AVX-512: enough independent chains).
+constexpr int kTail = 4;                     // at most this many tokens go this way
+constexpr int kTailPanels = kW == 16 ? 4 : 1;  // panels at a time (AVX, NEON: 8 of their 16 registers)
+
+// tail_tokens: for the tail tokens b0 .. b0 + tail - 1 (x's rows) and rows i ..
+// i + rows - 1 of the panels at wp, the terms of columns k0 .. k1 - 1 of their
+// sums, kept in sums ([token][row], kTile per token); zero at first.
+static void tail_tokens(float* sums, const float* x, const float* wp, int i, int n, int rows, int b0, int tail, int k0,
+                        int k1, bool first) {
+    for (int p0 = 0; p0 < rows; p0 += kPanel * kTailPanels) {
+        f32x16 acc[kTailPanels][kTail];
+        const float* w[kTailPanels];
+        for (int p = 0; p < kTailPanels; p++) {
+            const int r = p0 + kPanel * p;
+            w[p] = r < rows ? panel_row(wp, i + r, n) : nullptr;
+            for (int b = 0; b < kTail; b++)
+                if (first || !w[p] || b >= tail) acc[p][b] = f32x16{};
+                else load16(acc[p][b], sums + (size_t)b * kTile + r);
+        }
+        for (int k = k0; k < k1; k++)
+            for (int p = 0; p < kTailPanels; p++) {
+                if (!w[p]) continue;
+                f32x16 column;
+                load16(column, w[p] + (size_t)kPanel * k);
+                for (int b = 0; b < kTail; b++)
+                    if (b < tail) madd16(acc[p][b], column, x[(size_t)(b0 + b) * n + k] - f32x16{});
+            }
+        for (int p = 0; p < kTailPanels; p++)
+            for (int b = 0; b < tail; b++)
+                if (w[p]) std::memcpy(sums + (size_t)b * kTile + p0 + kPanel * p, &acc[p][b], sizeof(f32x16));
+    }
+}
+
+// matmul_tile: tile t (rows 64t .. 64t + 63) of W (d, n, as panels at wp) @
+// x (nb, n) -> out (nb, d). One token: panel by panel (a last part-filled
+// panel's zero rows are computed and dropped). A block: from xt (x turned
+// over), column block by column block, pass by pass, and the last nb % 16 <=
+// kTail tokens by tail_tokens; the tile's sums wait in `sums` ([row][token])
+// and are turned back into out's rows 16 x 16 at the end.
+static void matmul_tile(float* out, const float* x, const float* xt, const float* wp, int n, int d, int nb, int t) {
+    const int i = kTile * t, rows = std::min(kTile, d - i);
+    if (nb == 1) {
+        for (int r = 0; r < rows; r += kPanel) {
+            float panel[kPanel];
+            panel_token(panel, panel_row(wp, i + r, n), x, n);
+            std::memcpy(out + i + r, panel, std::min(kPanel, rows - r) * sizeof(float));
+        }
+        return;
+    }
+    alignas(64) float sums[kTile * kBlock], tail_sums[kTail * kTile];
+    const int tail = nb % 16 <= kTail ? nb % 16 : 0, whole = nb - tail;  // whole: tokens in the lanes
+    const int vecs = (whole + 15) / 16;
+    for (int k0 = 0; k0 < n; k0 += kCols) {
+        const int k1 = std::min(n, k0 + kCols);
+        if (tail) tail_tokens(tail_sums, x, wp, i, n, rows, whole, tail, k0, k1, k0 == 0);
+        for (int v = 0; v < vecs; v += kVecs) {  // a pass: vectors v .. v + kVecs - 1
+            const int T = std::min(kVecs, vecs - v);
+            const float* xp = xt + (size_t)(v / kVecs) * n * kPass;
+            if (T == kVecs) pass_rows<kVecs>(sums + 16 * v, wp, i, n, rows, xp, k0, k1, k0 == 0);
+            else if (T == 2) pass_rows<2>(sums + 16 * v, wp, i, n, rows, xp, k0, k1, k0 == 0);
+            else pass_rows<1>(sums + 16 * v, wp, i, n, rows, xp, k0, k1, k0 == 0);
+        }
+    }
+    int r = 0;
+    for (; r + 16 <= rows; r += 16)
+        for (int b = 0; b < whole; b += 16) {
+            f32x16 v[16];
+            for (int q = 0; q < 16; q++) load16(v[q], sums + (size_t)(r + q) * kBlock + b);
+            transpose16(v);  // v[q]: token b + q's sums of rows r .. r + 15
+            for (int q = 0; q < std::min(16, whole - b); q++) std::memcpy(out + (size_t)(b + q) * d + i + r, &v[q], sizeof v[q]);
+        }
+    for (; r < rows; r++)
+        for (int b = 0; b < whole; b++) out[(size_t)b * d + i + r] = sums[(size_t)r * kBlock + b];
+    for (int b = 0; b < tail; b++) std::memcpy(out + (size_t)(whole + b) * d + i, tail_sums + (size_t)b * kTile, rows * sizeof(float));
+}
+#endif  // MATMUL_REFERENCE

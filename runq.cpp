@@ -5,9 +5,10 @@
 //
 //   checkpoint -> forward pass -> tokenizer -> sampler -> generate / chat -> CLI
 //
-// `diff run.cpp runq.cpp` is the quantization lesson: only the weights, the
-// run state's int8 activation buffers, the matmul and the forward pass differ;
-// every other section is the same line for line (tests/test_shared_code.py).
+// `make lesson` is the quantization lesson: the diff of the two files without
+// their fast paths. Only the weights, the run state's int8 activation buffers,
+// the matmul and the forward pass differ; every other section is the same line
+// for line (tests/test_shared_code.py).
 //
 // Build: `make runq` (see Makefile). Run: ./runq model-q8.bin -z tokenizer.bin -i "Once"
 // C++17, the standard library, POSIX mmap, optional OpenMP pragmas and SIMD intrinsics.
@@ -47,7 +48,7 @@
 #endif
 
 constexpr const char* kProgram = "runq";  // for the usage text
-constexpr bool kDefaultKvInt8 = true;    // -k: int8 (perplexity within 0.15% of f32's: README)
+constexpr bool kDefaultKvInt8 = true;    // -k: int8 (what it costs in perplexity: docs/quality.md)
 
 // ----------------------------------------------------------------------------
 // Errors: every problem a user can cause ends here, as one line on stderr and
@@ -184,6 +185,31 @@ static int thread_id() {
 #else
     return 0;
 #endif
+}
+
+// The memory this process may use, in bytes: the machine's RAM, or less if a
+// container's cgroup limits it (v2's memory.max, v1's memory.limit_in_bytes,
+// under cgroup_root; "max" or a huge number means no limit).
+static double memory_limit(const char* cgroup_root) {
+    double limit = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE);
+    for (const char* file : {"memory.max", "memory/memory.limit_in_bytes"}) {
+        const std::string path = std::string(cgroup_root) + "/" + file;
+        if (std::FILE* f = std::fopen(path.c_str(), "r")) {
+            double bytes;
+            if (std::fscanf(f, "%lf", &bytes) == 1 && bytes > 0) limit = limit > 0 ? std::min(limit, bytes) : bytes;
+            std::fclose(f);
+        }
+    }
+    return limit;
+}
+
+// What a run allocates (the run state, mostly the KV cache; run's copy of the
+// matrices) must fit in the memory this process may use once filled: refused up
+// front, naming what and what to do about it.
+static void check_fits_in_memory(uint64_t bytes, const std::string& what, const char* advice) {
+    const double gb = bytes / 1e9, ram = memory_limit("/sys/fs/cgroup") / 1e9;
+    if (ram > 0 && gb > ram)
+        fatal("%s needs %.1f GB, more than the %.1f GB this process may use: %s", what.c_str(), gb, ram, advice);
 }
 
 // ----------------------------------------------------------------------------
@@ -328,31 +354,6 @@ static Config read_config(const MappedFile& f, const char* path) {
     fatal("%s: bad header: %s", path, problem.c_str());
 }
 
-// The memory this process may use, in bytes: the machine's RAM, or less if a
-// container's cgroup limits it (v2's memory.max, v1's memory.limit_in_bytes,
-// under cgroup_root; "max" or a huge number means no limit).
-static double memory_limit(const char* cgroup_root) {
-    double limit = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGE_SIZE);
-    for (const char* file : {"memory.max", "memory/memory.limit_in_bytes"}) {
-        const std::string path = std::string(cgroup_root) + "/" + file;
-        if (std::FILE* f = std::fopen(path.c_str(), "r")) {
-            double bytes;
-            if (std::fscanf(f, "%lf", &bytes) == 1 && bytes > 0) limit = limit > 0 ? std::min(limit, bytes) : bytes;
-            std::fclose(f);
-        }
-    }
-    return limit;
-}
-
-// What a run allocates (the run state, mostly the KV cache; run's copy of the
-// matrices) must fit in the memory this process may use once filled: refused up
-// front, naming what and what to do about it.
-static void check_fits_in_memory(uint64_t bytes, const std::string& what, const char* advice) {
-    const double gb = bytes / 1e9, ram = memory_limit("/sys/fs/cgroup") / 1e9;
-    if (ram > 0 && gb > ram)
-        fatal("%s needs %.1f GB, more than the %.1f GB this process may use: %s", what.c_str(), gb, ram, advice);
-}
-
 // The file must be exactly as long as its header says: no more, no less.
 static void check_file_size(uint64_t expected, size_t size, const char* path) {
     if (expected != size)
@@ -418,19 +419,22 @@ static inline int nibble(const int8_t* row, int j) {
     return v >= 8 ? v - 16 : v;
 }
 
+// Matrix: one matrix of weights, (rows, n).
+using Matrix = QuantizedTensor;
+
 struct TransformerWeights {
-    QuantizedTensor token_embedding;  // (vocab_size, dim)
+    Matrix token_embedding;           // (vocab_size, dim)
     const float* rms_att;             // (layer, dim)
     const float* rms_ffn;             // (layer, dim)
     const float* rms_final;           // (dim,)
-    std::vector<QuantizedTensor> wq;  // layer x (dim, dim)        rows are outputs
-    std::vector<QuantizedTensor> wk;  // layer x (kv_dim, dim)
-    std::vector<QuantizedTensor> wv;  // layer x (kv_dim, dim)
-    std::vector<QuantizedTensor> wo;  // layer x (dim, dim)
-    std::vector<QuantizedTensor> w1;  // layer x (hidden_dim, dim)
-    std::vector<QuantizedTensor> w2;  // layer x (dim, hidden_dim)
-    std::vector<QuantizedTensor> w3;  // layer x (hidden_dim, dim)
-    QuantizedTensor wcls;             // (vocab_size, dim)
+    std::vector<Matrix> wq;           // layer x (dim, dim)        rows are outputs
+    std::vector<Matrix> wk;           // layer x (kv_dim, dim)
+    std::vector<Matrix> wv;           // layer x (kv_dim, dim)
+    std::vector<Matrix> wo;           // layer x (dim, dim)
+    std::vector<Matrix> w1;           // layer x (hidden_dim, dim)
+    std::vector<Matrix> w2;           // layer x (dim, hidden_dim)
+    std::vector<Matrix> w3;           // layer x (hidden_dim, dim)
+    Matrix wcls;                      // (vocab_size, dim)
 };
 
 struct Checkpoint {
@@ -470,8 +474,8 @@ struct WeightCursor {
         p += scales * sizeof(float);
         return t;
     }
-    std::vector<QuantizedTensor> layers(int n_layers, uint64_t rows, int n) {
-        std::vector<QuantizedTensor> v;
+    std::vector<Matrix> layers(int n_layers, uint64_t rows, int n) {
+        std::vector<Matrix> v;
         for (int l = 0; l < n_layers; l++) v.push_back(quantized(rows, n));
         return v;
     }
@@ -614,8 +618,9 @@ static void store_kv(KVCache& kv, const Config& c, int positions, int l, int pos
 
 // Prompt tokens per pass over the weights: each weight row, once in cache,
 // serves the whole block, so reading a prompt costs far less memory traffic
-// per token than generating does. As in run.cpp: a 131-token prompt read in one
-// block rather than two was 3-10% faster.
+// per token than generating does. 192 is four of run's prompt kernel's passes
+// of 48 tokens; a 131-token prompt read in one block rather than two was 13%
+// faster in run, 3-10% in runq.
 constexpr int kBlock = 192;
 
 // Storage for activation rows in int8: a matmul's input is quantized here, in
@@ -691,23 +696,6 @@ struct Stopwatch {
     ~Stopwatch() { total += now_seconds() - start; }
 };
 
-// Sixteen floats as one value (GCC/clang vector extension): the compiler maps
-// it onto whatever SIMD registers the target has (one AVX-512 register, two
-// AVX, four SSE or NEON) and its arithmetic onto their lanes.
-typedef float f32x16 __attribute__((vector_size(64)));
-static inline void load16(f32x16& v, const float* p) {
-    std::memcpy(&v, p, sizeof v);  // an unaligned load (by reference: no vector crosses a call ABI)
-}
-// The sum of v's 16 lanes, halving the vector four times: a chain of four
-// dependent adds where adding lane by lane would be sixteen.
-static inline float hsum16(const f32x16& v) {
-    float a[16];
-    std::memcpy(a, &v, sizeof a);
-    for (int half = 8; half >= 1; half /= 2)
-        for (int k = 0; k < half; k++) a[k] += a[k + half];
-    return a[0];
-}
-
 // a * b + c: one rounding where the CPU has a fused multiply-add, else two.
 // Written out because the Makefile turns off the compiler's own fusing
 // (-ffp-contract=off): left to itself, g++ fuses a * b + c in one inlined copy of
@@ -724,91 +712,6 @@ static inline float madd(float a, float b, float c) {
     return a * b + c;
 #endif
 }
-// The target's own vector: W floats (16 with AVX-512, 8 with AVX, 4 with SSE or
-// NEON). Kernels that must stay in registers work on these; f32x16 is 16 / W of them.
-#if defined(__AVX512F__)
-constexpr int kW = 16;
-#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3), F(s, 4), F(s, 5), F(s, 6), F(s, 7), \
-    F(s, 8), F(s, 9), F(s, 10), F(s, 11), F(s, 12), F(s, 13), F(s, 14), F(s, 15)
-#elif defined(__AVX__)
-constexpr int kW = 8;
-#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3), F(s, 4), F(s, 5), F(s, 6), F(s, 7)
-#else
-constexpr int kW = 4;
-#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3)
-#endif
-typedef float f32xW __attribute__((vector_size(4 * kW)));
-
-// madd on each lane of a W-float vector: one instruction with a fused
-// multiply-add. (Left to std::fma lane by lane, g++ 12 emits scalar ones.)
-static inline void maddW(f32xW& acc, const f32xW& a, const f32xW& b) {
-#if defined(__AVX512F__)
-    acc = (f32xW)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
-#elif defined(__FMA__)
-    acc = (f32xW)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
-#elif defined(__ARM_FEATURE_FMA)
-    acc = (f32xW)vfmaq_f32((float32x4_t)acc, (float32x4_t)a, (float32x4_t)b);
-#elif defined(HAS_FMA)
-    for (int k = 0; k < kW; k++) acc[k] = std::fma(a[k], b[k], acc[k]);
-#else
-    acc += a * b;
-#endif
-}
-// madd on each of sixteen lanes: maddW on each W-float part.
-static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
-    typedef f32xW __attribute__((may_alias)) part;  // may alias the f32x16 it is part of
-    const part *pa = reinterpret_cast<const part*>(&a), *pb = reinterpret_cast<const part*>(&b);
-    part* pc = reinterpret_cast<part*>(&acc);
-    for (int h = 0; h < 16 / kW; h++) maddW(pc[h], pa[h], pb[h]);
-}
-
-// transpose16: r[c] lane k <- r[k] lane c, a 16 x 16 block turned over in
-// registers. It works on W-float vectors (a shuffle wider than the registers,
-// compilers spill to memory lane by lane): each W x W block turns over in log2(W) rounds,
-// each swapping the off-diagonal halves of pairs of vectors (swap_halves, one
-// permute per vector), then the blocks trade places. 64 permutes with AVX-512.
-#define TRANSPOSE_LO(s, l) (((l) & (s)) ? kW + (l) - (s) : (l))  // a's lanes, b's low half moved up
-#define TRANSPOSE_HI(s, l) (((l) & (s)) ? kW + (l) : (l) + (s))  // a's high half moved down, b's lanes
-template <int S>
-static inline void swap_halves(f32xW (&r)[kW]) {
-    if constexpr (S >= 1) {
-        for (int block = 0; block < kW; block += 2 * S)
-            for (int i = block; i < block + S; i++) {  // pairs (i, i + S)
-                const f32xW a = r[i], b = r[i + S];
-                r[i] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_LO, S));
-                r[i + S] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_HI, S));
-            }
-        swap_halves<S / 2>(r);
-    }
-}
-[[maybe_unused]] static inline void transpose16(f32x16 (&r)[16]) {  // (runq: AVX-512 builds only)
-    constexpr int B = 16 / kW;
-    f32xW v[B][B][kW];  // [block row][block column][row in the block]
-    for (int i = 0; i < 16; i++)
-        for (int c = 0; c < B; c++) std::memcpy(&v[i / kW][c][i % kW], (const float*)&r[i] + c * kW, sizeof(f32xW));
-    for (int bi = 0; bi < B; bi++)
-        for (int bj = 0; bj < B; bj++) swap_halves<kW / 2>(v[bi][bj]);
-    for (int i = 0; i < 16; i++)  // row i of the result: block column i / kW of every block row
-        for (int c = 0; c < B; c++) std::memcpy((float*)&r[i] + c * kW, &v[c][i / kW][i % kW], sizeof(f32xW));
-}
-
-// dot: a . b over n floats (attention's scores). The sum runs in 16
-// independent lanes (a single running sum would serialize on the add latency),
-// added up at the end by hsum16, then the last n % 16 products.
-// Error: |out - exact| <= n u sum_j |a[j] b[j]| (no term sees more than n roundings).
-static inline float dot(const float* a, const float* b, int n) {
-    f32x16 lane = {};
-    for (int j = 0; j + 16 <= n; j += 16) {
-        f32x16 aj, bj;
-        load16(aj, a + j);
-        load16(bj, b + j);
-        madd16(lane, aj, bj);
-    }
-    float tail = 0.0f;
-    for (int j = n / 16 * 16; j < n; j++) tail = madd(a[j], b[j], tail);
-    return hsum16(lane) + tail;
-}
-
 // head_dot_i8: a . b over n int8 values (an int8 cache's q . k), exact in
 // int32 (|sum| <= n 127^2 < 2^31 for any head size). A plain loop: compilers
 // turn it into widening multiply-adds (vpmaddwd; vpdpwssd with VNNI).
@@ -818,55 +721,18 @@ static inline int32_t head_dot_i8(const int8_t* a, const int8_t* b, int n) {
     return sum;
 }
 
-// 16 int8 values as floats (exactly: every int8 is a float). GCC 12 turns the
-// portable loop into 4-wide pieces through the stack, hence the two forms.
-// (maskz forms: GCC 12 warns that the plain ones read an uninitialized value.)
-static inline void load16(f32x16& v, const int8_t* p) {
-#if defined(__AVX512F__)
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m512 f = _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_maskz_cvtepi8_epi32(0xFFFF, b));
-    std::memcpy(&v, &f, sizeof v);
-#elif defined(__AVX2__)
-    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
-    std::memcpy(&v, &lo, sizeof lo);
-    std::memcpy(reinterpret_cast<float*>(&v) + 8, &hi, sizeof hi);
-#else
-    float f[16];
-    for (int k = 0; k < 16; k++) f[k] = p[k];
-    std::memcpy(&v, f, sizeof v);
-#endif
-}
-
+// Attention's two vector kernels (defined in Vector helpers, after the command
+// line): the sums of plain loops, in a fixed order, 16 lanes at a time.
+// dot: a . b over n floats, in 16 lanes (j % 16) added up at the end, then the
+// last n % 16 products. Error: |out - exact| <= n u sum_j |a[j] b[j]|.
+static inline float dot(const float* a, const float* b, int n);
 // weighted_sum: out[i] = sum over t = 0..T-1 of p[t] * scale_t * v_t[i], i < n,
 // where v_t = v + t * stride (floats, or int8 with one scale per position:
-// scale_t = scales[t * scale_stride]; none for floats). Each out[i] adds its
-// terms in t order with one multiply-add each (p[t] * scale_t rounded first),
-// as the plain loop does; 64 outputs at a time stay in registers while t runs
-// (accumulating in memory would wait on a store and a reload per term).
+// scale_t = scales[t * scale_stride]; none for floats), each out[i] in t order
+// with one madd per term (p[t] * scale_t rounded first).
 template <typename V>
 static void weighted_sum(float* out, const float* p, int T, const V* v, size_t stride, int n,
-                         const float* scales = nullptr, size_t scale_stride = 0) {
-    auto weight = [&](int t) { return scales ? p[t] * scales[t * scale_stride] : p[t]; };
-    int i0 = 0;
-    for (; i0 + 64 <= n; i0 += 64) {
-        f32x16 acc[4] = {};
-        for (int t = 0; t < T; t++) {
-            const f32x16 wv = weight(t) - f32x16{};  // (w - 0: a broadcast)
-            f32x16 x;
-            for (int c = 0; c < 4; c++) {
-                load16(x, v + t * stride + i0 + 16 * c);
-                madd16(acc[c], wv, x);
-            }
-        }
-        std::memcpy(out + i0, acc, sizeof acc);
-    }
-    for (int i = i0; i < n; i++) {  // the last n % 64 outputs: the plain loop
-        float sum = 0.0f;
-        for (int t = 0; t < T; t++) sum = madd(weight(t), (float)v[t * stride + i], sum);
-        out[i] = sum;
-    }
-}
+                         const float* scales = nullptr, size_t scale_stride = 0);
 
 // Weights with NaN or infinity in them make every later token garbage: stop
 // at the first position whose logits (rows of vocab) are not all finite.
@@ -980,7 +846,7 @@ static void accum(float* x, const float* y, int n) {
 }
 
 // ----------------------------------------------------------------------------
-// Matmul: W (d, n) @ x (n,) -> out (d,), the loop that takes nearly all the
+// Matmul: W (d, n) @ x (nb, n) -> out (nb, d), the loop that takes nearly all the
 // time, on int8. The activations are quantized first, so each group's dot
 // product is exact integer arithmetic, scaled once by the two groups' scales.
 
@@ -1014,14 +880,12 @@ static inline float add_group(float acc, int32_t dot, float sx, float sw) {
     return madd((float)dot * sx, sw, acc);
 }
 
-// matmul_reference: out[b, i] = sum over groups g of dot(x_bg, w_ig) * sx_bg * sw_ig
-// for each of the nb tokens b: the plain loops, kept as the specification of
-// matmul (the tests use it). Weights of 8 or 4 bits; groups as in quantize.
-[[maybe_unused]] static void matmul_reference(float* out, const QuantizedTensor& x, const QuantizedTensor& w,
-                                              int n, int d, int nb) {
+// rows_reference: rows r0 .. r1 - 1 of matmul_reference.
+static void rows_reference(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
+                           int r0, int r1) {
     const int gs = w.group_size, groups = w.groups(n);
     for (int b = 0; b < nb; b++)
-        for (int i = 0; i < d; i++) {
+        for (int i = r0; i < r1; i++) {
             const QuantizedTensor xb = x.row(b, n), wi = w.row(i, n);
             float acc = 0.0f;
             for (int g = 0; g < groups; g++) {
@@ -1033,543 +897,34 @@ static inline float add_group(float acc, int32_t dot, float sx, float sw) {
             out[(size_t)b * d + i] = acc;
         }
 }
-
-// ---- The fast path: the same sums, exactly, with SIMD. ----
-
-// dot_i8: sum of a[i] * b[i] over n int8 pairs, exact in int32 for n < 2^17:
-// each |a[i] b[i]| <= 2^14, so 2^17 products of -128 * -128 would reach 2^31.
-// Groups are far shorter (version 2: group_size <= dim <= 2^16; version 3: <= 256). The x86 SIMD paths widen int8 to int16 and multiply-add
-// adjacent pairs into int32 lanes; ARM's dot-product instruction adds four
-// int8 products into each int32 lane; the portable loop finishes what they leave.
-// (AVX-512 VNNI's vpdpbusd does not pay here: see dot_i8_x4.)
-#if defined(__AVX2__)
-// The sum of v's 8 int32 lanes.
-static inline int32_t hsum_8(__m256i v) {
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));  // + the other 64-bit half
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));  // + the neighbouring lane
-    return _mm_cvtsi128_si32(s4);
-}
-#endif
-#if defined(__AVX512BW__)
-// Adds the 16 int32 lanes of v pairwise into 8 (maskz extracts: GCC 12 warns
-// about the plain ones' undefined source).
-static inline __m256i fold_16_to_8(__m512i v) {
-    return _mm256_add_epi32(_mm512_maskz_extracti64x4_epi64(0xF, v, 0), _mm512_maskz_extracti64x4_epi64(0xF, v, 1));
-}
-// Bytes i .. i + 63 of p, zeros past n.
-static inline __m512i load_i8x64(const int8_t* p, int i, int n) {
-    return n - i >= 64 ? _mm512_loadu_si512(p + i) : _mm512_maskz_loadu_epi8(~0ULL >> (64 - (n - i)), p + i);
-}
-// Four int32 vectors' sums, 128-bit block by block: block k of the result is
-// [sum of block k of a[0], ... of a[1], ... of a[2], ... of a[3]]. A transpose as
-// it adds: interleave a[0]/a[1] and a[2]/a[3] (each block then holds partial
-// sums of both), then the pairs. (maskz forms for GCC 12's warnings.)
-static inline __m512i sum_lanes4(const __m512i a[4]) {
-    const auto pairs = [](__m512i x, __m512i y) {
-        return _mm512_add_epi32(_mm512_maskz_unpacklo_epi32(0xFFFF, x, y), _mm512_maskz_unpackhi_epi32(0xFFFF, x, y));
-    };
-    const __m512i s01 = pairs(a[0], a[1]), s23 = pairs(a[2], a[3]);
-    return _mm512_add_epi32(_mm512_maskz_unpacklo_epi64(0xFF, s01, s23), _mm512_maskz_unpackhi_epi64(0xFF, s01, s23));
-}
-#endif
-
-static inline int32_t dot_i8(const int8_t* a, const int8_t* b, int n) {
-    int32_t sum = 0;
-    int i = 0;
-#if defined(__AVX512BW__) || defined(__AVX2__)
-    __m256i acc = _mm256_setzero_si256();  // 8 int32 lanes
-#if defined(__AVX512BW__)
-    __m512i acc512 = _mm512_setzero_si512();
-    for (; i + 32 <= n; i += 32) {
-        const __m512i va = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(a + i)));
-        const __m512i vb = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(b + i)));
-        acc512 = _mm512_add_epi32(acc512, _mm512_madd_epi16(va, vb));
-    }
-    acc = fold_16_to_8(acc512);
-#endif
-    for (; i + 16 <= n; i += 16) {
-        const __m256i va = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(a + i)));
-        const __m256i vb = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(b + i)));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(va, vb));
-    }
-    sum = hsum_8(acc);
-#elif defined(__ARM_FEATURE_DOTPROD)
-    int32x4_t acc = vdupq_n_s32(0);
-    for (; i + 16 <= n; i += 16) acc = vdotq_s32(acc, vld1q_s8(a + i), vld1q_s8(b + i));
-    sum = vaddvq_s32(acc);
-#endif
-    for (; i < n; i++) sum += (int32_t)a[i] * b[i];
-    return sum;
+// matmul_reference: out[b, i] = sum over groups g of dot(x_bg, w_ig) * sx_bg * sw_ig
+// for each of the nb tokens b: the plain loops, kept as the specification of
+// matmul: each group's dot product exact, the groups added in order by
+// add_group. The fast kernels compute these very sums, so their results are
+// the reference's to the bit (the tests check). Weights of 8 or 4 bits; groups as in quantize.
+[[maybe_unused]] static void matmul_reference(float* out, const QuantizedTensor& x, const QuantizedTensor& w,
+                                              int n, int d, int nb) {
+    rows_reference(out, x, w, n, d, nb, 0, d);
 }
 
-// dot_i8_x4: w . x_t for the four activation rows x_t = x + t * stride (four
-// tokens of a prompt block), n int8 each, exact. The weights are loaded once
-// for all four and the four horizontal sums share their shuffles.
-// With AVX-512 VNNI, vpdpbusd adds four byte products into each int32 lane,
-// but multiplies *unsigned* bytes by signed ones: x + 128 is unsigned (x ^ 0x80),
-// and sum (x + 128) w = sum x w + 128 sum w, so one more vpdpbusd, of 128s with
-// w, gives the offset to subtract, shared by the four tokens. (For a single
-// token that extra instruction eats the gain: dot_i8 widens instead.) Masked
-// loads read the tail (n % 64) as zeros. Without VNNI, the weights are widened
-// to int16 once for all four.
-static inline void dot_i8_x4(const int8_t* w, const int8_t* x, size_t stride, int n, int32_t out[4]) {
-    int i = 0;
-    out[0] = out[1] = out[2] = out[3] = 0;
-#if defined(__AVX512BW__)
-    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                      _mm512_setzero_si512()};
-#if defined(__AVX512VNNI__)
-    const __m512i k128 = _mm512_set1_epi8((char)0x80);
-    __m512i offset = _mm512_setzero_si512();
-    for (; i < n; i += 64) {
-        const __m512i vw = load_i8x64(w, i, n);
-        offset = _mm512_dpbusd_epi32(offset, k128, vw);
-        for (int t = 0; t < 4; t++)
-            acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_xor_si512(load_i8x64(x + t * stride, i, n), k128), vw);
-    }
-    for (int t = 0; t < 4; t++) acc[t] = _mm512_sub_epi32(acc[t], offset);
+// Threads share a matrix's rows out in tiles: tile t is rows kTile t .. kTile t
+// + kTile - 1, fewer in the last. A row is computed by one thread whole, so a
+// result does not depend on the thread count.
+constexpr int kTile = 16;  // rows per tile
+static inline int tiles(int d) { return (d + kTile - 1) / kTile; }
+
+// matmul_tile: tile t of W (d, n) @ x (nb, n) -> out (nb, d), the reference's
+// sums to the bit, by the fast kernels (in Fast matmul, after the command line;
+// x and w quantized with the same group size, which divides n in version 2).
+// Error against the exact product of the dequantized values: the dot products
+// are exact; the float side adds (groups + 2) u sum_g |dot_g sx_g sw_g| per output.
+#ifdef MATMUL_REFERENCE  // make runref: every matmul is the reference
+static void matmul_tile(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb, int t) {
+    rows_reference(out, x, w, n, d, nb, kTile * t, std::min(d, kTile * (t + 1)));
+}
 #else
-    for (; i + 32 <= n; i += 32) {
-        const __m512i vw = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + i)));
-        for (int t = 0; t < 4; t++) {
-            const __m512i vx = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(x + t * stride + i)));
-            acc[t] = _mm512_add_epi32(acc[t], _mm512_madd_epi16(vw, vx));
-        }
-    }
+static void matmul_tile(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb, int t);
 #endif
-    // every 128-bit block of sum_lanes4 holds [t0 t1 t2 t3]: add the four blocks
-    const __m256i s8 = fold_16_to_8(sum_lanes4(acc));
-    _mm_storeu_si128((__m128i*)out, _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1)));
-#endif
-    if (i < n)  // what the SIMD loop leaves (and all of it without SIMD)
-        for (int t = 0; t < 4; t++) out[t] += dot_i8(w + i, x + t * stride + i, n - i);
-}
-
-// 4-bit weights. nibbles32: the 32 values in 16 bytes of a 4-bit row, in
-// order, as int8: each byte's nibbles split, interleaved back (low first) and
-// sign-extended, (v ^ 8) - 8.
-#if defined(__SSE2__)
-static inline void nibbles32(const int8_t* bytes, __m128i& v0, __m128i& v1) {
-    const __m128i low4 = _mm_set1_epi8(0x0F), k8 = _mm_set1_epi8(8);
-    const __m128i b = _mm_loadu_si128((const __m128i*)bytes);
-    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-    v0 = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), k8), k8);
-    v1 = _mm_sub_epi8(_mm_xor_si128(_mm_unpackhi_epi8(lo, hi), k8), k8);
-}
-#elif defined(__ARM_NEON)
-static inline void nibbles32(const int8_t* bytes, int8x16_t& v0, int8x16_t& v1) {
-    const uint8x16_t b = vld1q_u8((const uint8_t*)bytes), lo = vandq_u8(b, vdupq_n_u8(0x0F)), hi = vshrq_n_u8(b, 4);
-    const int8x16_t k8 = vdupq_n_s8(8);
-    v0 = vsubq_s8(veorq_s8(vreinterpretq_s8_u8(vzip1q_u8(lo, hi)), k8), k8);
-    v1 = vsubq_s8(veorq_s8(vreinterpretq_s8_u8(vzip2q_u8(lo, hi)), k8), k8);
-}
-#endif
-
-// unpack4: values first .. first + len - 1 of a 4-bit row -> out as int8, for
-// the four-token dot product (dot_i8_x4) to read.
-static inline const int8_t* unpack4(int8_t* out, const int8_t* row, int first, int len) {
-    int j = 0;
-#if defined(__SSE2__) || defined(__ARM_NEON)
-    for (; first % 2 == 0 && j + 32 <= len; j += 32) {  // byte-aligned
-#if defined(__SSE2__)
-        __m128i v0, v1;
-        nibbles32(row + (first + j) / 2, v0, v1);
-        _mm_storeu_si128((__m128i*)(out + j), v0);
-        _mm_storeu_si128((__m128i*)(out + j + 16), v1);
-#else
-        int8x16_t v0, v1;
-        nibbles32(row + (first + j) / 2, v0, v1);
-        vst1q_s8(out + j, v0);
-        vst1q_s8(out + j + 16, v1);
-#endif
-    }
-#endif
-    for (; j < len; j++) out[j] = (int8_t)nibble(row, first + j);
-    return out;
-}
-
-// dot_i4: sum of w[j] * x[j] over n values, w being values first .. first + n - 1
-// of a 4-bit row; exact. The SIMD paths unpack 32 values in registers (storing
-// them for dot_i8 to reload would stall every load on store forwarding), then
-// multiply-add like dot_i8.
-static inline int32_t dot_i4(const int8_t* row, int first, const int8_t* x, int n) {
-    int32_t sum = 0;
-    int j = 0;
-    if (first % 2 == 0) {  // byte-aligned
-#if defined(__AVX512BW__)
-        __m512i acc = _mm512_setzero_si512();
-        for (; j + 32 <= n; j += 32) {
-            __m128i v0, v1;
-            nibbles32(row + (first + j) / 2, v0, v1);
-            const __m512i w = _mm512_cvtepi8_epi16(_mm256_set_m128i(v1, v0));
-            const __m512i xv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(x + j)));
-            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(w, xv));
-        }
-        sum = hsum_8(fold_16_to_8(acc));
-#elif defined(__AVX2__)
-        __m256i acc = _mm256_setzero_si256();
-        for (; j + 32 <= n; j += 32) {
-            __m128i v0, v1;
-            nibbles32(row + (first + j) / 2, v0, v1);
-            const __m256i x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(x + j)));
-            const __m256i x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(x + j + 16)));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepi8_epi16(v0), x0));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepi8_epi16(v1), x1));
-        }
-        sum = hsum_8(acc);
-#elif defined(__ARM_FEATURE_DOTPROD)
-        int32x4_t acc = vdupq_n_s32(0);
-        for (; j + 32 <= n; j += 32) {
-            int8x16_t v0, v1;
-            nibbles32(row + (first + j) / 2, v0, v1);
-            acc = vdotq_s32(vdotq_s32(acc, v0, vld1q_s8(x + j)), v1, vld1q_s8(x + j + 16));
-        }
-        sum = vaddvq_s32(acc);
-#endif
-    }
-    for (; j < n; j++) sum += nibble(row, first + j) * x[j];
-    return sum;
-}
-
-#if defined(__AVX512VNNI__) && defined(HAS_FMA)
-// 4-bit weights in groups of kQuad = 32, four groups at a time: 64 bytes of a row hold
-// groups g .. g + 3, one per 128-bit block. Split into nibbles and interleaved
-// within the block, they give a group's values 0-15 (unpacklo) and 16-31
-// (unpackhi), so x's 128 values are gathered to match (X4: a, b). The nibbles
-// stay unsigned, v + 8 (the bytes ^ 0x88), for vpdpbusd; the 8 sum(x) this adds
-// is taken off by starting from minus8sum, made once per x.
-struct X4 {
-    __m512i a, b, minus8sum;
-};
-constexpr int kQuad = 32;            // the group size these kernels take
-constexpr int kQuadValues = 4 * kQuad;  // values in four groups: 64 bytes of 4-bit weights
-static inline X4 x4_of(const int8_t* x) {
-    const __m512i x01 = _mm512_loadu_si512(x), x23 = _mm512_loadu_si512(x + 64), k8 = _mm512_set1_epi8(8);
-    X4 v;  // (maskz forms for GCC 12's warnings, as in fold_16_to_8)
-    v.a = _mm512_maskz_shuffle_i64x2(0xFF, x01, x23, 0x88);  // x 0-15 of each group
-    v.b = _mm512_maskz_shuffle_i64x2(0xFF, x01, x23, 0xDD);  // x 16-31
-    v.minus8sum = _mm512_sub_epi32(_mm512_setzero_si512(),
-                                   _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), k8, v.a), k8, v.b));
-    return v;
-}
-// Partial sums of the four groups' dot products with x: the four int32 lanes
-// of block k add up to group k's, exactly.
-static inline __m512i dot_i4_lanes(const int8_t* bytes, const X4& x) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    const __m512i b = _mm512_xor_si512(_mm512_loadu_si512(bytes), _mm512_set1_epi8((char)0x88));
-    const __m512i lo = _mm512_and_si512(b, low4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(x.minus8sum, _mm512_unpacklo_epi8(lo, hi), x.a),
-                               _mm512_unpackhi_epi8(lo, hi), x.b);
-}
-// Block k = [p[0][g + k], p[1][g + k], p[2][g + k], p[3][g + k]]: four pairs'
-// scales of groups g .. g + 3, laid out as sum_lanes4 lays out their sums.
-static inline __m512 scales4x4(const float* const p[4], int g) {
-    __m512 v = _mm512_zextps128_ps512(_mm_loadu_ps(p[0] + g));
-    v = _mm512_insertf32x4(v, _mm_loadu_ps(p[1] + g), 1);
-    v = _mm512_insertf32x4(v, _mm_loadu_ps(p[2] + g), 2);
-    v = _mm512_insertf32x4(v, _mm_loadu_ps(p[3] + g), 3);
-    return _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), v);
-}
-// add_group (above) for four sums at once: lane l of acc takes groups k = 0..3
-// in order, from lane l of block k of dots, sx and sw. The same multiply and
-// fused multiply-add per lane, so the same result.
-static inline __m128 add_groups4(__m128 acc, __m512i dots, __m512 sx, __m512 sw) {
-    // (maskz forms for GCC 12's warnings, as in fold_16_to_8)
-    const __m512 dx = _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, dots), sx);
-    acc = _mm_fmadd_ps(_mm512_maskz_extractf32x4_ps(0xF, dx, 0), _mm512_maskz_extractf32x4_ps(0xF, sw, 0), acc);
-    acc = _mm_fmadd_ps(_mm512_maskz_extractf32x4_ps(0xF, dx, 1), _mm512_maskz_extractf32x4_ps(0xF, sw, 1), acc);
-    acc = _mm_fmadd_ps(_mm512_maskz_extractf32x4_ps(0xF, dx, 2), _mm512_maskz_extractf32x4_ps(0xF, sw, 2), acc);
-    return _mm_fmadd_ps(_mm512_maskz_extractf32x4_ps(0xF, dx, 3), _mm512_maskz_extractf32x4_ps(0xF, sw, 3), acc);
-}
-#endif
-
-#if defined(__AVX512VNNI__) && defined(HAS_FMA)
-// 8-bit weights, one token, the tile's four rows side by side, GS values per
-// group (32, or a multiple of 64): groups 0 .. groups - 1 (an even count for
-// 32) as matmul_reference sums them, the four rows' running sums in the four
-// lanes of the result. Per 64 bytes of x, one vpdpbusd per row adds four byte
-// products into each int32 lane; it multiplies unsigned bytes by signed ones,
-// so the weights go in as w + 128 (w ^ 0x80, exact for -128 too), and each
-// group's dot products get the activations' offset, -128 sum(x_g), added. No
-// horizontal sum waits in a row's chain: sum_lanes4 reduces the four rows at
-// once, and the group's float step is add_group in four lanes. Each row's next
-// bytes kPrefetchRows rows on are asked for into L2 as this one is read.
-template <int GS>
-static inline __m128 rows4_i8(const QuantizedTensor row[4], const QuantizedTensor ahead[4], const int8_t* x,
-                              const float* xs, const int32_t* xo, int groups) {
-    static_assert(GS == 32 || GS % 64 == 0, "a group is half a 64-byte load or whole ones");
-    constexpr int kLoads = GS == 32 ? 1 : GS / 64, kStep = GS == 32 ? 2 : 1;  // loads per step, groups per step
-    const __m512i k128 = _mm512_set1_epi8((char)0x80);
-    __m128 acc = _mm_setzero_ps();
-    for (int g = 0; g + kStep <= groups; g += kStep) {
-        const int8_t* xg = x + (size_t)g * GS;
-        __m512i xv[kLoads];
-        for (int c = 0; c < kLoads; c++) xv[c] = _mm512_loadu_si512(xg + 64 * c);
-        __m512i lanes[4];
-        for (int r = 0; r < 4; r++) {
-            lanes[r] = _mm512_setzero_si512();
-            for (int c = 0; c < kLoads; c++) {
-                const int8_t* wq = row[r].q + (size_t)g * GS + 64 * c;
-                lanes[r] = _mm512_dpbusd_epi32(lanes[r], _mm512_xor_si512(_mm512_loadu_si512(wq), k128), xv[c]);
-                _mm_prefetch((const char*)(ahead[r].q + (size_t)g * GS + 64 * c), _MM_HINT_T1);
-            }
-            if (g % 16 < kStep) _mm_prefetch((const char*)(ahead[r].s + g), _MM_HINT_T1);
-        }
-        // block k of sums = [row 0, row 1, row 2, row 3] partial sums of block k
-        const __m512i sums = sum_lanes4(lanes);
-        const __m128i b0 = _mm512_maskz_extracti32x4_epi32(0xF, sums, 0), b1 = _mm512_maskz_extracti32x4_epi32(0xF, sums, 1),
-                      b2 = _mm512_maskz_extracti32x4_epi32(0xF, sums, 2), b3 = _mm512_maskz_extracti32x4_epi32(0xF, sums, 3);
-        const auto add_group4 = [&](__m128i dots, int k) {
-            const __m128 sw = _mm_set_ps(row[3].s[k], row[2].s[k], row[1].s[k], row[0].s[k]);
-            dots = _mm_add_epi32(dots, _mm_set1_epi32(xo[k]));
-            acc = _mm_fmadd_ps(_mm_mul_ps(_mm_cvtepi32_ps(dots), _mm_set1_ps(xs[k])), sw, acc);
-        };
-        if (GS == 32) {  // blocks 0-1 are group g, blocks 2-3 group g + 1
-            add_group4(_mm_add_epi32(b0, b1), g);
-            add_group4(_mm_add_epi32(b2, b3), g + 1);
-        } else {
-            add_group4(_mm_add_epi32(_mm_add_epi32(b0, b1), _mm_add_epi32(b2, b3)), g);
-        }
-    }
-    return acc;
-}
-#endif
-
-#if defined(__AVX512VNNI__) && defined(HAS_FMA)
-// gemm16: reading a prompt, rows begin .. begin + 15 (fewer at the matrix's
-// end) for nb tokens, matmul_reference's result exactly. GS (32, 64 or 128)
-// divides n; 8- or 4-bit weights. The rows are repacked kSlab values at a
-// time so that one register holds four consecutive values of each of the 16
-// rows, one row per 32-bit lane (transpose16 per 64 values, then in L1 for
-// every token). vpdpbusd with four of a token's values broadcast to all lanes
-// then adds the next four products of all 16 rows at once, and a group's 16
-// dot products come out in the lanes: no horizontal sum at all, and every
-// vpdpbusd does 64 useful multiply-adds. Eight tokens' sums stay in registers
-// while a slab's weights are read. vpdpbusd multiplies unsigned by signed
-// bytes: the repacked weights are w + 128 (w ^ 0x80, exact for -128 too), and
-// each (token, group) sum starts from x.offsets = -128 sum(x_g), which takes
-// off what the 128 adds. The float side is add_group in 16 lanes.
-constexpr int kSlab = 256;     // values per repacked slab: a multiple of every GS taken here
-constexpr int kGemmTokens = 8;  // tokens whose sums stay in registers
-template <int GS>
-static void gemm16(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb, int begin) {
-    static_assert(kSlab % GS == 0, "a slab holds whole groups");
-    const int groups = n / GS, rows = std::min(16, d - begin);
-    alignas(64) int32_t packed[kSlab / 4][16];  // [four values][row]: w + 128, four bytes per lane
-    alignas(64) float scales[kSlab / GS][16];   // [group of the slab][row]
-    alignas(64) int8_t unpacked[16][kSlab];     // 4-bit rows, unpacked for the gathers
-    alignas(64) float acc[kBlock][16];          // [token][row]: the running sums
-    int32_t lane_row[16];  // lane r reads row r (the missing rows of the last tile repeat row 0)
-    for (int r = 0; r < 16; r++) lane_row[r] = r < rows ? r : 0;
-    // (masked gathers and converts: GCC 12 warns about the plain ones' undefined source)
-    const __m512i k128 = _mm512_set1_epi8((char)0x80);
-    const __m512i rows16 = _mm512_loadu_si512(lane_row);
-    const __m512i scale_at = _mm512_mullo_epi32(rows16, _mm512_set1_epi32(groups));
-    const float* ws = w.s + (size_t)begin * groups;
-    for (int b0 = 0; b0 < nb; b0 += kBlock) {
-        const int tokens = std::min(kBlock, nb - b0);
-        std::memset(acc, 0, sizeof acc);
-        for (int s0 = 0; s0 < n; s0 += kSlab) {
-            const int len = std::min(kSlab, n - s0), slab_groups = len / GS, g0 = s0 / GS;
-            const int8_t* src[16];  // row r's slab (the missing rows of the last tile repeat row 0)
-            for (int r = 0; r < 16; r++) src[r] = w.q + (size_t)(begin + lane_row[r]) * n + s0;
-            if (w.bits == 4) {
-                for (int r = 0; r < rows; r++) unpack4(unpacked[r], w.row(begin + r, n).q, s0, len);
-                for (int r = 0; r < 16; r++) src[r] = unpacked[lane_row[r]];
-            }
-            for (int j = 0; j < len; j += 64) {  // 64 values of the 16 rows: 16 registers of packed
-                const __mmask64 valid = len - j >= 64 ? ~0ULL : ~0ULL >> (64 - (len - j));
-                f32x16 four[16];  // [row], then [four values]: transpose16 moves 32-bit lanes, whatever they hold
-                for (int r = 0; r < 16; r++) four[r] = (f32x16)_mm512_maskz_loadu_epi8(valid, src[r] + j);
-                transpose16(four);
-                for (int c = 0; c < std::min(16, (len - j) / 4); c++)
-                    _mm512_store_si512(packed[j / 4 + c], _mm512_xor_si512((__m512i)four[c], k128));
-            }
-            for (int g = 0; g < slab_groups; g++)
-                _mm512_store_ps(scales[g], _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, scale_at, ws + g0 + g, 4));
-            for (int t0 = 0; t0 < tokens; t0 += kGemmTokens) {
-                const int8_t* xq[kGemmTokens];
-                const float* xs[kGemmTokens];
-                const int32_t* xo[kGemmTokens];
-                __m512 sum[kGemmTokens];
-                for (int t = 0; t < kGemmTokens; t++) {  // past the last token: repeat it (computed, not kept)
-                    const int tt = std::min(t0 + t, tokens - 1);
-                    xq[t] = x.q + (size_t)(b0 + tt) * n + s0;
-                    xs[t] = x.s + (size_t)(b0 + tt) * groups + g0;
-                    xo[t] = x.offsets + (size_t)(b0 + tt) * groups + g0;
-                    sum[t] = _mm512_load_ps(acc[tt]);
-                }
-                for (int g = 0; g < slab_groups; g++) {
-                    __m512i dot[kGemmTokens];
-                    for (int t = 0; t < kGemmTokens; t++) dot[t] = _mm512_set1_epi32(xo[t][g]);
-                    for (int c = g * GS / 4; c < (g + 1) * GS / 4; c++) {
-                        const __m512i wv = _mm512_load_si512(packed[c]);
-                        for (int t = 0; t < kGemmTokens; t++) {
-                            int32_t four;
-                            std::memcpy(&four, xq[t] + 4 * c, 4);
-                            dot[t] = _mm512_dpbusd_epi32(dot[t], wv, _mm512_set1_epi32(four));
-                        }
-                    }
-                    const __m512 sw = _mm512_load_ps(scales[g]);
-                    for (int t = 0; t < kGemmTokens; t++)
-                        sum[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, dot[t]), _mm512_set1_ps(xs[t][g])),
-                                                 sw, sum[t]);
-                }
-                for (int t = 0; t < kGemmTokens && t0 + t < tokens; t++) _mm512_store_ps(acc[t0 + t], sum[t]);
-            }
-        }
-        for (int t = 0; t < tokens; t++)
-            for (int r = 0; r < rows; r++) out[(size_t)(b0 + t) * d + begin + r] = acc[t][r];
-    }
-}
-#endif
-
-// matmul_rows: rows begin .. end - 1 (a tile: at most four) of
-// matmul_reference's result exactly, faster. GS is the group size fixed at
-// compile time (so the group's loop unrolls completely), or 0 to read it from
-// w. The tile's rows are read from memory once and, while they sit in cache,
-// used for all nb tokens (1 when generating, up to kBlock when reading a
-// prompt): four tokens at a time row by row, then one token at a time over the
-// tile's rows. A row's result does not depend on nb. 4-bit weights: one token's
-// dot products unpack them in registers (dot_i4); four tokens' unpack each
-// group to int8 once (on the stack: at most kMaxGroup4 values) and take the
-// int8 path.
-//
-// One row at a time or several side by side? A row is one long sequential
-// read, which the hardware prefetcher follows well; that is enough when a
-// group's work is long (int8, fp32 in run.cpp). A 4-bit group of 32 is only 16
-// bytes, and one row's running sum would wait on each group's fused
-// multiply-add: there (with AVX-512 VNNI) groups go four at a time for four
-// (row, token) pairs, so four running sums advance together, one row with four
-// tokens or the tile's four rows with one token. Four rows side by side are
-// eight short streams (values and scales) that the prefetcher does not follow,
-// so each step asks for the same bytes kPrefetchRows rows on (two tiles) into L2.
-#if defined(__AVX512VNNI__) && defined(HAS_FMA)
-constexpr int kPrefetchRows = 8;
-#endif
-template <int GS>
-static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
-                        int begin, int end) {
-    const int gs = GS ? GS : w.group_size, groups = w.groups(n), rows = end - begin;
-    const auto len = [&](int g) { return GS && n % (GS ? GS : 1) == 0 ? GS : std::min(gs, n - g * gs); };
-    QuantizedTensor row[4];  // the tile's rows; missing ones repeat the first (computed, never stored)
-    for (int r = 0; r < 4; r++) row[r] = w.row(begin + (r < rows ? r : 0), n);
-#if defined(__AVX512VNNI__) && defined(HAS_FMA)
-    // the groups taken four at a time (a multiple of 4), the rest one by one
-    const int quad_groups = GS == kQuad && w.bits == 4 ? 4 * (n / kQuadValues) : 0;
-#endif
-    alignas(64) int8_t unpacked[kMaxGroup4];
-    int b = 0;
-    for (; b + 4 <= nb; b += 4)  // four tokens of a prompt block, row by row
-        for (int r = 0; r < rows; r++) {
-            const int8_t* xq = x.q + (size_t)b * n;  // token t at xq + t n
-            const float* xs[4];
-            for (int t = 0; t < 4; t++) xs[t] = x.s + (size_t)(b + t) * groups;
-            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            int g = 0;
-#if defined(__AVX512VNNI__) && defined(HAS_FMA)
-            if (quad_groups) {
-                const float* ws[4] = {row[r].s, row[r].s, row[r].s, row[r].s};
-                __m128 acc4 = _mm_setzero_ps();
-                for (; g < quad_groups; g += 4) {
-                    __m512i lanes[4];
-                    for (int t = 0; t < 4; t++)
-                        lanes[t] = dot_i4_lanes(row[r].q + g * kQuad / 2, x4_of(xq + (size_t)t * n + g * kQuad));
-                    acc4 = add_groups4(acc4, sum_lanes4(lanes), scales4x4(xs, g), scales4x4(ws, g));
-                }
-                _mm_storeu_ps(acc, acc4);
-            }
-#endif
-            for (; g < groups; g++) {
-                const int8_t* wg = w.bits == 4 ? unpack4(unpacked, row[r].q, g * gs, len(g)) : row[r].q + g * gs;
-                int32_t dots[4];
-                dot_i8_x4(wg, xq + g * gs, n, len(g), dots);
-#if defined(__AVX512BW__) && defined(HAS_FMA)
-                // add_group for the four tokens in the four lanes of one register
-                const __m128 sx = _mm_set_ps(xs[3][g], xs[2][g], xs[1][g], xs[0][g]);
-                const __m128 dx = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)dots)), sx);
-                _mm_storeu_ps(acc, _mm_fmadd_ps(dx, _mm_set1_ps(row[r].s[g]), _mm_loadu_ps(acc)));
-#else
-                for (int t = 0; t < 4; t++) acc[t] = add_group(acc[t], dots[t], xs[t][g], row[r].s[g]);
-#endif
-            }
-            for (int t = 0; t < 4; t++) out[(size_t)(b + t) * d + begin + r] = acc[t];
-        }
-    for (; b < nb; b++) {  // one token over the tile's rows
-        const int8_t* xq = x.q + (size_t)b * n;
-        const float* xs = x.s + (size_t)b * groups;
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        int g = 0;
-#if defined(__AVX512VNNI__) && defined(HAS_FMA)
-        QuantizedTensor ahead[4];  // the rows to prefetch, clamped to the matrix's last
-        for (int r = 0; r < 4; r++) ahead[r] = w.row(std::min(begin + r + kPrefetchRows, d - 1), n);
-        if constexpr (GS == 32 || GS % 64 == 0) {
-            if (GS != 0 && w.bits == 8 && x.offsets) {
-                const int whole = n / gs;  // a short last group takes the path below
-                g = GS == 32 ? whole / 2 * 2 : whole;
-                _mm_storeu_ps(acc, rows4_i8<GS ? GS : 64>(row, ahead, xq, xs, x.offsets + (size_t)b * groups, g));
-            }
-        }
-        if (quad_groups) {
-            const float *xs4[4] = {xs, xs, xs, xs}, *ws[4] = {row[0].s, row[1].s, row[2].s, row[3].s};
-            __m128 acc4 = _mm_setzero_ps();
-            for (; g < quad_groups; g += 4) {
-                const X4 xg = x4_of(xq + g * kQuad);
-                __m512i lanes[4];
-                for (int r = 0; r < 4; r++) {
-                    lanes[r] = dot_i4_lanes(row[r].q + g * kQuad / 2, xg);
-                    _mm_prefetch((const char*)(ahead[r].q + g * kQuad / 2), _MM_HINT_T1);
-                    _mm_prefetch((const char*)(ahead[r].s + g), _MM_HINT_T1);
-                }
-                acc4 = add_groups4(acc4, sum_lanes4(lanes), scales4x4(xs4, g), scales4x4(ws, g));
-            }
-            _mm_storeu_ps(acc, acc4);
-        }
-#endif
-        for (int r = 0; r < rows; r++) {
-            for (int k = g; k < groups; k++)
-                acc[r] = add_group(acc[r], w.bits == 4 ? dot_i4(row[r].q, k * gs, xq + k * gs, len(k))
-                                                       : dot_i8(xq + k * gs, row[r].q + k * gs, len(k)),
-                                   xs[k], row[r].s[k]);
-            out[(size_t)b * d + begin + r] = acc[r];
-        }
-    }
-}
-
-// The rows of a matrix are computed in tiles of kTileRows; tile t holds rows
-// kTileRows t .. kTileRows t + 15 (fewer in the last tile if d % kTileRows != 0).
-// Parallel loops run over tiles: one matmul's, or several matrices' at once (see forward).
-constexpr int kTileRows = 16;
-static inline int tiles(int d) { return (d + kTileRows - 1) / kTileRows; }
-
-// tile_rows: a tile, by gemm16 when reading a prompt (with AVX-512 VNNI, whole
-// groups of a size it takes, activations with offsets), else four rows at a time.
-template <int GS>
-static void tile_rows(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
-                      int begin, int end) {
-#if defined(__AVX512VNNI__) && defined(HAS_FMA)
-    if constexpr (GS != 0 && kSlab % (GS ? GS : 1) == 0) {
-        if (nb >= 4 && n % GS == 0 && x.offsets) return gemm16<GS>(out, x, w, n, d, nb, begin);
-    }
-#endif
-    for (int r = begin; r < end; r += 4) matmul_rows<GS>(out, x, w, n, d, nb, r, std::min(end, r + 4));
-}
-
-// matmul_tile: tile t of W (d, n) @ x (nb, n) -> out (nb, d), x and w quantized
-// with the same group size (version 2: it divides n). Error against the exact product
-// of the dequantized values: the dot products are exact; the float side adds
-// (groups + 2) u sum_g |dot_g sx_g sw_g| per output.
-static void matmul_tile(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
-                        int t) {
-    const int begin = kTileRows * t, end = std::min(d, begin + kTileRows);
-    switch (w.group_size) {
-    case 32: tile_rows<32>(out, x, w, n, d, nb, begin, end); break;
-    case 64: tile_rows<64>(out, x, w, n, d, nb, begin, end); break;
-    case 128: tile_rows<128>(out, x, w, n, d, nb, begin, end); break;
-    default: tile_rows<0>(out, x, w, n, d, nb, begin, end); break;
-    }
-}
 
 // matmul: W (d, n) @ x (nb, n) -> out (nb, d). Tiles are split across
 // threads, rows never, so a result does not depend on the thread count.
@@ -1600,13 +955,13 @@ static void matmul_swiglu(float* h, float* h3, const QuantizedTensor& x, const Q
     for (int t = 0; t < tiles(d); t++) {
         matmul_tile(h, x, w1, n, d, nb, t);
         matmul_tile(h3, x, w3, n, d, nb, t);
-        const int i = kTileRows * t, rows = std::min(kTileRows, d - i);
+        const int i = kTile * t, rows = std::min(kTile, d - i);
         for (int b = 0; b < nb; b++) swiglu(h + (size_t)b * d + i, h3 + (size_t)b * d + i, rows);
     }
 }
 
 // ----------------------------------------------------------------------------
-// The forward pass: one token at one position in, logits for the next out.
+// The forward pass: a block of tokens at their positions in, logits out.
 
 struct Transformer {
     Checkpoint checkpoint;
@@ -1691,7 +1046,7 @@ static float* forward(Transformer& tr, const int* tokens, int n, int pos, bool a
 // U+2581 already turned into ' '. Ids 0, 1, 2 are <unk>, BOS, EOS; when the
 // vocabulary has byte-fallback pieces they are "<0x00>".."<0xFF>" at ids 3..258.
 // A byte-level BPE (GPT-2's scheme: Llama 3, SmolLM2) stores its pieces as raw
-// bytes and adds a block after them (README.md, "tokenizer.bin"): its BOS and
+// bytes and adds a block after them (docs/file-formats.md, "tokenizer.bin"): its BOS and
 // EOS ids, the special tokens, the merges in rank order, the regex that splits
 // text into words, and the Unicode classes that regex needs.
 
@@ -1721,94 +1076,12 @@ struct Tokenizer {
     Tokenizer& operator=(const Tokenizer&) = delete;
 };
 
-static CharClass range_class(const Tokenizer& t, uint32_t cp) {
-    const auto it = std::upper_bound(t.range_first.begin(), t.range_first.end(), cp);
-    if (it == t.range_first.begin()) return kOther;
-    const size_t r = it - t.range_first.begin() - 1;
-    return cp <= t.range_last[r] ? (CharClass)t.range_class[r] : kOther;
-}
-
-static CharClass char_class(const Tokenizer& t, uint32_t cp) {
-    return cp < 128 ? (CharClass)t.ascii_class[cp] : range_class(t, cp);
-}
-
-// The block after a byte-level BPE's pieces; every count and id is checked
-// against the bytes left and the vocabulary before it is used.
-static void load_byte_level(Tokenizer& t, const uint8_t* p, size_t size, size_t off, const char* path) {
-    const int n = (int)t.vocab.size();
-    auto next_int = [&](const char* what) {
-        if (size - off < 4) fatal("%s: the byte-level block ends inside %s", path, what);
-        const int32_t v = read_at<int32_t>(p, off);
-        off += 4;
-        return v;
-    };
-    auto count = [&](const char* what, size_t item_bytes) {
-        const int32_t c = next_int(what);
-        if (c < 0 || (size_t)c > (size - off) / item_bytes)
-            fatal("%s: %s count %d does not fit in the file", path, what, c);
-        return c;
-    };
-    auto id = [&](const char* what) {
-        const int32_t v = next_int(what);
-        if (v < 0 || v >= n) fatal("%s: %s id %d is not in the vocabulary of %d", path, what, v, n);
-        return v;
-    };
-    const int32_t version = next_int("the header"), kind = next_int("the header");
-    const int32_t split = next_int("the header"), flags = next_int("the header");
-    if (version != 1 || kind != 1)
-        fatal("%s: tokenizer extension version %d kind %d (this build reads version 1 kind 1)", path, version, kind);
-    if (split < kLlama3Split || split > kGpt2DigitsSplit) fatal("%s: unknown split kind %d", path, split);
-    if (flags & ~1) fatal("%s: unknown tokenizer flags 0x%x", path, flags);
-    t.split = (Split)split;
-    t.ignore_merges = flags & 1;
-    t.bos = next_int("the header");
-    if (t.bos < -1 || t.bos >= n) fatal("%s: bos id %d is not in the vocabulary of %d", path, t.bos, n);
-    t.eos.resize(count("eos", 4));
-    for (int& e : t.eos) e = id("eos");
-    t.byte_fallback = false;
-    t.special.assign(n, false);
-    for (int i = count("special token", 4); i > 0; i--) t.special[id("special token")] = true;
-
-    // normal pieces only: text never turns into a special token
-    for (int i = 0; i < n; i++)
-        if (!t.special[i]) t.ids.emplace(t.vocab[i], i);
-    for (int b = 0; b < 256; b++) {
-        const char c = (char)b;
-        const auto found = t.ids.find(std::string_view(&c, 1));
-        if (found == t.ids.end()) fatal("%s: the byte 0x%02X has no piece of its own", path, b);
-        t.byte_id[b] = found->second;
-    }
-    const int n_merges = count("merge", 8);
-    t.merges.reserve(n_merges);
-    std::string buf;
-    for (int r = 0; r < n_merges; r++) {
-        const int left = id("merge"), right = id("merge");
-        buf = t.vocab[left];
-        buf += t.vocab[right];
-        const auto it = t.ids.find(buf);
-        if (t.special[left] || t.special[right] || it == t.ids.end())
-            fatal("%s: merge %d (%d, %d) does not make a normal piece", path, r, left, right);
-        // a repeated pair keeps its last rank, as Hugging Face's map does
-        t.merges[(uint64_t)left << 32 | (uint32_t)right] = {r, it->second};
-    }
-    const int n_ranges = count("Unicode range", 12);
-    for (int r = 0; r < n_ranges; r++) {
-        const uint32_t first = read_at<uint32_t>(p, off), last = read_at<uint32_t>(p, off + 4);
-        const uint32_t cls = read_at<uint32_t>(p, off + 8);
-        off += 12;
-        if (first > last || last > 0x10FFFF || cls < kLetter || cls > kSpace ||
-            (r > 0 && first <= t.range_last.back()))
-            fatal("%s: Unicode range %d (%u..%u class %u) is out of order or invalid", path, r, first, last, cls);
-        t.range_first.push_back(first), t.range_last.push_back(last), t.range_class.push_back((uint8_t)cls);
-    }
-    for (uint32_t c = 0; c < 128; c++) t.ascii_class[c] = (uint8_t)range_class(t, c);
-    // The splits' \s must hold ASCII's white space: word_end reads " ?" and the
-    // newlines by these classes, and a table without them would cut text wrongly.
-    for (uint32_t c : {0x9u, 0xAu, 0xBu, 0xCu, 0xDu, 0x20u})
-        if (t.ascii_class[c] != kSpace)
-            fatal("%s: the Unicode ranges do not class U+%04X as white space (the split needs it)", path, c);
-    if (off != size) fatal("%s: %zu bytes after the byte-level block", path, size - off);
-}
+// The byte-level BPE's parts (in Byte-level BPE, after the command line): the
+// block after its pieces, read and checked; and the text cut into words and
+// bytes, the symbols encode merges.
+static void load_byte_level(Tokenizer& t, const uint8_t* p, size_t size, size_t off, const char* path);
+static void byte_level_symbols(const Tokenizer& t, std::string_view text, std::vector<int>& sym,
+                               std::vector<char>& word_start);
 
 static Tokenizer load_tokenizer(const char* path, int vocab_size) {
     MappedFile f(path);
@@ -1898,95 +1171,6 @@ static int utf8_decode(const unsigned char* s, size_t n, uint32_t* cp) {
     }
     *cp = c;
     return u.len;
-}
-
-// Where the word that starts at cp[i] ends (cp[end] is not part of the text),
-// by the byte-level BPE's split regex, matched as a regex engine does: the
-// first alternative that matches, each as long as it can.
-//   Llama 3: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
-//            ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
-//   GPT-2:   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-// (?i:) folds ASCII case only, as the reference (transformers.js) does.
-static size_t word_end(const Tokenizer& t, const uint32_t* cp, size_t i, size_t end) {
-    auto cls = [&](size_t k) { return k < end ? (int)char_class(t, cp[k]) : -1; };
-    auto newline = [&](size_t k) { return k < end && (cp[k] == '\r' || cp[k] == '\n'); };
-    const bool llama3 = t.split == kLlama3Split;
-    auto lower = [&](size_t k) { return k >= end ? 0u : llama3 && cp[k] >= 'A' && cp[k] <= 'Z' ? cp[k] + 32 : cp[k]; };
-    auto run = [&](size_t k, int c) { while (cls(k) == c) k++; return k; };
-    if (cp[i] == '\'') {  // contractions
-        const uint32_t a = lower(i + 1), b = lower(i + 2);
-        if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
-        if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
-    }
-    const size_t after_space = i + (cp[i] == ' ');
-    if (llama3) {
-        const int c = cls(i);
-        const size_t k = i + (c != kLetter && c != kNumber && !newline(i));  // [^\r\n\p{L}\p{N}]?
-        if (cls(k) == kLetter) return run(k, kLetter);
-        if (c == kNumber) return std::min(run(i, kNumber), i + 3);
-        if (cls(after_space) == kOther) {
-            size_t e = run(after_space, kOther);
-            while (newline(e)) e++;
-            return e;
-        }
-    } else {
-        for (int c : {kLetter, kNumber, kOther})
-            if (cls(after_space) == c) return run(after_space, c);
-    }
-    // white space: \s*[\r\n]+ (Llama 3), then \s+(?!\S), then \s+
-    const size_t e = run(i, kSpace);
-    if (llama3)
-        for (size_t k = e; k > i; k--)
-            if (newline(k - 1)) return k;  // up to the last newline of the run
-    if (e == end || e - i <= 1) return std::max(e, i + 1);  // always past i, whatever the table says
-    return e - 1;  // leave one space to start the next word
-}
-
-// The byte-level BPE's symbols before merging: the text's words (invalid UTF-8
-// read as U+FFFD), each a piece of its own if ignore_merges finds it in the
-// vocabulary, else one symbol per byte. word_start marks where merges stop.
-static void byte_level_symbols(const Tokenizer& t, std::string_view text, std::vector<int>& sym,
-                               std::vector<char>& word_start) {
-    std::vector<uint32_t> cp;
-    std::vector<size_t> at;  // cp[k]'s first byte in `clean`
-    std::string clean;
-    const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-    for (size_t i = 0; i < text.size();) {
-        uint32_t c;
-        const int len = utf8_decode(s + i, text.size() - i, &c);
-        at.push_back(clean.size());
-        if (c == 0xFFFD) clean += "\xEF\xBF\xBD"; else clean.append(text.substr(i, len));
-        cp.push_back(c);
-        i += len;
-    }
-    at.push_back(clean.size());
-    auto word = [&](size_t from, size_t to) {  // code points [from, to)
-        const std::string_view w(clean.data() + at[from], at[to] - at[from]);
-        const auto it = t.ignore_merges ? t.ids.find(w) : t.ids.end();
-        if (it != t.ids.end()) {
-            sym.push_back(it->second), word_start.push_back(1);
-            return;
-        }
-        for (size_t k = 0; k < w.size(); k++) sym.push_back(t.byte_id[(unsigned char)w[k]]), word_start.push_back(k == 0);
-    };
-    const size_t n = cp.size();
-    for (size_t i = 0; i < n;) {
-        size_t end = n;  // the split's text: all of it, or (SmolLM2) up to the next ASCII digit
-        if (t.split == kGpt2DigitsSplit) {
-            if (cp[i] >= '0' && cp[i] <= '9') {
-                word(i, i + 1);
-                i++;
-                continue;
-            }
-            end = i;
-            while (end < n && !(cp[end] >= '0' && cp[end] <= '9')) end++;
-        }
-        while (i < end) {
-            const size_t e = word_end(t, cp.data(), i, end);
-            word(i, e);
-            i = e;
-        }
-    }
 }
 
 // encode: text -> token ids. SentencePiece BPE (with a dummy prefix):
@@ -2692,3 +1876,876 @@ int main(int argc, char** argv) {
     }
 }
 #endif
+
+// ----------------------------------------------------------------------------
+// Byte-level BPE: GPT-2's scheme (Llama 3, SmolLM2). The extension block of
+// tokenizer.bin read and checked, and the split of text into words by the
+// model's regex, using the Unicode classes the block carries.
+
+static CharClass range_class(const Tokenizer& t, uint32_t cp) {
+    const auto it = std::upper_bound(t.range_first.begin(), t.range_first.end(), cp);
+    if (it == t.range_first.begin()) return kOther;
+    const size_t r = it - t.range_first.begin() - 1;
+    return cp <= t.range_last[r] ? (CharClass)t.range_class[r] : kOther;
+}
+
+static CharClass char_class(const Tokenizer& t, uint32_t cp) {
+    return cp < 128 ? (CharClass)t.ascii_class[cp] : range_class(t, cp);
+}
+
+// The block after a byte-level BPE's pieces; every count and id is checked
+// against the bytes left and the vocabulary before it is used.
+static void load_byte_level(Tokenizer& t, const uint8_t* p, size_t size, size_t off, const char* path) {
+    const int n = (int)t.vocab.size();
+    auto next_int = [&](const char* what) {
+        if (size - off < 4) fatal("%s: the byte-level block ends inside %s", path, what);
+        const int32_t v = read_at<int32_t>(p, off);
+        off += 4;
+        return v;
+    };
+    auto count = [&](const char* what, size_t item_bytes) {
+        const int32_t c = next_int(what);
+        if (c < 0 || (size_t)c > (size - off) / item_bytes)
+            fatal("%s: %s count %d does not fit in the file", path, what, c);
+        return c;
+    };
+    auto id = [&](const char* what) {
+        const int32_t v = next_int(what);
+        if (v < 0 || v >= n) fatal("%s: %s id %d is not in the vocabulary of %d", path, what, v, n);
+        return v;
+    };
+    const int32_t version = next_int("the header"), kind = next_int("the header");
+    const int32_t split = next_int("the header"), flags = next_int("the header");
+    if (version != 1 || kind != 1)
+        fatal("%s: tokenizer extension version %d kind %d (this build reads version 1 kind 1)", path, version, kind);
+    if (split < kLlama3Split || split > kGpt2DigitsSplit) fatal("%s: unknown split kind %d", path, split);
+    if (flags & ~1) fatal("%s: unknown tokenizer flags 0x%x", path, flags);
+    t.split = (Split)split;
+    t.ignore_merges = flags & 1;
+    t.bos = next_int("the header");
+    if (t.bos < -1 || t.bos >= n) fatal("%s: bos id %d is not in the vocabulary of %d", path, t.bos, n);
+    t.eos.resize(count("eos", 4));
+    for (int& e : t.eos) e = id("eos");
+    t.byte_fallback = false;
+    t.special.assign(n, false);
+    for (int i = count("special token", 4); i > 0; i--) t.special[id("special token")] = true;
+
+    // normal pieces only: text never turns into a special token
+    for (int i = 0; i < n; i++)
+        if (!t.special[i]) t.ids.emplace(t.vocab[i], i);
+    for (int b = 0; b < 256; b++) {
+        const char c = (char)b;
+        const auto found = t.ids.find(std::string_view(&c, 1));
+        if (found == t.ids.end()) fatal("%s: the byte 0x%02X has no piece of its own", path, b);
+        t.byte_id[b] = found->second;
+    }
+    const int n_merges = count("merge", 8);
+    t.merges.reserve(n_merges);
+    std::string buf;
+    for (int r = 0; r < n_merges; r++) {
+        const int left = id("merge"), right = id("merge");
+        buf = t.vocab[left];
+        buf += t.vocab[right];
+        const auto it = t.ids.find(buf);
+        if (t.special[left] || t.special[right] || it == t.ids.end())
+            fatal("%s: merge %d (%d, %d) does not make a normal piece", path, r, left, right);
+        // a repeated pair keeps its last rank, as Hugging Face's map does
+        t.merges[(uint64_t)left << 32 | (uint32_t)right] = {r, it->second};
+    }
+    const int n_ranges = count("Unicode range", 12);
+    for (int r = 0; r < n_ranges; r++) {
+        const uint32_t first = read_at<uint32_t>(p, off), last = read_at<uint32_t>(p, off + 4);
+        const uint32_t cls = read_at<uint32_t>(p, off + 8);
+        off += 12;
+        if (first > last || last > 0x10FFFF || cls < kLetter || cls > kSpace ||
+            (r > 0 && first <= t.range_last.back()))
+            fatal("%s: Unicode range %d (%u..%u class %u) is out of order or invalid", path, r, first, last, cls);
+        t.range_first.push_back(first), t.range_last.push_back(last), t.range_class.push_back((uint8_t)cls);
+    }
+    for (uint32_t c = 0; c < 128; c++) t.ascii_class[c] = (uint8_t)range_class(t, c);
+    // The splits' \s must hold ASCII's white space: word_end reads " ?" and the
+    // newlines by these classes, and a table without them would cut text wrongly.
+    for (uint32_t c : {0x9u, 0xAu, 0xBu, 0xCu, 0xDu, 0x20u})
+        if (t.ascii_class[c] != kSpace)
+            fatal("%s: the Unicode ranges do not class U+%04X as white space (the split needs it)", path, c);
+    if (off != size) fatal("%s: %zu bytes after the byte-level block", path, size - off);
+}
+
+// Where the word that starts at cp[i] ends (cp[end] is not part of the text),
+// by the byte-level BPE's split regex, matched as a regex engine does: the
+// first alternative that matches, each as long as it can.
+//   Llama 3: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+//            ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+//   GPT-2:   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+// (?i:) folds ASCII case only, as the reference (transformers.js) does.
+static size_t word_end(const Tokenizer& t, const uint32_t* cp, size_t i, size_t end) {
+    auto cls = [&](size_t k) { return k < end ? (int)char_class(t, cp[k]) : -1; };
+    auto newline = [&](size_t k) { return k < end && (cp[k] == '\r' || cp[k] == '\n'); };
+    const bool llama3 = t.split == kLlama3Split;
+    auto lower = [&](size_t k) { return k >= end ? 0u : llama3 && cp[k] >= 'A' && cp[k] <= 'Z' ? cp[k] + 32 : cp[k]; };
+    auto run = [&](size_t k, int c) { while (cls(k) == c) k++; return k; };
+    if (cp[i] == '\'') {  // contractions
+        const uint32_t a = lower(i + 1), b = lower(i + 2);
+        if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+        if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+    }
+    const size_t after_space = i + (cp[i] == ' ');
+    if (llama3) {
+        const int c = cls(i);
+        const size_t k = i + (c != kLetter && c != kNumber && !newline(i));  // [^\r\n\p{L}\p{N}]?
+        if (cls(k) == kLetter) return run(k, kLetter);
+        if (c == kNumber) return std::min(run(i, kNumber), i + 3);
+        if (cls(after_space) == kOther) {
+            size_t e = run(after_space, kOther);
+            while (newline(e)) e++;
+            return e;
+        }
+    } else {
+        for (int c : {kLetter, kNumber, kOther})
+            if (cls(after_space) == c) return run(after_space, c);
+    }
+    // white space: \s*[\r\n]+ (Llama 3), then \s+(?!\S), then \s+
+    const size_t e = run(i, kSpace);
+    if (llama3)
+        for (size_t k = e; k > i; k--)
+            if (newline(k - 1)) return k;  // up to the last newline of the run
+    if (e == end || e - i <= 1) return std::max(e, i + 1);  // always past i, whatever the table says
+    return e - 1;  // leave one space to start the next word
+}
+
+// The byte-level BPE's symbols before merging: the text's words (invalid UTF-8
+// read as U+FFFD), each a piece of its own if ignore_merges finds it in the
+// vocabulary, else one symbol per byte. word_start marks where merges stop.
+static void byte_level_symbols(const Tokenizer& t, std::string_view text, std::vector<int>& sym,
+                               std::vector<char>& word_start) {
+    std::vector<uint32_t> cp;
+    std::vector<size_t> at;  // cp[k]'s first byte in `clean`
+    std::string clean;
+    const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+    for (size_t i = 0; i < text.size();) {
+        uint32_t c;
+        const int len = utf8_decode(s + i, text.size() - i, &c);
+        at.push_back(clean.size());
+        if (c == 0xFFFD) clean += "\xEF\xBF\xBD"; else clean.append(text.substr(i, len));
+        cp.push_back(c);
+        i += len;
+    }
+    at.push_back(clean.size());
+    auto word = [&](size_t from, size_t to) {  // code points [from, to)
+        const std::string_view w(clean.data() + at[from], at[to] - at[from]);
+        const auto it = t.ignore_merges ? t.ids.find(w) : t.ids.end();
+        if (it != t.ids.end()) {
+            sym.push_back(it->second), word_start.push_back(1);
+            return;
+        }
+        for (size_t k = 0; k < w.size(); k++) sym.push_back(t.byte_id[(unsigned char)w[k]]), word_start.push_back(k == 0);
+    };
+    const size_t n = cp.size();
+    for (size_t i = 0; i < n;) {
+        size_t end = n;  // the split's text: all of it, or (SmolLM2) up to the next ASCII digit
+        if (t.split == kGpt2DigitsSplit) {
+            if (cp[i] >= '0' && cp[i] <= '9') {
+                word(i, i + 1);
+                i++;
+                continue;
+            }
+            end = i;
+            while (end < n && !(cp[end] >= '0' && cp[end] <= '9')) end++;
+        }
+        while (i < end) {
+            const size_t e = word_end(t, cp.data(), i, end);
+            word(i, e);
+            i = e;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Vector helpers: the SIMD plumbing behind dot, weighted_sum and the fast
+// matmuls, a section a first reading can skip. f32x16 is sixteen floats the compiler
+// maps onto the target's registers; f32xW is one register of them.
+
+// Sixteen floats as one value (GCC/clang vector extension): the compiler maps
+// it onto whatever SIMD registers the target has (one AVX-512 register, two
+// AVX, four SSE or NEON) and its arithmetic onto their lanes.
+typedef float f32x16 __attribute__((vector_size(64)));
+static inline void load16(f32x16& v, const float* p) {
+    std::memcpy(&v, p, sizeof v);  // an unaligned load (by reference: no vector crosses a call ABI)
+}
+// The sum of v's 16 lanes, halving the vector four times: a chain of four
+// dependent adds where adding lane by lane would be sixteen.
+static inline float hsum16(const f32x16& v) {
+    float a[16];
+    std::memcpy(a, &v, sizeof a);
+    for (int half = 8; half >= 1; half /= 2)
+        for (int k = 0; k < half; k++) a[k] += a[k + half];
+    return a[0];
+}
+
+// The target's own vector: W floats (16 with AVX-512, 8 with AVX, 4 with SSE or
+// NEON). Kernels that must stay in registers work on these; f32x16 is 16 / W of them.
+#if defined(__AVX512F__)
+constexpr int kW = 16;
+#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3), F(s, 4), F(s, 5), F(s, 6), F(s, 7), \
+    F(s, 8), F(s, 9), F(s, 10), F(s, 11), F(s, 12), F(s, 13), F(s, 14), F(s, 15)
+#elif defined(__AVX__)
+constexpr int kW = 8;
+#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3), F(s, 4), F(s, 5), F(s, 6), F(s, 7)
+#else
+constexpr int kW = 4;
+#define TRANSPOSE_LANES(F, s) F(s, 0), F(s, 1), F(s, 2), F(s, 3)
+#endif
+typedef float f32xW __attribute__((vector_size(4 * kW)));
+
+// madd on each lane of a W-float vector: one instruction with a fused
+// multiply-add. (Left to std::fma lane by lane, g++ 12 emits scalar ones.)
+static inline void maddW(f32xW& acc, const f32xW& a, const f32xW& b) {
+#if defined(__AVX512F__)
+    acc = (f32xW)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
+#elif defined(__FMA__)
+    acc = (f32xW)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#elif defined(__ARM_FEATURE_FMA)
+    acc = (f32xW)vfmaq_f32((float32x4_t)acc, (float32x4_t)a, (float32x4_t)b);
+#elif defined(HAS_FMA)
+    for (int k = 0; k < kW; k++) acc[k] = std::fma(a[k], b[k], acc[k]);
+#else
+    acc += a * b;
+#endif
+}
+// madd on each of sixteen lanes: maddW on each W-float part.
+static inline void madd16(f32x16& acc, const f32x16& a, const f32x16& b) {
+    typedef f32xW __attribute__((may_alias)) part;  // may alias the f32x16 it is part of
+    const part *pa = reinterpret_cast<const part*>(&a), *pb = reinterpret_cast<const part*>(&b);
+    part* pc = reinterpret_cast<part*>(&acc);
+    for (int h = 0; h < 16 / kW; h++) maddW(pc[h], pa[h], pb[h]);
+}
+
+// transpose16: r[c] lane k <- r[k] lane c, a 16 x 16 block turned over in
+// registers. It works on W-float vectors (a shuffle wider than the registers,
+// compilers spill to memory lane by lane): each W x W block turns over in log2(W) rounds,
+// each swapping the off-diagonal halves of pairs of vectors (swap_halves, one
+// permute per vector), then the blocks trade places. 64 permutes with AVX-512.
+#define TRANSPOSE_LO(s, l) (((l) & (s)) ? kW + (l) - (s) : (l))  // a's lanes, b's low half moved up
+#define TRANSPOSE_HI(s, l) (((l) & (s)) ? kW + (l) : (l) + (s))  // a's high half moved down, b's lanes
+template <int S>
+static inline void swap_halves(f32xW (&r)[kW]) {
+    if constexpr (S >= 1) {
+        for (int block = 0; block < kW; block += 2 * S)
+            for (int i = block; i < block + S; i++) {  // pairs (i, i + S)
+                const f32xW a = r[i], b = r[i + S];
+                r[i] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_LO, S));
+                r[i + S] = __builtin_shufflevector(a, b, TRANSPOSE_LANES(TRANSPOSE_HI, S));
+            }
+        swap_halves<S / 2>(r);
+    }
+}
+[[maybe_unused]] static inline void transpose16(f32x16 (&r)[16]) {  // (runq: AVX-512 builds only)
+    constexpr int B = 16 / kW;
+    f32xW v[B][B][kW];  // [block row][block column][row in the block]
+    for (int i = 0; i < 16; i++)
+        for (int c = 0; c < B; c++) std::memcpy(&v[i / kW][c][i % kW], (const float*)&r[i] + c * kW, sizeof(f32xW));
+    for (int bi = 0; bi < B; bi++)
+        for (int bj = 0; bj < B; bj++) swap_halves<kW / 2>(v[bi][bj]);
+    for (int i = 0; i < 16; i++)  // row i of the result: block column i / kW of every block row
+        for (int c = 0; c < B; c++) std::memcpy((float*)&r[i] + c * kW, &v[c][i / kW][i % kW], sizeof(f32xW));
+}
+
+// dot: a . b over n floats (attention's scores). The sum runs in 16
+// independent lanes (a single running sum would serialize on the add latency),
+// added up at the end by hsum16, then the last n % 16 products.
+// Error: |out - exact| <= n u sum_j |a[j] b[j]| (no term sees more than n roundings).
+static inline float dot(const float* a, const float* b, int n) {
+    f32x16 lane = {};
+    for (int j = 0; j + 16 <= n; j += 16) {
+        f32x16 aj, bj;
+        load16(aj, a + j);
+        load16(bj, b + j);
+        madd16(lane, aj, bj);
+    }
+    float tail = 0.0f;
+    for (int j = n / 16 * 16; j < n; j++) tail = madd(a[j], b[j], tail);
+    return hsum16(lane) + tail;
+}
+
+// 16 int8 values as floats (exactly: every int8 is a float). GCC 12 turns the
+// portable loop into 4-wide pieces through the stack, hence the two forms.
+// (maskz forms: GCC 12 warns that the plain ones read an uninitialized value.)
+static inline void load16(f32x16& v, const int8_t* p) {
+#if defined(__AVX512F__)
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m512 f = _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_maskz_cvtepi8_epi32(0xFFFF, b));
+    std::memcpy(&v, &f, sizeof v);
+#elif defined(__AVX2__)
+    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+    std::memcpy(&v, &lo, sizeof lo);
+    std::memcpy(reinterpret_cast<float*>(&v) + 8, &hi, sizeof hi);
+#else
+    float f[16];
+    for (int k = 0; k < 16; k++) f[k] = p[k];
+    std::memcpy(&v, f, sizeof v);
+#endif
+}
+
+// weighted_sum: out[i] = sum over t = 0..T-1 of p[t] * scale_t * v_t[i], i < n,
+// where v_t = v + t * stride (floats, or int8 with one scale per position:
+// scale_t = scales[t * scale_stride]; none for floats). Each out[i] adds its
+// terms in t order with one multiply-add each (p[t] * scale_t rounded first),
+// as the plain loop does; 64 outputs at a time stay in registers while t runs
+// (accumulating in memory would wait on a store and a reload per term).
+template <typename V>
+static void weighted_sum(float* out, const float* p, int T, const V* v, size_t stride, int n, const float* scales,
+                         size_t scale_stride) {
+    auto weight = [&](int t) { return scales ? p[t] * scales[t * scale_stride] : p[t]; };
+    int i0 = 0;
+    for (; i0 + 64 <= n; i0 += 64) {
+        f32x16 acc[4] = {};
+        for (int t = 0; t < T; t++) {
+            const f32x16 wv = weight(t) - f32x16{};  // (w - 0: a broadcast)
+            f32x16 x;
+            for (int c = 0; c < 4; c++) {
+                load16(x, v + t * stride + i0 + 16 * c);
+                madd16(acc[c], wv, x);
+            }
+        }
+        std::memcpy(out + i0, acc, sizeof acc);
+    }
+    for (int i = i0; i < n; i++) {  // the last n % 64 outputs: the plain loop
+        float sum = 0.0f;
+        for (int t = 0; t < T; t++) sum = madd(weight(t), (float)v[t * stride + i], sum);
+        out[i] = sum;
+    }
+}
+
+
+// ----------------------------------------------------------------------------
+// Fast matmul: the kernels behind matmul_tile, a family per instruction set
+// (AVX-512 VNNI, AVX-512, AVX2, ARM's dot product, portable), each computing
+// matmul_reference's sums exactly (tests/test_runq.cpp checks, bit for bit).
+
+#ifndef MATMUL_REFERENCE
+// dot_i8: sum of a[i] * b[i] over n int8 pairs, exact in int32 for n < 2^17:
+// each |a[i] b[i]| <= 2^14, so 2^17 products of -128 * -128 would reach 2^31.
+// Groups are far shorter (version 2: group_size <= dim <= 2^16; version 3: <= 256). The x86 SIMD paths widen int8 to int16 and multiply-add
+// adjacent pairs into int32 lanes; ARM's dot-product instruction adds four
+// int8 products into each int32 lane; the portable loop finishes what they leave.
+// (AVX-512 VNNI's vpdpbusd does not pay here: see dot_i8_x4.)
+#if defined(__AVX2__)
+// The sum of v's 8 int32 lanes.
+static inline int32_t hsum_8(__m256i v) {
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));  // + the other 64-bit half
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));  // + the neighbouring lane
+    return _mm_cvtsi128_si32(s4);
+}
+#endif
+#if defined(__AVX512BW__)
+// Adds the 16 int32 lanes of v pairwise into 8 (maskz extracts: GCC 12 warns
+// about the plain ones' undefined source).
+static inline __m256i fold_16_to_8(__m512i v) {
+    return _mm256_add_epi32(_mm512_maskz_extracti64x4_epi64(0xF, v, 0), _mm512_maskz_extracti64x4_epi64(0xF, v, 1));
+}
+// Bytes i .. i + 63 of p, zeros past n.
+static inline __m512i load_i8x64(const int8_t* p, int i, int n) {
+    return n - i >= 64 ? _mm512_loadu_si512(p + i) : _mm512_maskz_loadu_epi8(~0ULL >> (64 - (n - i)), p + i);
+}
+// Four int32 vectors' sums, 128-bit block by block: block k of the result is
+// [sum of block k of a[0], ... of a[1], ... of a[2], ... of a[3]]. A transpose as
+// it adds: interleave a[0]/a[1] and a[2]/a[3] (each block then holds partial
+// sums of both), then the pairs. (maskz forms for GCC 12's warnings.)
+static inline __m512i sum_lanes4(const __m512i a[4]) {
+    const auto pairs = [](__m512i x, __m512i y) {
+        return _mm512_add_epi32(_mm512_maskz_unpacklo_epi32(0xFFFF, x, y), _mm512_maskz_unpackhi_epi32(0xFFFF, x, y));
+    };
+    const __m512i s01 = pairs(a[0], a[1]), s23 = pairs(a[2], a[3]);
+    return _mm512_add_epi32(_mm512_maskz_unpacklo_epi64(0xFF, s01, s23), _mm512_maskz_unpackhi_epi64(0xFF, s01, s23));
+}
+#endif
+
+static inline int32_t dot_i8(const int8_t* a, const int8_t* b, int n) {
+    int32_t sum = 0;
+    int i = 0;
+#if defined(__AVX512BW__) || defined(__AVX2__)
+    __m256i acc = _mm256_setzero_si256();  // 8 int32 lanes
+#if defined(__AVX512BW__)
+    __m512i acc512 = _mm512_setzero_si512();
+    for (; i + 32 <= n; i += 32) {
+        const __m512i va = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(a + i)));
+        const __m512i vb = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(b + i)));
+        acc512 = _mm512_add_epi32(acc512, _mm512_madd_epi16(va, vb));
+    }
+    acc = fold_16_to_8(acc512);
+#endif
+    for (; i + 16 <= n; i += 16) {
+        const __m256i va = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(a + i)));
+        const __m256i vb = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(b + i)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(va, vb));
+    }
+    sum = hsum_8(acc);
+#elif defined(__ARM_FEATURE_DOTPROD)
+    int32x4_t acc = vdupq_n_s32(0);
+    for (; i + 16 <= n; i += 16) acc = vdotq_s32(acc, vld1q_s8(a + i), vld1q_s8(b + i));
+    sum = vaddvq_s32(acc);
+#endif
+    for (; i < n; i++) sum += (int32_t)a[i] * b[i];
+    return sum;
+}
+
+// dot_i8_x4: w . x_t for the four activation rows x_t = x + t * stride (four
+// tokens of a prompt block), n int8 each, exact. The weights are loaded once
+// for all four and the four horizontal sums share their shuffles.
+// With AVX-512 VNNI, vpdpbusd adds four byte products into each int32 lane,
+// but multiplies *unsigned* bytes by signed ones: x + 128 is unsigned (x ^ 0x80),
+// and sum (x + 128) w = sum x w + 128 sum w, so one more vpdpbusd, of 128s with
+// w, gives the offset to subtract, shared by the four tokens. (For a single
+// token that extra instruction eats the gain: dot_i8 widens instead.) Masked
+// loads read the tail (n % 64) as zeros. Without VNNI, the weights are widened
+// to int16 once for all four.
+static inline void dot_i8_x4(const int8_t* w, const int8_t* x, size_t stride, int n, int32_t out[4]) {
+    int i = 0;
+    out[0] = out[1] = out[2] = out[3] = 0;
+#if defined(__AVX512BW__)
+    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                      _mm512_setzero_si512()};
+#if defined(__AVX512VNNI__)
+    const __m512i k128 = _mm512_set1_epi8((char)0x80);
+    __m512i offset = _mm512_setzero_si512();
+    for (; i < n; i += 64) {
+        const __m512i vw = load_i8x64(w, i, n);
+        offset = _mm512_dpbusd_epi32(offset, k128, vw);
+        for (int t = 0; t < 4; t++)
+            acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_xor_si512(load_i8x64(x + t * stride, i, n), k128), vw);
+    }
+    for (int t = 0; t < 4; t++) acc[t] = _mm512_sub_epi32(acc[t], offset);
+#else
+    for (; i + 32 <= n; i += 32) {
+        const __m512i vw = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + i)));
+        for (int t = 0; t < 4; t++) {
+            const __m512i vx = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(x + t * stride + i)));
+            acc[t] = _mm512_add_epi32(acc[t], _mm512_madd_epi16(vw, vx));
+        }
+    }
+#endif
+    // every 128-bit block of sum_lanes4 holds [t0 t1 t2 t3]: add the four blocks
+    const __m256i s8 = fold_16_to_8(sum_lanes4(acc));
+    _mm_storeu_si128((__m128i*)out, _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1)));
+#endif
+    if (i < n)  // what the SIMD loop leaves (and all of it without SIMD)
+        for (int t = 0; t < 4; t++) out[t] += dot_i8(w + i, x + t * stride + i, n - i);
+}
+
+// 4-bit weights. nibbles32: the 32 values in 16 bytes of a 4-bit row, in
+// order, as int8: each byte's nibbles split, interleaved back (low first) and
+// sign-extended, (v ^ 8) - 8.
+#if defined(__SSE2__)
+static inline void nibbles32(const int8_t* bytes, __m128i& v0, __m128i& v1) {
+    const __m128i low4 = _mm_set1_epi8(0x0F), k8 = _mm_set1_epi8(8);
+    const __m128i b = _mm_loadu_si128((const __m128i*)bytes);
+    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+    v0 = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), k8), k8);
+    v1 = _mm_sub_epi8(_mm_xor_si128(_mm_unpackhi_epi8(lo, hi), k8), k8);
+}
+#elif defined(__ARM_NEON)
+static inline void nibbles32(const int8_t* bytes, int8x16_t& v0, int8x16_t& v1) {
+    const uint8x16_t b = vld1q_u8((const uint8_t*)bytes), lo = vandq_u8(b, vdupq_n_u8(0x0F)), hi = vshrq_n_u8(b, 4);
+    const int8x16_t k8 = vdupq_n_s8(8);
+    v0 = vsubq_s8(veorq_s8(vreinterpretq_s8_u8(vzip1q_u8(lo, hi)), k8), k8);
+    v1 = vsubq_s8(veorq_s8(vreinterpretq_s8_u8(vzip2q_u8(lo, hi)), k8), k8);
+}
+#endif
+
+// unpack4: values first .. first + len - 1 of a 4-bit row -> out as int8, for
+// the four-token dot product (dot_i8_x4) to read.
+static inline const int8_t* unpack4(int8_t* out, const int8_t* row, int first, int len) {
+    int j = 0;
+#if defined(__SSE2__) || defined(__ARM_NEON)
+    for (; first % 2 == 0 && j + 32 <= len; j += 32) {  // byte-aligned
+#if defined(__SSE2__)
+        __m128i v0, v1;
+        nibbles32(row + (first + j) / 2, v0, v1);
+        _mm_storeu_si128((__m128i*)(out + j), v0);
+        _mm_storeu_si128((__m128i*)(out + j + 16), v1);
+#else
+        int8x16_t v0, v1;
+        nibbles32(row + (first + j) / 2, v0, v1);
+        vst1q_s8(out + j, v0);
+        vst1q_s8(out + j + 16, v1);
+#endif
+    }
+#endif
+    for (; j < len; j++) out[j] = (int8_t)nibble(row, first + j);
+    return out;
+}
+
+// dot_i4: sum of w[j] * x[j] over n values, w being values first .. first + n - 1
+// of a 4-bit row; exact. The SIMD paths unpack 32 values in registers (storing
+// them for dot_i8 to reload would stall every load on store forwarding), then
+// multiply-add like dot_i8.
+static inline int32_t dot_i4(const int8_t* row, int first, const int8_t* x, int n) {
+    int32_t sum = 0;
+    int j = 0;
+    if (first % 2 == 0) {  // byte-aligned
+#if defined(__AVX512BW__)
+        __m512i acc = _mm512_setzero_si512();
+        for (; j + 32 <= n; j += 32) {
+            __m128i v0, v1;
+            nibbles32(row + (first + j) / 2, v0, v1);
+            const __m512i w = _mm512_cvtepi8_epi16(_mm256_set_m128i(v1, v0));
+            const __m512i xv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(x + j)));
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(w, xv));
+        }
+        sum = hsum_8(fold_16_to_8(acc));
+#elif defined(__AVX2__)
+        __m256i acc = _mm256_setzero_si256();
+        for (; j + 32 <= n; j += 32) {
+            __m128i v0, v1;
+            nibbles32(row + (first + j) / 2, v0, v1);
+            const __m256i x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(x + j)));
+            const __m256i x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(x + j + 16)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepi8_epi16(v0), x0));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepi8_epi16(v1), x1));
+        }
+        sum = hsum_8(acc);
+#elif defined(__ARM_FEATURE_DOTPROD)
+        int32x4_t acc = vdupq_n_s32(0);
+        for (; j + 32 <= n; j += 32) {
+            int8x16_t v0, v1;
+            nibbles32(row + (first + j) / 2, v0, v1);
+            acc = vdotq_s32(vdotq_s32(acc, v0, vld1q_s8(x + j)), v1, vld1q_s8(x + j + 16));
+        }
+        sum = vaddvq_s32(acc);
+#endif
+    }
+    for (; j < n; j++) sum += nibble(row, first + j) * x[j];
+    return sum;
+}
+
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
+// 4-bit weights in groups of kQuad = 32, four groups at a time: 64 bytes of a row hold
+// groups g .. g + 3, one per 128-bit block. Split into nibbles and interleaved
+// within the block, they give a group's values 0-15 (unpacklo) and 16-31
+// (unpackhi), so x's 128 values are gathered to match (X4: a, b). The nibbles
+// stay unsigned, v + 8 (the bytes ^ 0x88), for vpdpbusd; the 8 sum(x) this adds
+// is taken off by starting from minus8sum, made once per x.
+struct X4 {
+    __m512i a, b, minus8sum;
+};
+constexpr int kQuad = 32;            // the group size these kernels take
+constexpr int kQuadValues = 4 * kQuad;  // values in four groups: 64 bytes of 4-bit weights
+static inline X4 x4_of(const int8_t* x) {
+    const __m512i x01 = _mm512_loadu_si512(x), x23 = _mm512_loadu_si512(x + 64), k8 = _mm512_set1_epi8(8);
+    X4 v;  // (maskz forms for GCC 12's warnings, as in fold_16_to_8)
+    v.a = _mm512_maskz_shuffle_i64x2(0xFF, x01, x23, 0x88);  // x 0-15 of each group
+    v.b = _mm512_maskz_shuffle_i64x2(0xFF, x01, x23, 0xDD);  // x 16-31
+    v.minus8sum = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                   _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), k8, v.a), k8, v.b));
+    return v;
+}
+// Partial sums of the four groups' dot products with x: the four int32 lanes
+// of block k add up to group k's, exactly.
+static inline __m512i dot_i4_lanes(const int8_t* bytes, const X4& x) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m512i b = _mm512_xor_si512(_mm512_loadu_si512(bytes), _mm512_set1_epi8((char)0x88));
+    const __m512i lo = _mm512_and_si512(b, low4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(x.minus8sum, _mm512_unpacklo_epi8(lo, hi), x.a),
+                               _mm512_unpackhi_epi8(lo, hi), x.b);
+}
+// Block k = [p[0][g + k], p[1][g + k], p[2][g + k], p[3][g + k]]: four pairs'
+// scales of groups g .. g + 3, laid out as sum_lanes4 lays out their sums.
+static inline __m512 scales4x4(const float* const p[4], int g) {
+    __m512 v = _mm512_zextps128_ps512(_mm_loadu_ps(p[0] + g));
+    v = _mm512_insertf32x4(v, _mm_loadu_ps(p[1] + g), 1);
+    v = _mm512_insertf32x4(v, _mm_loadu_ps(p[2] + g), 2);
+    v = _mm512_insertf32x4(v, _mm_loadu_ps(p[3] + g), 3);
+    return _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), v);
+}
+// add_group (above) for four sums at once: lane l of acc takes groups k = 0..3
+// in order, from lane l of block k of dots, sx and sw. The same multiply and
+// fused multiply-add per lane, so the same result.
+static inline __m128 add_groups4(__m128 acc, __m512i dots, __m512 sx, __m512 sw) {
+    // (maskz forms for GCC 12's warnings, as in fold_16_to_8)
+    const __m512 dx = _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, dots), sx);
+    acc = _mm_fmadd_ps(_mm512_maskz_extractf32x4_ps(0xF, dx, 0), _mm512_maskz_extractf32x4_ps(0xF, sw, 0), acc);
+    acc = _mm_fmadd_ps(_mm512_maskz_extractf32x4_ps(0xF, dx, 1), _mm512_maskz_extractf32x4_ps(0xF, sw, 1), acc);
+    acc = _mm_fmadd_ps(_mm512_maskz_extractf32x4_ps(0xF, dx, 2), _mm512_maskz_extractf32x4_ps(0xF, sw, 2), acc);
+    return _mm_fmadd_ps(_mm512_maskz_extractf32x4_ps(0xF, dx, 3), _mm512_maskz_extractf32x4_ps(0xF, sw, 3), acc);
+}
+#endif
+
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
+// 8-bit weights, one token, the tile's four rows side by side, GS values per
+// group (32, or a multiple of 64): groups 0 .. groups - 1 (an even count for
+// 32) as matmul_reference sums them, the four rows' running sums in the four
+// lanes of the result. Per 64 bytes of x, one vpdpbusd per row adds four byte
+// products into each int32 lane; it multiplies unsigned bytes by signed ones,
+// so the weights go in as w + 128 (w ^ 0x80, exact for -128 too), and each
+// group's dot products get the activations' offset, -128 sum(x_g), added. No
+// horizontal sum waits in a row's chain: sum_lanes4 reduces the four rows at
+// once, and the group's float step is add_group in four lanes. Each row's next
+// bytes kPrefetchRows rows on are asked for into L2 as this one is read.
+template <int GS>
+static inline __m128 rows4_i8(const QuantizedTensor row[4], const QuantizedTensor ahead[4], const int8_t* x,
+                              const float* xs, const int32_t* xo, int groups) {
+    static_assert(GS == 32 || GS % 64 == 0, "a group is half a 64-byte load or whole ones");
+    constexpr int kLoads = GS == 32 ? 1 : GS / 64, kStep = GS == 32 ? 2 : 1;  // loads per step, groups per step
+    const __m512i k128 = _mm512_set1_epi8((char)0x80);
+    __m128 acc = _mm_setzero_ps();
+    for (int g = 0; g + kStep <= groups; g += kStep) {
+        const int8_t* xg = x + (size_t)g * GS;
+        __m512i xv[kLoads];
+        for (int c = 0; c < kLoads; c++) xv[c] = _mm512_loadu_si512(xg + 64 * c);
+        __m512i lanes[4];
+        for (int r = 0; r < 4; r++) {
+            lanes[r] = _mm512_setzero_si512();
+            for (int c = 0; c < kLoads; c++) {
+                const int8_t* wq = row[r].q + (size_t)g * GS + 64 * c;
+                lanes[r] = _mm512_dpbusd_epi32(lanes[r], _mm512_xor_si512(_mm512_loadu_si512(wq), k128), xv[c]);
+                _mm_prefetch((const char*)(ahead[r].q + (size_t)g * GS + 64 * c), _MM_HINT_T1);
+            }
+            if (g % 16 < kStep) _mm_prefetch((const char*)(ahead[r].s + g), _MM_HINT_T1);
+        }
+        // block k of sums = [row 0, row 1, row 2, row 3] partial sums of block k
+        const __m512i sums = sum_lanes4(lanes);
+        const __m128i b0 = _mm512_maskz_extracti32x4_epi32(0xF, sums, 0), b1 = _mm512_maskz_extracti32x4_epi32(0xF, sums, 1),
+                      b2 = _mm512_maskz_extracti32x4_epi32(0xF, sums, 2), b3 = _mm512_maskz_extracti32x4_epi32(0xF, sums, 3);
+        const auto add_group4 = [&](__m128i dots, int k) {
+            const __m128 sw = _mm_set_ps(row[3].s[k], row[2].s[k], row[1].s[k], row[0].s[k]);
+            dots = _mm_add_epi32(dots, _mm_set1_epi32(xo[k]));
+            acc = _mm_fmadd_ps(_mm_mul_ps(_mm_cvtepi32_ps(dots), _mm_set1_ps(xs[k])), sw, acc);
+        };
+        if (GS == 32) {  // blocks 0-1 are group g, blocks 2-3 group g + 1
+            add_group4(_mm_add_epi32(b0, b1), g);
+            add_group4(_mm_add_epi32(b2, b3), g + 1);
+        } else {
+            add_group4(_mm_add_epi32(_mm_add_epi32(b0, b1), _mm_add_epi32(b2, b3)), g);
+        }
+    }
+    return acc;
+}
+#endif
+
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
+// gemm16: reading a prompt, rows begin .. begin + 15 (fewer at the matrix's
+// end) for nb tokens, matmul_reference's result exactly. GS (32, 64 or 128)
+// divides n; 8- or 4-bit weights. The rows are repacked kSlab values at a
+// time so that one register holds four consecutive values of each of the 16
+// rows, one row per 32-bit lane (transpose16 per 64 values, then in L1 for
+// every token). vpdpbusd with four of a token's values broadcast to all lanes
+// then adds the next four products of all 16 rows at once, and a group's 16
+// dot products come out in the lanes: no horizontal sum at all, and every
+// vpdpbusd does 64 useful multiply-adds. Eight tokens' sums stay in registers
+// while a slab's weights are read. vpdpbusd multiplies unsigned by signed
+// bytes: the repacked weights are w + 128 (w ^ 0x80, exact for -128 too), and
+// each (token, group) sum starts from x.offsets = -128 sum(x_g), which takes
+// off what the 128 adds. The float side is add_group in 16 lanes.
+constexpr int kSlab = 256;     // values per repacked slab: a multiple of every GS taken here
+constexpr int kGemmTokens = 8;  // tokens whose sums stay in registers
+template <int GS>
+static void gemm16(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb, int begin) {
+    static_assert(kSlab % GS == 0, "a slab holds whole groups");
+    const int groups = n / GS, rows = std::min(16, d - begin);
+    alignas(64) int32_t packed[kSlab / 4][16];  // [four values][row]: w + 128, four bytes per lane
+    alignas(64) float scales[kSlab / GS][16];   // [group of the slab][row]
+    alignas(64) int8_t unpacked[16][kSlab];     // 4-bit rows, unpacked for the gathers
+    alignas(64) float acc[kBlock][16];          // [token][row]: the running sums
+    int32_t lane_row[16];  // lane r reads row r (the missing rows of the last tile repeat row 0)
+    for (int r = 0; r < 16; r++) lane_row[r] = r < rows ? r : 0;
+    // (masked gathers and converts: GCC 12 warns about the plain ones' undefined source)
+    const __m512i k128 = _mm512_set1_epi8((char)0x80);
+    const __m512i rows16 = _mm512_loadu_si512(lane_row);
+    const __m512i scale_at = _mm512_mullo_epi32(rows16, _mm512_set1_epi32(groups));
+    const float* ws = w.s + (size_t)begin * groups;
+    for (int b0 = 0; b0 < nb; b0 += kBlock) {
+        const int tokens = std::min(kBlock, nb - b0);
+        std::memset(acc, 0, sizeof acc);
+        for (int s0 = 0; s0 < n; s0 += kSlab) {
+            const int len = std::min(kSlab, n - s0), slab_groups = len / GS, g0 = s0 / GS;
+            const int8_t* src[16];  // row r's slab (the missing rows of the last tile repeat row 0)
+            for (int r = 0; r < 16; r++) src[r] = w.q + (size_t)(begin + lane_row[r]) * n + s0;
+            if (w.bits == 4) {
+                for (int r = 0; r < rows; r++) unpack4(unpacked[r], w.row(begin + r, n).q, s0, len);
+                for (int r = 0; r < 16; r++) src[r] = unpacked[lane_row[r]];
+            }
+            for (int j = 0; j < len; j += 64) {  // 64 values of the 16 rows: 16 registers of packed
+                const __mmask64 valid = len - j >= 64 ? ~0ULL : ~0ULL >> (64 - (len - j));
+                f32x16 four[16];  // [row], then [four values]: transpose16 moves 32-bit lanes, whatever they hold
+                for (int r = 0; r < 16; r++) four[r] = (f32x16)_mm512_maskz_loadu_epi8(valid, src[r] + j);
+                transpose16(four);
+                for (int c = 0; c < std::min(16, (len - j) / 4); c++)
+                    _mm512_store_si512(packed[j / 4 + c], _mm512_xor_si512((__m512i)four[c], k128));
+            }
+            for (int g = 0; g < slab_groups; g++)
+                _mm512_store_ps(scales[g], _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, scale_at, ws + g0 + g, 4));
+            for (int t0 = 0; t0 < tokens; t0 += kGemmTokens) {
+                const int8_t* xq[kGemmTokens];
+                const float* xs[kGemmTokens];
+                const int32_t* xo[kGemmTokens];
+                __m512 sum[kGemmTokens];
+                for (int t = 0; t < kGemmTokens; t++) {  // past the last token: repeat it (computed, not kept)
+                    const int tt = std::min(t0 + t, tokens - 1);
+                    xq[t] = x.q + (size_t)(b0 + tt) * n + s0;
+                    xs[t] = x.s + (size_t)(b0 + tt) * groups + g0;
+                    xo[t] = x.offsets + (size_t)(b0 + tt) * groups + g0;
+                    sum[t] = _mm512_load_ps(acc[tt]);
+                }
+                for (int g = 0; g < slab_groups; g++) {
+                    __m512i dot[kGemmTokens];
+                    for (int t = 0; t < kGemmTokens; t++) dot[t] = _mm512_set1_epi32(xo[t][g]);
+                    for (int c = g * GS / 4; c < (g + 1) * GS / 4; c++) {
+                        const __m512i wv = _mm512_load_si512(packed[c]);
+                        for (int t = 0; t < kGemmTokens; t++) {
+                            int32_t four;
+                            std::memcpy(&four, xq[t] + 4 * c, 4);
+                            dot[t] = _mm512_dpbusd_epi32(dot[t], wv, _mm512_set1_epi32(four));
+                        }
+                    }
+                    const __m512 sw = _mm512_load_ps(scales[g]);
+                    for (int t = 0; t < kGemmTokens; t++)
+                        sum[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, dot[t]), _mm512_set1_ps(xs[t][g])),
+                                                 sw, sum[t]);
+                }
+                for (int t = 0; t < kGemmTokens && t0 + t < tokens; t++) _mm512_store_ps(acc[t0 + t], sum[t]);
+            }
+        }
+        for (int t = 0; t < tokens; t++)
+            for (int r = 0; r < rows; r++) out[(size_t)(b0 + t) * d + begin + r] = acc[t][r];
+    }
+}
+#endif
+
+// matmul_rows: rows begin .. end - 1 (a tile: at most four) of
+// matmul_reference's result exactly, faster. GS is the group size fixed at
+// compile time (so the group's loop unrolls completely), or 0 to read it from
+// w. The tile's rows are read from memory once and, while they sit in cache,
+// used for all nb tokens (1 when generating, up to kBlock when reading a
+// prompt): four tokens at a time row by row, then one token at a time over the
+// tile's rows. A row's result does not depend on nb. 4-bit weights: one token's
+// dot products unpack them in registers (dot_i4); four tokens' unpack each
+// group to int8 once (on the stack: at most kMaxGroup4 values) and take the
+// int8 path.
+//
+// One row at a time or several side by side? A row is one long sequential
+// read, which the hardware prefetcher follows well; that is enough when a
+// group's work is long (int8, fp32 in run.cpp). A 4-bit group of 32 is only 16
+// bytes, and one row's running sum would wait on each group's fused
+// multiply-add: there (with AVX-512 VNNI) groups go four at a time for four
+// (row, token) pairs, so four running sums advance together, one row with four
+// tokens or the tile's four rows with one token. Four rows side by side are
+// eight short streams (values and scales) that the prefetcher does not follow,
+// so each step asks for the same bytes kPrefetchRows rows on (two tiles) into L2.
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
+constexpr int kPrefetchRows = 8;
+#endif
+template <int GS>
+static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
+                        int begin, int end) {
+    const int gs = GS ? GS : w.group_size, groups = w.groups(n), rows = end - begin;
+    const auto len = [&](int g) { return GS && n % (GS ? GS : 1) == 0 ? GS : std::min(gs, n - g * gs); };
+    QuantizedTensor row[4];  // the tile's rows; missing ones repeat the first (computed, never stored)
+    for (int r = 0; r < 4; r++) row[r] = w.row(begin + (r < rows ? r : 0), n);
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
+    // the groups taken four at a time (a multiple of 4), the rest one by one
+    const int quad_groups = GS == kQuad && w.bits == 4 ? 4 * (n / kQuadValues) : 0;
+#endif
+    alignas(64) int8_t unpacked[kMaxGroup4];
+    int b = 0;
+    for (; b + 4 <= nb; b += 4)  // four tokens of a prompt block, row by row
+        for (int r = 0; r < rows; r++) {
+            const int8_t* xq = x.q + (size_t)b * n;  // token t at xq + t n
+            const float* xs[4];
+            for (int t = 0; t < 4; t++) xs[t] = x.s + (size_t)(b + t) * groups;
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            int g = 0;
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
+            if (quad_groups) {
+                const float* ws[4] = {row[r].s, row[r].s, row[r].s, row[r].s};
+                __m128 acc4 = _mm_setzero_ps();
+                for (; g < quad_groups; g += 4) {
+                    __m512i lanes[4];
+                    for (int t = 0; t < 4; t++)
+                        lanes[t] = dot_i4_lanes(row[r].q + g * kQuad / 2, x4_of(xq + (size_t)t * n + g * kQuad));
+                    acc4 = add_groups4(acc4, sum_lanes4(lanes), scales4x4(xs, g), scales4x4(ws, g));
+                }
+                _mm_storeu_ps(acc, acc4);
+            }
+#endif
+            for (; g < groups; g++) {
+                const int8_t* wg = w.bits == 4 ? unpack4(unpacked, row[r].q, g * gs, len(g)) : row[r].q + g * gs;
+                int32_t dots[4];
+                dot_i8_x4(wg, xq + g * gs, n, len(g), dots);
+#if defined(__AVX512BW__) && defined(HAS_FMA)
+                // add_group for the four tokens in the four lanes of one register
+                const __m128 sx = _mm_set_ps(xs[3][g], xs[2][g], xs[1][g], xs[0][g]);
+                const __m128 dx = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)dots)), sx);
+                _mm_storeu_ps(acc, _mm_fmadd_ps(dx, _mm_set1_ps(row[r].s[g]), _mm_loadu_ps(acc)));
+#else
+                for (int t = 0; t < 4; t++) acc[t] = add_group(acc[t], dots[t], xs[t][g], row[r].s[g]);
+#endif
+            }
+            for (int t = 0; t < 4; t++) out[(size_t)(b + t) * d + begin + r] = acc[t];
+        }
+    for (; b < nb; b++) {  // one token over the tile's rows
+        const int8_t* xq = x.q + (size_t)b * n;
+        const float* xs = x.s + (size_t)b * groups;
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        int g = 0;
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
+        QuantizedTensor ahead[4];  // the rows to prefetch, clamped to the matrix's last
+        for (int r = 0; r < 4; r++) ahead[r] = w.row(std::min(begin + r + kPrefetchRows, d - 1), n);
+        if constexpr (GS == 32 || GS % 64 == 0) {
+            if (GS != 0 && w.bits == 8 && x.offsets) {
+                const int whole = n / gs;  // a short last group takes the path below
+                g = GS == 32 ? whole / 2 * 2 : whole;
+                _mm_storeu_ps(acc, rows4_i8<GS ? GS : 64>(row, ahead, xq, xs, x.offsets + (size_t)b * groups, g));
+            }
+        }
+        if (quad_groups) {
+            const float *xs4[4] = {xs, xs, xs, xs}, *ws[4] = {row[0].s, row[1].s, row[2].s, row[3].s};
+            __m128 acc4 = _mm_setzero_ps();
+            for (; g < quad_groups; g += 4) {
+                const X4 xg = x4_of(xq + g * kQuad);
+                __m512i lanes[4];
+                for (int r = 0; r < 4; r++) {
+                    lanes[r] = dot_i4_lanes(row[r].q + g * kQuad / 2, xg);
+                    _mm_prefetch((const char*)(ahead[r].q + g * kQuad / 2), _MM_HINT_T1);
+                    _mm_prefetch((const char*)(ahead[r].s + g), _MM_HINT_T1);
+                }
+                acc4 = add_groups4(acc4, sum_lanes4(lanes), scales4x4(xs4, g), scales4x4(ws, g));
+            }
+            _mm_storeu_ps(acc, acc4);
+        }
+#endif
+        for (int r = 0; r < rows; r++) {
+            for (int k = g; k < groups; k++)
+                acc[r] = add_group(acc[r], w.bits == 4 ? dot_i4(row[r].q, k * gs, xq + k * gs, len(k))
+                                                       : dot_i8(xq + k * gs, row[r].q + k * gs, len(k)),
+                                   xs[k], row[r].s[k]);
+            out[(size_t)b * d + begin + r] = acc[r];
+        }
+    }
+}
+
+// tile_rows: a tile, by gemm16 when reading a prompt (with AVX-512 VNNI, whole
+// groups of a size it takes, activations with offsets), else four rows at a time.
+template <int GS>
+static void tile_rows(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
+                      int begin, int end) {
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
+    if constexpr (GS != 0 && kSlab % (GS ? GS : 1) == 0) {
+        if (nb >= 4 && n % GS == 0 && x.offsets) return gemm16<GS>(out, x, w, n, d, nb, begin);
+    }
+#endif
+    for (int r = begin; r < end; r += 4) matmul_rows<GS>(out, x, w, n, d, nb, r, std::min(end, r + 4));
+}
+
+static void matmul_tile(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
+                        int t) {
+    const int begin = kTile * t, end = std::min(d, begin + kTile);
+    switch (w.group_size) {
+    case 32: tile_rows<32>(out, x, w, n, d, nb, begin, end); break;
+    case 64: tile_rows<64>(out, x, w, n, d, nb, begin, end); break;
+    case 128: tile_rows<128>(out, x, w, n, d, nb, begin, end); break;
+    default: tile_rows<0>(out, x, w, n, d, nb, begin, end); break;
+    }
+}
+#endif  // MATMUL_REFERENCE
