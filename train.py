@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import export
+from exporter import writers
 import model as M
 
 BOS = 1
@@ -70,7 +70,7 @@ def read_stories(path):
 
 
 def write_val(path, val_stories):
-    export.write_atomically(path, [(SEPARATOR.join(val_stories) + "\n").encode("utf-8")])
+    writers.write_atomically(path, [(SEPARATOR.join(val_stories) + "\n").encode("utf-8")])
 
 
 # ----------------------------------------------------------------------------
@@ -133,7 +133,7 @@ class Tokenizer:
         """tokenizer.bin: max piece length, then (score, length, bytes) per id."""
         pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{b:02X}>".encode() for b in range(256)]
         pieces += [p.encode("utf-8") for p in self.pieces]
-        export.write_tokenizer_bin(path, pieces, self.scores)
+        writers.write_tokenizer_bin(path, pieces, self.scores)
 
 
 def train_tokenizer(stories, vocab_size):
@@ -297,7 +297,7 @@ def main():
     model.eval()
     val, count = validation_loss(model, val_ids, T)
     ckpt, tok_path = (os.path.join(a.out_dir, f) for f in ("tinystories.bin", "tinystories-tok.bin"))
-    export.write_checkpoint(model, ckpt, 0)
+    writers.write_checkpoint(model, ckpt, 0)
     tok.write(tok_path)
     write_val(val_path, val_stories)
     print(f"final validation loss {val:.4f} nats per token (perplexity {math.exp(val):.3f}) over {count} tokens; "

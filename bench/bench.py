@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-import export as E  # noqa: E402
+from exporter import writers as E  # noqa: E402
 import model as M  # noqa: E402
 
 MODELS = Path(os.environ.get("MODELS_DIR", ROOT.parent / "shared" / "models"))

@@ -534,7 +534,7 @@ def write_gguf(path, model, kind, vocab, groups=None):
     source's tensors already of the type written are copied as they are, and
     groups (our_groups: a version 2 / 3 file's groups of 32) are copied when
     their scales are fp16 values."""
-    from export import write_atomically
+    from exporter.writers import write_atomically
     a, sd = model.args, model.state_dict()
     source = getattr(model, "gguf", None)
 

@@ -13,7 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import export as E  # noqa: E402
+from exporter import writers as E  # noqa: E402
 import model as M  # noqa: E402
 from exporter.tokenizers import read_tokenizer_bin  # noqa: E402
 

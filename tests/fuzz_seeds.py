@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import export as E  # noqa: E402
+from exporter import writers as E  # noqa: E402
 from conftest import TOK512, byte_level_json, random_model, vocab_of_size, write_tokenizer  # noqa: E402
 
 out = Path(sys.argv[1])

@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-import export as E
+from exporter import writers as E
 from conftest import (BINARIES, LLAMA3_SPECIALS, QBINARIES, assert_threads, binary_id, LLAMA_MODEL, ROOT, STORIES,
                       TOK512, byte_level_json, existing, random_model, run, write_tokenizer)
 from test_cli import expect_error, stories
@@ -975,14 +975,16 @@ def test_to_gguf_names_the_default_vocabulary(tmp_path):
 
 
 def export_main(monkeypatch, *args):
-    """export.py's main() in this process (quiet): None when it finished, else
-    the message it stopped with; anything but its one-line stop fails the test."""
+    """export.py run as a script in this process (quiet): None when it finished,
+    else the message it stopped with; anything but its one-line stop fails the test."""
+    import runpy
+    import exporter
     import exporter.gguf
-    for module in (E, exporter.gguf):
+    for module in (exporter, E, exporter.gguf):
         monkeypatch.setattr(module, "progress", lambda *_: None)
     monkeypatch.setattr("sys.argv", ["export.py", *map(str, args)])
     try:
-        E.main()
+        runpy.run_path(str(ROOT / "export.py"), run_name="__main__")
     except SystemExit as e:
         assert isinstance(e.code, str) and e.code.startswith("export.py: error: ") and "\n" not in e.code, e.code
         return e.code

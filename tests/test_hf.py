@@ -209,7 +209,7 @@ def test_meta_shards_concatenate(tmp_path, monkeypatch):
     sd = m.state_dict()
     params = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": -1, "norm_eps": 1e-5,
               "multiple_of": 32}
-    import export as E
+    from exporter import writers as E
     from exporter.meta import shard_axis
     for n_shards in (1, 2):
         d = tmp_path / f"meta{n_shards}"
