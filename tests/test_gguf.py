@@ -37,11 +37,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BINARIES, MODELS, QBINARIES, ROOT, E, M, existing, node, random_model, read_dump, run
-from test_model import U, rounding_depth
+from conftest import (BINARIES, E, M, MODELS, QBINARIES, ROOT, U, existing, group_error, node, random_model,
+                      read_dump, rounding_depth, run, varied_strings)
 from exporter.gguf import GGUF as Reader, gguf_name, gguf_tokenizer
-from test_runq import group_error
-from test_tokenizer import varied_strings
 
 GGUF = MODELS / "gguf"
 NODE_LLAMA = ROOT / "build" / "npm" / "node_modules" / "node-llama-cpp"

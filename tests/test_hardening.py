@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from exporter import writers as E
-from conftest import (BINARIES, LLAMA3_SPECIALS, QBINARIES, assert_threads, binary_id, LLAMA_MODEL, ROOT, STORIES,
-                      TOK512, byte_level_json, existing, random_model, run, write_tokenizer)
-from test_cli import expect_error, stories
+from conftest import (BINARIES, LLAMA3_SPECIALS, LLAMA_MODEL, QBINARIES, ROOT, STORIES, TOK512, assert_threads,
+                      binary_id, byte_level_json, existing, expect_error, random_model, run, stories,
+                      write_tokenizer)
 
 STORIES_BYTES = STORIES.read_bytes()
 ARGS = dict(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=32, vocab_size=8, max_seq_len=32)

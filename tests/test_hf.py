@@ -14,9 +14,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, M, random_model, read_dump, run, vocab_of_size, write_tokenizer
-from test_model import U, rounding_depth
-from test_runq import quantization_bound
+from conftest import (LLAMA3, M, ROOT, U, package, quantization_bound, random_model, read_dump, rounding_depth,
+                      run, varied_strings, vocab_of_size, write_tokenizer)
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -330,7 +329,6 @@ def tokenizer_json_from_model(path, out):
 def test_tokenizer_json_encodes_like_tokenizer_model(tmp_path):
     """The same ids as llama2.c's tokenizer.bin on a thousand varied strings."""
     from conftest import LLAMA_BIN, LLAMA_MODEL
-    from test_tokenizer import varied_strings
     tj = tokenizer_json_from_model(LLAMA_MODEL, tmp_path / "tokenizer.json")
     export("--tokenizer", tj, "-o", tmp_path / "tok.bin")
     strings = b"".join(s.encode() + b"\0" for s in varied_strings(1000, seed=5))
@@ -372,7 +370,6 @@ LLAMA32_GROUP = 32
 
 @pytest.fixture(scope="module")
 def llama32(tmp_path_factory):
-    from test_byte_level import LLAMA3, package
     d = tmp_path_factory.mktemp("llama32")
     m = random_model(32, **LLAMA32)
     make_hf_dir(d / "hf", m, "BF16", bos_token_id=128000, eos_token_id=[128001, 128008, 128009])

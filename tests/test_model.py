@@ -8,11 +8,9 @@ import sys
 import pytest
 import torch
 
-from conftest import (M, ROOT, STORIES, TOK512, decode_text, existing,
-                      random_model, read_dump, read_tokenizer, run, save_model, vocab_of_size,
-                      write_tokenizer)
-
-U = 2.0 ** -24  # float32 unit roundoff
+from conftest import (M, ROOT, STORIES, TOK512, U, decode_text, existing, prompt_tokens, random_model,
+                      read_dump, read_tokenizer, reference_logits, rounding_depth, run, save_model,
+                      vocab_of_size, write_tokenizer)
 
 # Tiny random models covering the architecture's variants; sizes deliberately
 # not powers of two (head sizes 8, 10, 10, 16).
@@ -31,27 +29,6 @@ CONFIGS = {
 PROMPT = "hello world"
 
 
-def rounding_depth(args, T):
-    """How many float32 roundings can stack up behind one logit, adding the
-    per-element bounds in run.cpp's kernel banners along the longest path:
-    rmsnorm n/2 + 6, a dot product of length n contributes n, softmax over T
-    positions T + 4 plus the weighted sum over T values, and a few single
-    roundings (residual adds, SiLU, RoPE)."""
-    rms = args.dim / 2 + 6
-    attention = args.dim + 3 + args.head_size + (T + 4) + T + args.dim + 1
-    ffn = args.dim + 4 + args.hidden_dim + 1
-    return args.n_layers * (2 * rms + attention + ffn) + rms + args.dim
-
-
-def reference_logits(m, tokens):
-    """model.py in float64: logits (T, vocab) and each logit's magnitude
-    sum_k |W[v, k] h[k]|, the scale its rounding error is proportional to."""
-    m = m.double()
-    with torch.no_grad():
-        h = m.hidden(torch.tensor([tokens]))[0]
-        return m.output(h), h.abs() @ m.output.weight.abs().T
-
-
 def setup_model(tmp_path, name):
     cfg = dict(CONFIGS[name])
     m = random_model(sum(map(ord, name)), **cfg)
@@ -59,11 +36,6 @@ def setup_model(tmp_path, name):
     ckpt = save_model(m, tmp_path / "model.bin", version)
     tok = write_tokenizer(tmp_path / "tok.bin", vocab_of_size(cfg["vocab_size"]))
     return m, ckpt, tok
-
-
-def prompt_tokens(binary, ckpt, tok, prompt):
-    out = run(binary, ckpt, "-z", tok, "-m", "tokenize", "-i", prompt).stdout
-    return [int(t) for t in out.split()]
 
 
 # The worst-case bound adds every rounding at its largest, all in one direction;

@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from conftest import BINARIES, QBINARIES, E, M, ROOT, decode_text, existing, read_tokenizer, run
-from test_model import U, prompt_tokens, rounding_depth
+from conftest import (BINARIES, E, M, QBINARIES, ROOT, U, decode_text, existing, prompt_tokens, read_tokenizer,
+                      rounding_depth, run)
 
 MODEL = ROOT / "models" / "tinystories.bin"
 TOK = ROOT / "models" / "tinystories-tok.bin"

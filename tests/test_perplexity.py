@@ -7,8 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import TOK512, random_model, run, vocab_of_size, write_tokenizer
-from test_cli import expect_error
+from conftest import (TOK512, expect_error, random_model, run, vocab_of_size, write_tokenizer)
 
 U = 2.0 ** -24
 

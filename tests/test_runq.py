@@ -7,9 +7,8 @@ import struct
 import pytest
 import torch
 
-from conftest import (E, M, MODELS, STORIES, TOK512, decode_text,
-                      fit_prompt, random_model, read_dump, read_tokenizer, run, save_model,
-                      vocab_of_size, write_tokenizer)
+from conftest import (E, M, MODELS, STORIES, TOK512, decode_text, fit_prompt, group_error, quantization_bound,
+                      random_model, read_dump, read_tokenizer, run, save_model, vocab_of_size, write_tokenizer)
 
 # Random models: grouped-query attention, a separate classifier, compiled-in
 # and generic group sizes, and an odd vocab_size times dim 30 (2 mod 4 bytes of
@@ -44,38 +43,6 @@ def long_prompt(binary, ckpt, tok, T):
     words = ["".join(letters[int(i)] for i in torch.randint(0, 26, (int(n),), generator=g))
              for n in torch.randint(1, 6, (4 * T,), generator=g)]
     return fit_prompt(words, T, binary, ckpt, tok)
-
-
-def group_error(t, gs, qmax=127):
-    """Half a quantization step for every element of t (..., n): max|group| / (2 qmax),
-    groups of gs along the last axis, the last one shorter if gs does not divide n."""
-    n = t.shape[-1]
-    padded = torch.nn.functional.pad(t, (0, -n % gs))
-    groups = padded.reshape(*t.shape[:-1], -1, gs)
-    return (groups.abs().amax(-1, keepdim=True) / (2 * qmax)).expand_as(groups).reshape(padded.shape)[..., :n]
-
-
-def quantization_bound(m, gs, tokens, exact_weights=False):
-    """Per-logit bound on |runq - run|, from the quantization error.
-
-    The classifier's own error is exact to bound: with its input h (the final
-    normalized state) and weights W each off by at most half a step of their
-    group (e_h, e_W), |dz_v| <= sum_k e_W[v,k] |h_k| + |W[v,k]| e_h[k] + e_W e_h.
-    Every earlier quantized matmul (4 per layer: qkv, wo, w1/w3, w2) injects an
-    error of the same relative size into the residual stream, at most the
-    classifier's worst ratio r = max_v bound_v / sum_k |W[v,k] h_k|; to first
-    order (no amplification through the layers, as in the fp32 test) those
-    reach the logits as 4 * n_layers * r * sum_k |W[v,k] h_k|. exact_weights:
-    m's weights are the quantized file's own (only activations are rounded)."""
-    m = m.double()
-    with torch.no_grad():
-        h = m.hidden(torch.tensor([tokens]))[0]  # (T, dim)
-        W = m.output.weight  # (vocab, dim)
-        e_h, e_W = group_error(h, gs), torch.zeros_like(W) if exact_weights else group_error(W, gs)
-        own = h.abs() @ e_W.T + e_h @ W.abs().T + e_h @ e_W.T
-        magnitude = h.abs() @ W.abs().T
-        r = (own / magnitude).max()
-        return own + 4 * m.args.n_layers * r * magnitude
 
 
 @pytest.mark.parametrize("name", CONFIGS)
