@@ -195,6 +195,45 @@ def layer_tensors(args):
     ]
 
 
+# The .bin layout, described once: every array stored after the header, in file
+# order, as (label, the state-dict names whose tensors it holds, one tensor's
+# shape, kind). A stacked array (the norms; versions 0 and 1's matrices) holds
+# every layer's tensor, one after another; versions 2 and 3 store each layer's
+# matrix as its own tensor, values then scales. kind: "f32"; "q8", int8 values
+# then a float32 scale per group; "q4", two 4-bit values per byte (each row on a
+# byte) then the scales. name None: version 0's RoPE tables, which nothing reads.
+# export's writer, the reader below, the GGUF writer and the tests all use it.
+def file_layout(args, version, int8_tensors=0):
+    """int8_tensors (version 3, header offset 92): bit 0 keeps the embedding and
+    bit 1 the classifier in int8."""
+    layers = lambda name: [f"layers.{i}.{name}" for i in range(args.n_layers)]
+    weights = "f32" if version < 2 else "q8" if version == 2 else "q4"
+    norms = [("rms_att", layers("attention_norm.weight"), (args.dim,), "f32"),
+             ("rms_ffn", layers("ffn_norm.weight"), (args.dim,), "f32")]
+    emb = ("token_embedding", ["tok_embeddings.weight"], (args.vocab_size, args.dim),
+           "q8" if int8_tensors & 1 else weights)
+    mats = [(name.split(".")[1], layers(name), shape, weights) for name, shape in layer_tensors(args)]
+    final = ("rms_final", ["norm.weight"], (args.dim,), "f32")
+    if version == 0:  # llama2.c's order: each norm before the matrices it feeds
+        rope = [(label, [None], (args.max_seq_len, args.head_size // 2), "f32")
+                for label in ("freq_cis_real", "freq_cis_imag")]
+        out = [emb, norms[0], *mats[:4], norms[1], *mats[4:], final, *rope]
+    else:
+        out = [*norms, final, emb, *mats]
+    if not args.shared_classifier:
+        out.append(("classifier", ["output.weight"], (args.vocab_size, args.dim),
+                    "q8" if int8_tensors & 2 else weights))
+    return out
+
+
+def stored_bytes(shape, kind, group_size):
+    """(value bytes, scale bytes) of one tensor of this shape and kind."""
+    rows, cols = (1, shape[0]) if len(shape) == 1 else shape
+    if kind == "f32":
+        return 4 * rows * cols, 0
+    return rows * cols if kind == "q8" else rows * ((cols + 1) // 2), 4 * rows * -(-cols // group_size)
+
+
 class Reader:
     def __init__(self, data, offset):
         self.data, self.offset = data, offset
@@ -264,48 +303,20 @@ def load_checkpoint(path):
     args, version, group_size, header = read_header(data)
     model = Transformer(args)
     r = Reader(data, header)
-    L, D = args.n_layers, args.dim
+    # version 3 may keep the embedding (bit 0) and classifier (bit 1) in int8
+    int8 = struct.unpack_from("<i", data, 92)[0] if version == 3 else 0
+    if int8 & ~3 or (int8 and args.dim % group_size):
+        raise ValueError(f"int8 tensor flags {int8} with group size {group_size}")
+    read = {"f32": lambda shape: r.floats(*shape), "q8": lambda shape: r.quantized(group_size, *shape),
+            "q4": lambda shape: r.quantized4(group_size, *shape)}
     sd = {}
-
-    def per_layer(name, tensor):
-        for i in range(L):
-            sd[f"layers.{i}.{name}"] = tensor[i]
-
-    if version == 0:
-        sd["tok_embeddings.weight"] = r.floats(args.vocab_size, D)
-        per_layer("attention_norm.weight", r.floats(L, D))
-        for name, shape in layer_tensors(args)[:4]:
-            per_layer(name, r.floats(L, *shape))
-        per_layer("ffn_norm.weight", r.floats(L, D))
-        for name, shape in layer_tensors(args)[4:]:
-            per_layer(name, r.floats(L, *shape))
-        sd["norm.weight"] = r.floats(D)
-        r.floats(args.max_seq_len, args.head_size)  # the two unused RoPE tables
-        weights = lambda *shape: r.floats(*shape)
-    else:
-        per_layer("attention_norm.weight", r.floats(L, D))
-        per_layer("ffn_norm.weight", r.floats(L, D))
-        sd["norm.weight"] = r.floats(D)
-        if version == 1:
-            weights = lambda *shape: r.floats(*shape)
-        elif version == 2:
-            weights = lambda *shape: r.quantized(group_size, *shape)
-        else:
-            weights = lambda *shape: r.quantized4(group_size, *shape)
-        # version 3 may keep the embedding (bit 0) and classifier (bit 1) in int8
-        int8 = struct.unpack_from("<i", data, 92)[0] if version == 3 else 0
-        if int8 & ~3 or (int8 and D % group_size):
-            raise ValueError(f"int8 tensor flags {int8} with group size {group_size}")
-        int8_weights = lambda *shape: r.quantized(group_size, *shape)
-        sd["tok_embeddings.weight"] = (int8_weights if int8 & 1 else weights)(args.vocab_size, D)
-        for name, shape in layer_tensors(args):
-            if version == 1:
-                per_layer(name, weights(L, *shape))
-            else:  # versions 2 and 3 quantize each layer's matrix separately
-                for i in range(L):
-                    sd[f"layers.{i}.{name}"] = weights(*shape)
-    sd["output.weight"] = sd["tok_embeddings.weight"] if args.shared_classifier else \
-        (int8_weights if version == 3 and int8 & 2 else weights)(args.vocab_size, D)
+    for _, names, shape, kind in file_layout(args, version, int8):
+        for name in names:
+            t = read[kind](shape)
+            if name:
+                sd[name] = t
+    if args.shared_classifier:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
     if r.offset != len(data):
         raise ValueError(f"{path}: {len(data) - r.offset} bytes left over after the weights")
     model.load_state_dict(sd)

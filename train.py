@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from exporter import writers
+from exporter.tokenizers import SentencePieceEncoder
 import model as M
 
 BOS = 1
@@ -94,6 +95,9 @@ class Tokenizer:
         self.ids = {p: N_SPECIAL + i for i, p in enumerate(pieces)}
         n_chars = sum(len(p) == 1 for p in pieces)
         self.scores = [0.0] * (N_SPECIAL + n_chars) + [-float(r) for r in range(len(pieces) - n_chars)]
+        self.all_pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{b:02X}>".encode() for b in range(256)]
+        self.all_pieces += [p.encode("utf-8") for p in pieces]  # every id's piece, as tokenizer.bin holds it
+        self.encoder = SentencePieceEncoder(self.all_pieces, self.scores)
         self.cache = {}
 
     @property
@@ -101,24 +105,7 @@ class Tokenizer:
         return N_SPECIAL + len(self.pieces)
 
     def encode_chunk(self, chunk):
-        syms = []
-        for c in chunk:
-            if c in self.ids:
-                syms.append((c, self.ids[c]))
-            else:  # byte fallback: one byte piece per UTF-8 byte
-                syms += [(None, b + 3) for b in c.encode("utf-8")]
-        while True:
-            best = None  # (score, position, piece)
-            for i in range(len(syms) - 1):
-                a, b = syms[i][0], syms[i + 1][0]
-                if a is not None and b is not None and a + b in self.ids:
-                    score = self.scores[self.ids[a + b]]
-                    if best is None or score > best[0]:
-                        best = (score, i, a + b)
-            if best is None:
-                return [i for _, i in syms]
-            _, i, piece = best
-            syms[i:i + 2] = [(piece, self.ids[piece])]
+        return self.encoder(chunk, dummy_prefix=False)
 
     def encode(self, text):
         """What run.cpp's encode(text, bos=false) returns."""
@@ -131,9 +118,7 @@ class Tokenizer:
 
     def write(self, path):
         """tokenizer.bin: max piece length, then (score, length, bytes) per id."""
-        pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{b:02X}>".encode() for b in range(256)]
-        pieces += [p.encode("utf-8") for p in self.pieces]
-        writers.write_tokenizer_bin(path, pieces, self.scores)
+        writers.write_tokenizer_bin(path, self.all_pieces, self.scores)
 
 
 def train_tokenizer(stories, vocab_size):

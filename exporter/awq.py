@@ -1,14 +1,13 @@
 """Activation-aware scaling (AWQ, Lin et al. 2023) for export.py --awq."""
 
 import collections
-import heapq
 import os
 
 import torch
 
 from exporter import fail, progress
 from exporter.quantize import in_groups, quantize_groups
-from exporter.tokenizers import read_tokenizer_bin
+from exporter.tokenizers import SentencePieceEncoder, read_tokenizer_bin
 
 # Activation-aware scaling (AWQ, Lin et al. 2023): before quantizing, scale each
 # matrix's input channels up where the calibration activations are large, and
@@ -21,39 +20,6 @@ from exporter.tokenizers import read_tokenizer_bin
 # calibration activations; alpha = 0 is plain rounding, so the chosen scale is
 # never worse than it there.
 
-
-
-def encode(pieces, scores, text):
-    """run.cpp's encode(text, bos=false): a leading space, each UTF-8 character
-    its piece (or its bytes' byte pieces), then merges of the adjacent pair whose
-    concatenation scores highest, leftmost first, through a heap of candidates."""
-    ids = {p: i for i, p in enumerate(pieces)}
-    sym = []
-    for ch in " " + text:
-        b = ch.encode("utf-8")
-        sym += [ids[b]] if b in ids else [c + 3 for c in b]
-    nxt, prv, alive = list(range(1, len(sym))) + [-1], list(range(-1, len(sym) - 1)), [True] * len(sym)
-    heap = []
-
-    def consider(i):
-        j = nxt[i] if i >= 0 else -1
-        if i >= 0 and j >= 0 and pieces[sym[i]] + pieces[sym[j]] in ids:
-            merged = ids[pieces[sym[i]] + pieces[sym[j]]]
-            heapq.heappush(heap, (-scores[merged], i, j, sym[i], sym[j], merged))
-
-    for i in range(len(sym) - 1):
-        consider(i)
-    while heap:
-        _, i, j, a, b, merged = heapq.heappop(heap)
-        if not (alive[i] and alive[j] and nxt[i] == j and sym[i] == a and sym[j] == b):
-            continue  # stale: a neighbour was merged since
-        sym[i], alive[j] = merged, False
-        nxt[i] = nxt[j]
-        if nxt[i] >= 0:
-            prv[nxt[i]] = i
-        consider(prv[i])
-        consider(i)
-    return [sym[i] for i in range(len(sym)) if alive[i]]
 
 
 def layer_inputs(model, windows):
@@ -210,7 +176,7 @@ def calibration_windows(text_path, tokenizer_path, seq_len, vocab_size, n_tokens
                  "this one is a byte-level BPE")
     with open(text_path, encoding="utf-8", errors="replace") as f:
         text = f.read(16 * n_tokens)  # far more characters than tokens needed
-    ids = encode(*read_tokenizer_bin(tokenizer_path, vocab_size), text)[:n_tokens]
+    ids = SentencePieceEncoder(*read_tokenizer_bin(tokenizer_path, vocab_size))(text)[:n_tokens]
     if not ids:
         fail(f"{text_path}: no calibration text")
     T = min(seq_len, 256)

@@ -635,22 +635,12 @@ def our_groups(path):
     if version not in (2, 3) or gs != 32:
         return None
     int8 = struct.unpack_from("<i", data, 92)[0] if version == 3 else 0
-    L, D = args.n_layers, args.dim
-    at, held = header + 4 * (2 * L + 1) * D, {}
-
-    def take(name, rows, cols, bits):
-        nonlocal at
-        n = rows * cols if bits == 8 else rows * ((cols + 1) // 2)
-        groups = rows * -(-cols // gs)
-        q = np.frombuffer(data, np.int8 if bits == 8 else np.uint8, n, at)
-        held[name] = bits, (q, np.frombuffer(data, "<f4", groups, at + n))
-        at += n + 4 * groups
-
-    bits = 8 if version == 2 else 4
-    take("tok_embeddings.weight", args.vocab_size, D, 8 if int8 & 1 else bits)
-    for name, (rows, cols) in M.layer_tensors(args):
-        for i in range(L):
-            take(f"layers.{i}.{name}", rows, cols, bits)
-    if not args.shared_classifier:
-        take("output.weight", args.vocab_size, D, 8 if int8 & 2 else bits)
+    at, held = header, {}
+    for _, names, shape, kind in M.file_layout(args, version, int8):  # offsets in file order
+        values, scales = M.stored_bytes(shape, kind, gs)
+        for name in names:
+            if kind != "f32":
+                q = np.frombuffer(data, np.int8 if kind == "q8" else np.uint8, values, at)
+                held[name] = 8 if kind == "q8" else 4, (q, np.frombuffer(data, "<f4", scales // 4, at + values))
+            at += values + scales
     return held

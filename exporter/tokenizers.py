@@ -1,6 +1,7 @@
 """Tokenizer files: sentencepiece's .model, Hugging Face's tokenizer.json, and
 our tokenizer.bin read back."""
 
+import heapq
 import json
 import math
 import os
@@ -84,6 +85,50 @@ def read_sentencepiece(path):
         if not math.isfinite(score):
             fail(f"{path}: piece {i} {piece!r} has score {score}")
     return pieces, ids[41], ids[42]
+
+
+class SentencePieceEncoder:
+    """run.cpp's encode(text, bos=false) for a SentencePiece vocabulary (pieces
+    as bytes, the byte pieces at ids 3..258): a leading space (the dummy
+    prefix), each UTF-8 character its piece (else its bytes' byte pieces), then
+    merges of the adjacent pair whose concatenation scores highest, leftmost
+    first, through a heap of candidates. As in run.cpp only normal pieces (ids
+    from 259) take part in lookups, the first id of a repeated piece winning.
+    The one Python encoder: train.py and AWQ's calibration use it."""
+
+    def __init__(self, pieces, scores):
+        self.pieces, self.scores, self.ids = pieces, scores, {}
+        for i in range(259, len(pieces)):
+            self.ids.setdefault(pieces[i], i)
+
+    def __call__(self, text, dummy_prefix=True):
+        pieces, scores, ids = self.pieces, self.scores, self.ids
+        sym = []
+        for ch in (" " if dummy_prefix and text else "") + text:
+            b = ch.encode("utf-8")
+            sym += [ids[b]] if b in ids else [c + 3 for c in b]
+        nxt, prv, alive = list(range(1, len(sym))) + [-1], list(range(-1, len(sym) - 1)), [True] * len(sym)
+        heap = []
+
+        def consider(i):
+            j = nxt[i] if i >= 0 else -1
+            if i >= 0 and j >= 0 and pieces[sym[i]] + pieces[sym[j]] in ids:
+                merged = ids[pieces[sym[i]] + pieces[sym[j]]]
+                heapq.heappush(heap, (-scores[merged], i, j, sym[i], sym[j], merged))
+
+        for i in range(len(sym) - 1):
+            consider(i)
+        while heap:
+            _, i, j, a, b, merged = heapq.heappop(heap)
+            if not (alive[i] and alive[j] and nxt[i] == j and sym[i] == a and sym[j] == b):
+                continue  # stale: a neighbour was merged since
+            sym[i], alive[j] = merged, False
+            nxt[i] = nxt[j]
+            if nxt[i] >= 0:
+                prv[nxt[i]] = i
+            consider(prv[i])
+            consider(i)
+        return [sym[i] for i in range(len(sym)) if alive[i]]
 
 
 def read_tokenizer_json(path):

@@ -42,30 +42,23 @@ def header_bytes(args, version, group_size=0, int8_tensors=0):
     return head.ljust(M.HEADER_BYTES, b"\0")
 
 
-def file_order(model, version):
+def file_order(model, version, int8_tensors=0):
     """[(label, function returning the tensor, its state-dict name or None for
-    the stacked norms and RoPE tables)] in the order the weights are
-    stored: each tensor is made only when it is written (a lazy model then
-    holds one matrix at a time). Versions 0/1 store each kind of matrix for all
-    layers in a row, so writing them layer after layer gives that layout;
-    version 2 stores the norms first, then every matrix as its own quantized tensor."""
+    the stacked norms and RoPE tables, kind)] in the order the weights are
+    stored (model.file_layout): each tensor is made only when it is written (a
+    lazy model then holds one matrix at a time). A stacked array of matrices is
+    written layer after layer, which is the same bytes."""
     args, sd = model.args, model.state_dict()
-    L = args.n_layers
-    stack = lambda name: lambda: torch.stack([sd[f"layers.{i}.{name}"] for i in range(L)])
-    tensor = lambda name: lambda: sd[name]
-    norms = [("rms_att", stack("attention_norm.weight"), None), ("rms_ffn", stack("ffn_norm.weight"), None)]
-    emb = ("token_embedding", tensor("tok_embeddings.weight"), "tok_embeddings.weight")
-    mats = [[(f"{name.split('.')[1]}[{i}]", tensor(f"layers.{i}.{name}"), f"layers.{i}.{name}") for i in range(L)]
-            for name, _ in M.layer_tensors(args)]
-    final = ("rms_final", tensor("norm.weight"), "norm.weight")
-    if version == 0:
-        cos, sin = M.rope_tables(args.head_size, args.max_seq_len, args.rope_theta, args.rope_scaling)
-        out = [emb, norms[0], *sum(mats[:4], []), norms[1], *sum(mats[4:], []), final,
-               ("freq_cis_real", lambda: cos, None), ("freq_cis_imag", lambda: sin, None)]
-    else:
-        out = [*norms, final, emb, *sum(mats, [])]
-    if not args.shared_classifier:
-        out.append(("classifier", tensor("output.weight"), "output.weight"))
+    out = []
+    for label, names, shape, kind in M.file_layout(args, version, int8_tensors):
+        if names == [None]:  # version 0's RoPE tables
+            cos, sin = M.rope_tables(args.head_size, args.max_seq_len, args.rope_theta, args.rope_scaling)
+            out.append((label, lambda t=cos if label == "freq_cis_real" else sin: t, None, kind))
+        elif len(shape) == 1 and len(names) > 1:  # a norm of every layer, in one array
+            out.append((label, lambda names=names: torch.stack([sd[n] for n in names]), None, kind))
+        else:
+            for i, name in enumerate(names):
+                out.append((f"{label}[{i}]" if len(names) > 1 else label, lambda name=name: sd[name], name, kind))
     return out
 
 
@@ -133,10 +126,9 @@ def write_checkpoint(model, path, version, group_size=None):
     def chunks():
         nonlocal worst
         yield header_bytes(model.args, version, gs, int8)
-        for label, make, name in file_order(model, version):
-            if version >= 2 and not label.startswith("rms_"):
-                bits = 8 if version == 2 or (name == "tok_embeddings.weight" and int8 & 1) or \
-                    (name == "output.weight" and int8 & 2) else 4
+        for label, make, name, kind in file_order(model, version, int8):
+            if kind != "f32":
+                bits = 8 if kind == "q8" else 4
                 copy = exact(name, bits)
                 if copy is not None:
                     q, scale = copy

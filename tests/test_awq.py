@@ -13,7 +13,7 @@ import torch
 from conftest import (E, M, MODELS, ROOT, STORIES, TOK512, U, random_model, reference_logits, rounding_depth,
                       run, save_model, varied_strings)
 from exporter import awq
-from exporter.tokenizers import read_tokenizer_bin
+from exporter.tokenizers import SentencePieceEncoder, read_tokenizer_bin
 
 CONFIGS = {  # grouped-query (wo's scales tied across the query heads of a value head), and plain
     "gqa": dict(dim=48, hidden_dim=100, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=300, max_seq_len=64),
@@ -71,7 +71,7 @@ def test_encoder_is_runs(binary, llama_tok):
         pieces, scores = read_tokenizer_bin(tok)
         for text in varied_strings(150, seed=5):
             ids = [int(t) for t in run(binary, model, "-z", tok, "-m", "tokenize", "-i", text).stdout.split()]
-            assert awq.encode(pieces, scores, text) == ids[1:], text
+            assert SentencePieceEncoder(pieces, scores)(text) == ids[1:], text
 
 
 def export(*args):

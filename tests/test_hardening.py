@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from exporter import writers as E
-from conftest import (BINARIES, LLAMA3_SPECIALS, LLAMA_MODEL, QBINARIES, ROOT, STORIES, TOK512, assert_threads,
+from conftest import (BINARIES, LLAMA3_SPECIALS, LLAMA_MODEL, M, QBINARIES, ROOT, STORIES, TOK512, assert_threads,
                       binary_id, byte_level_json, existing, expect_error, random_model, run, stories,
                       write_tokenizer)
 
@@ -48,17 +48,13 @@ def checkpoint_of(engine, tiny, version=None):
 
 def region_ends(m, version):
     """Byte offsets where the file's regions end: the header, then every tensor
-    (versions 2 and 3: the values and the scales of each matrix separately)."""
+    (versions 2 and 3: the values and the scales of each matrix separately), by
+    model.file_layout (group size 8, and 6 in version 3, as `tiny` writes them)."""
     ends = [len(E.header_bytes(m.args, version, 8))]
-    for label, make, _ in E.file_order(m, version):
-        t = make()
-        if version == 2 and not label.startswith("rms_"):
-            ends += [ends[-1] + t.numel(), ends[-1] + t.numel() + t.numel() // 8 * 4]
-        elif version == 3 and not label.startswith("rms_"):
-            rows, cols = t.shape  # 4-bit rows of (cols + 1) // 2 bytes, then ceil(cols / 6) scales per row
-            ends += [ends[-1] + rows * ((cols + 1) // 2), ends[-1] + rows * ((cols + 1) // 2 + -(-cols // 6) * 4)]
-        else:
-            ends.append(ends[-1] + 4 * t.numel())
+    for _, names, shape, kind in M.file_layout(m.args, version):
+        values, scales = M.stored_bytes(shape, kind, 6 if version == 3 else 8)
+        for _ in names:
+            ends += [ends[-1] + values] + ([ends[-1] + values + scales] if scales else [])
     return ends
 
 
