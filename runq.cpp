@@ -2224,12 +2224,25 @@ static void weighted_sum(float* out, const float* p, int T, const V* v, size_t s
 // matmul_reference's sums exactly (tests/test_runq.cpp checks, bit for bit).
 
 #ifndef MATMUL_REFERENCE
-// dot_i8: sum of a[i] * b[i] over n int8 pairs, exact in int32 for n < 2^17:
+// The integer kernels, each a family of one named function per instruction set
+// (_avx512: AVX-512BW, with VNNI where it pays; _avx2; _neon: ARM's dot
+// product; _portable: the plain loop, which also finishes what the others
+// leave), then the one a build uses. All exact in int32, so every family gives
+// the same sums (tests/test_runq.cpp sweeps lengths and starts in every build).
+
+// ---- dot_i8: sum of a[i] * b[i] over n int8 pairs, exact in int32 for n < 2^17:
 // each |a[i] b[i]| <= 2^14, so 2^17 products of -128 * -128 would reach 2^31.
-// Groups are far shorter (version 2: group_size <= dim <= 2^16; version 3: <= 256). The x86 SIMD paths widen int8 to int16 and multiply-add
-// adjacent pairs into int32 lanes; ARM's dot-product instruction adds four
-// int8 products into each int32 lane; the portable loop finishes what they leave.
-// (AVX-512 VNNI's vpdpbusd does not pay here: see dot_i8_x4.)
+// Groups are far shorter (version 2: group_size <= dim <= 2^16; version 3:
+// <= 256). x86 widens int8 to int16 and multiply-adds adjacent pairs into int32
+// lanes; ARM's dot-product instruction adds four int8 products into each int32
+// lane. (AVX-512 VNNI's vpdpbusd does not pay here: see dot_i8_x4.)
+
+static inline int32_t dot_i8_portable(const int8_t* a, const int8_t* b, int n) {
+    int32_t sum = 0;
+    for (int i = 0; i < n; i++) sum += (int32_t)a[i] * b[i];
+    return sum;
+}
+
 #if defined(__AVX2__)
 // The sum of v's 8 int32 lanes.
 static inline int32_t hsum_8(__m256i v) {
@@ -2238,7 +2251,22 @@ static inline int32_t hsum_8(__m256i v) {
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));  // + the neighbouring lane
     return _mm_cvtsi128_si32(s4);
 }
+// 16 values at a time into 8 int32 lanes, from i; returns where it stopped.
+static inline int dot_i8_avx2_lanes(__m256i& acc, const int8_t* a, const int8_t* b, int i, int n) {
+    for (; i + 16 <= n; i += 16) {
+        const __m256i va = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(a + i)));
+        const __m256i vb = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(b + i)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(va, vb));
+    }
+    return i;
+}
+static inline int32_t dot_i8_avx2(const int8_t* a, const int8_t* b, int n) {
+    __m256i acc = _mm256_setzero_si256();
+    const int i = dot_i8_avx2_lanes(acc, a, b, 0, n);
+    return hsum_8(acc) + dot_i8_portable(a + i, b + i, n - i);
+}
 #endif
+
 #if defined(__AVX512BW__)
 // Adds the 16 int32 lanes of v pairwise into 8 (maskz extracts: GCC 12 warns
 // about the plain ones' undefined source).
@@ -2260,38 +2288,43 @@ static inline __m512i sum_lanes4(const __m512i a[4]) {
     const __m512i s01 = pairs(a[0], a[1]), s23 = pairs(a[2], a[3]);
     return _mm512_add_epi32(_mm512_maskz_unpacklo_epi64(0xFF, s01, s23), _mm512_maskz_unpackhi_epi64(0xFF, s01, s23));
 }
-#endif
-
-static inline int32_t dot_i8(const int8_t* a, const int8_t* b, int n) {
-    int32_t sum = 0;
-    int i = 0;
-#if defined(__AVX512BW__) || defined(__AVX2__)
-    __m256i acc = _mm256_setzero_si256();  // 8 int32 lanes
-#if defined(__AVX512BW__)
+// 32 values at a time into 16 lanes, then AVX2's 16 at a time.
+static inline int32_t dot_i8_avx512(const int8_t* a, const int8_t* b, int n) {
     __m512i acc512 = _mm512_setzero_si512();
+    int i = 0;
     for (; i + 32 <= n; i += 32) {
         const __m512i va = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(a + i)));
         const __m512i vb = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(b + i)));
         acc512 = _mm512_add_epi32(acc512, _mm512_madd_epi16(va, vb));
     }
-    acc = fold_16_to_8(acc512);
+    __m256i acc = fold_16_to_8(acc512);
+    i = dot_i8_avx2_lanes(acc, a, b, i, n);
+    return hsum_8(acc) + dot_i8_portable(a + i, b + i, n - i);
+}
 #endif
-    for (; i + 16 <= n; i += 16) {
-        const __m256i va = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(a + i)));
-        const __m256i vb = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(b + i)));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(va, vb));
-    }
-    sum = hsum_8(acc);
-#elif defined(__ARM_FEATURE_DOTPROD)
+
+#if defined(__ARM_FEATURE_DOTPROD)
+static inline int32_t dot_i8_neon(const int8_t* a, const int8_t* b, int n) {
     int32x4_t acc = vdupq_n_s32(0);
+    int i = 0;
     for (; i + 16 <= n; i += 16) acc = vdotq_s32(acc, vld1q_s8(a + i), vld1q_s8(b + i));
-    sum = vaddvq_s32(acc);
+    return vaddvq_s32(acc) + dot_i8_portable(a + i, b + i, n - i);
+}
 #endif
-    for (; i < n; i++) sum += (int32_t)a[i] * b[i];
-    return sum;
+
+static inline int32_t dot_i8(const int8_t* a, const int8_t* b, int n) {
+#if defined(__AVX512BW__)
+    return dot_i8_avx512(a, b, n);
+#elif defined(__AVX2__)
+    return dot_i8_avx2(a, b, n);
+#elif defined(__ARM_FEATURE_DOTPROD)
+    return dot_i8_neon(a, b, n);
+#else
+    return dot_i8_portable(a, b, n);
+#endif
 }
 
-// dot_i8_x4: w . x_t for the four activation rows x_t = x + t * stride (four
+// ---- dot_i8_x4: w . x_t for the four activation rows x_t = x + t * stride (four
 // tokens of a prompt block), n int8 each, exact. The weights are loaded once
 // for all four and the four horizontal sums share their shuffles.
 // With AVX-512 VNNI, vpdpbusd adds four byte products into each int32 lane,
@@ -2299,25 +2332,26 @@ static inline int32_t dot_i8(const int8_t* a, const int8_t* b, int n) {
 // and sum (x + 128) w = sum x w + 128 sum w, so one more vpdpbusd, of 128s with
 // w, gives the offset to subtract, shared by the four tokens. (For a single
 // token that extra instruction eats the gain: dot_i8 widens instead.) Masked
-// loads read the tail (n % 64) as zeros. Without VNNI, the weights are widened
-// to int16 once for all four.
-static inline void dot_i8_x4(const int8_t* w, const int8_t* x, size_t stride, int n, int32_t out[4]) {
-    int i = 0;
-    out[0] = out[1] = out[2] = out[3] = 0;
+// loads read the tail (n % 64) as zeros. With AVX-512BW alone, the weights are
+// widened to int16 once for all four. Elsewhere, four dot_i8.
+
+static inline void dot_i8_x4_rows(const int8_t* w, const int8_t* x, size_t stride, int n, int32_t out[4]) {
+    for (int t = 0; t < 4; t++) out[t] = dot_i8(w, x + t * stride, n);
+}
+
 #if defined(__AVX512BW__)
-    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                      _mm512_setzero_si512()};
-#if defined(__AVX512VNNI__)
-    const __m512i k128 = _mm512_set1_epi8((char)0x80);
-    __m512i offset = _mm512_setzero_si512();
-    for (; i < n; i += 64) {
-        const __m512i vw = load_i8x64(w, i, n);
-        offset = _mm512_dpbusd_epi32(offset, k128, vw);
-        for (int t = 0; t < 4; t++)
-            acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_xor_si512(load_i8x64(x + t * stride, i, n), k128), vw);
-    }
-    for (int t = 0; t < 4; t++) acc[t] = _mm512_sub_epi32(acc[t], offset);
-#else
+// the four tokens' lanes summed into out, then what the loop left (from i)
+static inline void dot_i8_x4_finish(const __m512i acc[4], const int8_t* w, const int8_t* x, size_t stride, int i,
+                                    int n, int32_t out[4]) {
+    // every 128-bit block of sum_lanes4 holds [t0 t1 t2 t3]: add the four blocks
+    const __m256i s8 = fold_16_to_8(sum_lanes4(acc));
+    _mm_storeu_si128((__m128i*)out, _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1)));
+    if (i < n)
+        for (int t = 0; t < 4; t++) out[t] += dot_i8(w + i, x + t * stride + i, n - i);
+}
+static inline void dot_i8_x4_avx512(const int8_t* w, const int8_t* x, size_t stride, int n, int32_t out[4]) {
+    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    int i = 0;
     for (; i + 32 <= n; i += 32) {
         const __m512i vw = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + i)));
         for (int t = 0; t < 4; t++) {
@@ -2325,18 +2359,47 @@ static inline void dot_i8_x4(const int8_t* w, const int8_t* x, size_t stride, in
             acc[t] = _mm512_add_epi32(acc[t], _mm512_madd_epi16(vw, vx));
         }
     }
+    dot_i8_x4_finish(acc, w, x, stride, i, n, out);
+}
 #endif
-    // every 128-bit block of sum_lanes4 holds [t0 t1 t2 t3]: add the four blocks
-    const __m256i s8 = fold_16_to_8(sum_lanes4(acc));
-    _mm_storeu_si128((__m128i*)out, _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1)));
+
+#if defined(__AVX512VNNI__)
+static inline void dot_i8_x4_vnni(const int8_t* w, const int8_t* x, size_t stride, int n, int32_t out[4]) {
+    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    const __m512i k128 = _mm512_set1_epi8((char)0x80);
+    __m512i offset = _mm512_setzero_si512();
+    int i = 0;
+    for (; i < n; i += 64) {
+        const __m512i vw = load_i8x64(w, i, n);
+        offset = _mm512_dpbusd_epi32(offset, k128, vw);
+        for (int t = 0; t < 4; t++)
+            acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_xor_si512(load_i8x64(x + t * stride, i, n), k128), vw);
+    }
+    for (int t = 0; t < 4; t++) acc[t] = _mm512_sub_epi32(acc[t], offset);
+    dot_i8_x4_finish(acc, w, x, stride, i, n, out);
+}
 #endif
-    if (i < n)  // what the SIMD loop leaves (and all of it without SIMD)
-        for (int t = 0; t < 4; t++) out[t] += dot_i8(w + i, x + t * stride + i, n - i);
+
+static inline void dot_i8_x4(const int8_t* w, const int8_t* x, size_t stride, int n, int32_t out[4]) {
+#if defined(__AVX512VNNI__)
+    dot_i8_x4_vnni(w, x, stride, n, out);
+#elif defined(__AVX512BW__)
+    dot_i8_x4_avx512(w, x, stride, n, out);
+#else
+    dot_i8_x4_rows(w, x, stride, n, out);
+#endif
 }
 
-// 4-bit weights. nibbles32: the 32 values in 16 bytes of a 4-bit row, in
-// order, as int8: each byte's nibbles split, interleaved back (low first) and
-// sign-extended, (v ^ 8) - 8.
+// ---- unpack4: values first .. first + len - 1 of a 4-bit row -> out as int8, for
+// the four-token dot product (dot_i8_x4) to read. nibbles32: the 32 values in
+// 16 bytes of a row, in order, as int8: each byte's nibbles split, interleaved
+// back (low first) and sign-extended, (v ^ 8) - 8.
+
+static inline const int8_t* unpack4_portable(int8_t* out, const int8_t* row, int first, int len) {
+    for (int j = 0; j < len; j++) out[j] = (int8_t)nibble(row, first + j);
+    return out;
+}
+
 #if defined(__SSE2__)
 static inline void nibbles32(const int8_t* bytes, __m128i& v0, __m128i& v1) {
     const __m128i low4 = _mm_set1_epi8(0x0F), k8 = _mm_set1_epi8(8);
@@ -2345,6 +2408,17 @@ static inline void nibbles32(const int8_t* bytes, __m128i& v0, __m128i& v1) {
     v0 = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), k8), k8);
     v1 = _mm_sub_epi8(_mm_xor_si128(_mm_unpackhi_epi8(lo, hi), k8), k8);
 }
+static inline const int8_t* unpack4_sse2(int8_t* out, const int8_t* row, int first, int len) {
+    int j = 0;
+    for (; first % 2 == 0 && j + 32 <= len; j += 32) {  // byte-aligned
+        __m128i v0, v1;
+        nibbles32(row + (first + j) / 2, v0, v1);
+        _mm_storeu_si128((__m128i*)(out + j), v0);
+        _mm_storeu_si128((__m128i*)(out + j + 16), v1);
+    }
+    unpack4_portable(out + j, row, first + j, len - j);
+    return out;
+}
 #elif defined(__ARM_NEON)
 static inline void nibbles32(const int8_t* bytes, int8x16_t& v0, int8x16_t& v1) {
     const uint8x16_t b = vld1q_u8((const uint8_t*)bytes), lo = vandq_u8(b, vdupq_n_u8(0x0F)), hi = vshrq_n_u8(b, 4);
@@ -2352,72 +2426,94 @@ static inline void nibbles32(const int8_t* bytes, int8x16_t& v0, int8x16_t& v1) 
     v0 = vsubq_s8(veorq_s8(vreinterpretq_s8_u8(vzip1q_u8(lo, hi)), k8), k8);
     v1 = vsubq_s8(veorq_s8(vreinterpretq_s8_u8(vzip2q_u8(lo, hi)), k8), k8);
 }
-#endif
-
-// unpack4: values first .. first + len - 1 of a 4-bit row -> out as int8, for
-// the four-token dot product (dot_i8_x4) to read.
-static inline const int8_t* unpack4(int8_t* out, const int8_t* row, int first, int len) {
+static inline const int8_t* unpack4_neon(int8_t* out, const int8_t* row, int first, int len) {
     int j = 0;
-#if defined(__SSE2__) || defined(__ARM_NEON)
     for (; first % 2 == 0 && j + 32 <= len; j += 32) {  // byte-aligned
-#if defined(__SSE2__)
-        __m128i v0, v1;
-        nibbles32(row + (first + j) / 2, v0, v1);
-        _mm_storeu_si128((__m128i*)(out + j), v0);
-        _mm_storeu_si128((__m128i*)(out + j + 16), v1);
-#else
         int8x16_t v0, v1;
         nibbles32(row + (first + j) / 2, v0, v1);
         vst1q_s8(out + j, v0);
         vst1q_s8(out + j + 16, v1);
-#endif
     }
-#endif
-    for (; j < len; j++) out[j] = (int8_t)nibble(row, first + j);
+    unpack4_portable(out + j, row, first + j, len - j);
     return out;
 }
+#endif
 
-// dot_i4: sum of w[j] * x[j] over n values, w being values first .. first + n - 1
+static inline const int8_t* unpack4(int8_t* out, const int8_t* row, int first, int len) {
+#if defined(__SSE2__)
+    return unpack4_sse2(out, row, first, len);
+#elif defined(__ARM_NEON)
+    return unpack4_neon(out, row, first, len);
+#else
+    return unpack4_portable(out, row, first, len);
+#endif
+}
+
+// ---- dot_i4: sum of w[j] * x[j] over n values, w being values first .. first + n - 1
 // of a 4-bit row; exact. The SIMD paths unpack 32 values in registers (storing
 // them for dot_i8 to reload would stall every load on store forwarding), then
-// multiply-add like dot_i8.
-static inline int32_t dot_i4(const int8_t* row, int first, const int8_t* x, int n) {
+// multiply-add like dot_i8; a row that starts mid-byte takes the plain loop.
+
+static inline int32_t dot_i4_portable(const int8_t* row, int first, const int8_t* x, int n) {
     int32_t sum = 0;
-    int j = 0;
-    if (first % 2 == 0) {  // byte-aligned
-#if defined(__AVX512BW__)
-        __m512i acc = _mm512_setzero_si512();
-        for (; j + 32 <= n; j += 32) {
-            __m128i v0, v1;
-            nibbles32(row + (first + j) / 2, v0, v1);
-            const __m512i w = _mm512_cvtepi8_epi16(_mm256_set_m128i(v1, v0));
-            const __m512i xv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(x + j)));
-            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(w, xv));
-        }
-        sum = hsum_8(fold_16_to_8(acc));
-#elif defined(__AVX2__)
-        __m256i acc = _mm256_setzero_si256();
-        for (; j + 32 <= n; j += 32) {
-            __m128i v0, v1;
-            nibbles32(row + (first + j) / 2, v0, v1);
-            const __m256i x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(x + j)));
-            const __m256i x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(x + j + 16)));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepi8_epi16(v0), x0));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepi8_epi16(v1), x1));
-        }
-        sum = hsum_8(acc);
-#elif defined(__ARM_FEATURE_DOTPROD)
-        int32x4_t acc = vdupq_n_s32(0);
-        for (; j + 32 <= n; j += 32) {
-            int8x16_t v0, v1;
-            nibbles32(row + (first + j) / 2, v0, v1);
-            acc = vdotq_s32(vdotq_s32(acc, v0, vld1q_s8(x + j)), v1, vld1q_s8(x + j + 16));
-        }
-        sum = vaddvq_s32(acc);
-#endif
-    }
-    for (; j < n; j++) sum += nibble(row, first + j) * x[j];
+    for (int j = 0; j < n; j++) sum += nibble(row, first + j) * x[j];
     return sum;
+}
+
+#if defined(__AVX2__)
+static inline int32_t dot_i4_avx2(const int8_t* row, int first, const int8_t* x, int n) {
+    __m256i acc = _mm256_setzero_si256();
+    int j = 0;
+    for (; first % 2 == 0 && j + 32 <= n; j += 32) {
+        __m128i v0, v1;
+        nibbles32(row + (first + j) / 2, v0, v1);
+        const __m256i x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(x + j)));
+        const __m256i x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(x + j + 16)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepi8_epi16(v0), x0));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepi8_epi16(v1), x1));
+    }
+    return hsum_8(acc) + dot_i4_portable(row, first + j, x + j, n - j);
+}
+#endif
+
+#if defined(__AVX512BW__)
+static inline int32_t dot_i4_avx512(const int8_t* row, int first, const int8_t* x, int n) {
+    __m512i acc = _mm512_setzero_si512();
+    int j = 0;
+    for (; first % 2 == 0 && j + 32 <= n; j += 32) {
+        __m128i v0, v1;
+        nibbles32(row + (first + j) / 2, v0, v1);
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_set_m128i(v1, v0));
+        const __m512i xv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(x + j)));
+        acc = _mm512_add_epi32(acc, _mm512_madd_epi16(w, xv));
+    }
+    return hsum_8(fold_16_to_8(acc)) + dot_i4_portable(row, first + j, x + j, n - j);
+}
+#endif
+
+#if defined(__ARM_FEATURE_DOTPROD)
+static inline int32_t dot_i4_neon(const int8_t* row, int first, const int8_t* x, int n) {
+    int32x4_t acc = vdupq_n_s32(0);
+    int j = 0;
+    for (; first % 2 == 0 && j + 32 <= n; j += 32) {
+        int8x16_t v0, v1;
+        nibbles32(row + (first + j) / 2, v0, v1);
+        acc = vdotq_s32(vdotq_s32(acc, v0, vld1q_s8(x + j)), v1, vld1q_s8(x + j + 16));
+    }
+    return vaddvq_s32(acc) + dot_i4_portable(row, first + j, x + j, n - j);
+}
+#endif
+
+static inline int32_t dot_i4(const int8_t* row, int first, const int8_t* x, int n) {
+#if defined(__AVX512BW__)
+    return dot_i4_avx512(row, first, x, n);
+#elif defined(__AVX2__)
+    return dot_i4_avx2(row, first, x, n);
+#elif defined(__ARM_FEATURE_DOTPROD)
+    return dot_i4_neon(row, first, x, n);
+#else
+    return dot_i4_portable(row, first, x, n);
+#endif
 }
 
 #if defined(__AVX512VNNI__) && defined(HAS_FMA)
