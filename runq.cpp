@@ -2731,7 +2731,94 @@ static void gemm16(float* out, const QuantizedTensor& x, const QuantizedTensor& 
 // so each step asks for the same bytes kPrefetchRows rows on (two tiles) into L2.
 #if defined(__AVX512VNNI__) && defined(HAS_FMA)
 constexpr int kPrefetchRows = 8;
+
+// The VNNI kernels' share of a tile (matmul_rows' groups 0 .. returned - 1, in
+// acc; the rest go group by group). Four tokens of one row: 4-bit groups of
+// 32, four at a time.
+template <int GS>
+static inline int tokens4_vnni(float acc[4], const QuantizedTensor& row, const QuantizedTensor& w, const int8_t* xq,
+                               const float* const xs[4], int n) {
+    const int quad_groups = GS == kQuad && w.bits == 4 ? 4 * (n / kQuadValues) : 0;  // a multiple of 4
+    if (!quad_groups) return 0;
+    const float* ws[4] = {row.s, row.s, row.s, row.s};
+    __m128 acc4 = _mm_setzero_ps();
+    for (int g = 0; g < quad_groups; g += 4) {
+        __m512i lanes[4];
+        for (int t = 0; t < 4; t++) lanes[t] = dot_i4_lanes(row.q + g * kQuad / 2, x4_of(xq + (size_t)t * n + g * kQuad));
+        acc4 = add_groups4(acc4, sum_lanes4(lanes), scales4x4(xs, g), scales4x4(ws, g));
+    }
+    _mm_storeu_ps(acc, acc4);
+    return quad_groups;
+}
+// One token over the tile's four rows: 8-bit weights by rows4_i8 (whole groups
+// of 32, an even count, or of a multiple of 64; activations with offsets), 4-bit
+// groups of 32 four at a time; prefetching the rows kPrefetchRows on.
+template <int GS>
+static inline int rows4_vnni(float acc[4], const QuantizedTensor row[4], const QuantizedTensor& w, int begin, int d,
+                             int n, const int8_t* xq, const float* xs, const int32_t* offsets) {
+    QuantizedTensor ahead[4];  // the rows to prefetch, clamped to the matrix's last
+    for (int r = 0; r < 4; r++) ahead[r] = w.row(std::min(begin + r + kPrefetchRows, d - 1), n);
+    if constexpr (GS == 32 || GS % 64 == 0) {
+        if (GS != 0 && w.bits == 8 && offsets) {
+            const int whole = n / (GS ? GS : 64), g = GS == 32 ? whole / 2 * 2 : whole;  // a short last group: below
+            _mm_storeu_ps(acc, rows4_i8<GS ? GS : 64>(row, ahead, xq, xs, offsets, g));
+            return g;
+        }
+    }
+    const int quad_groups = GS == kQuad && w.bits == 4 ? 4 * (n / kQuadValues) : 0;
+    if (!quad_groups) return 0;
+    const float *xs4[4] = {xs, xs, xs, xs}, *ws[4] = {row[0].s, row[1].s, row[2].s, row[3].s};
+    __m128 acc4 = _mm_setzero_ps();
+    for (int g = 0; g < quad_groups; g += 4) {
+        const X4 xg = x4_of(xq + g * kQuad);
+        __m512i lanes[4];
+        for (int r = 0; r < 4; r++) {
+            lanes[r] = dot_i4_lanes(row[r].q + g * kQuad / 2, xg);
+            _mm_prefetch((const char*)(ahead[r].q + g * kQuad / 2), _MM_HINT_T1);
+            _mm_prefetch((const char*)(ahead[r].s + g), _MM_HINT_T1);
+        }
+        acc4 = add_groups4(acc4, sum_lanes4(lanes), scales4x4(xs4, g), scales4x4(ws, g));
+    }
+    _mm_storeu_ps(acc, acc4);
+    return quad_groups;
+}
 #endif
+
+// The groups a build's wider kernels take first (VNNI's above), else none.
+template <int GS>
+static inline int tokens4_first(float acc[4], const QuantizedTensor& row, const QuantizedTensor& w, const int8_t* xq,
+                                const float* const xs[4], int n) {
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
+    return tokens4_vnni<GS>(acc, row, w, xq, xs, n);
+#else
+    (void)acc, (void)row, (void)w, (void)xq, (void)xs, (void)n;
+    return 0;
+#endif
+}
+template <int GS>
+static inline int rows4_first(float acc[4], const QuantizedTensor row[4], const QuantizedTensor& w, int begin, int d,
+                              int n, const int8_t* xq, const float* xs, const int32_t* offsets) {
+#if defined(__AVX512VNNI__) && defined(HAS_FMA)
+    return rows4_vnni<GS>(acc, row, w, begin, d, n, xq, xs, offsets);
+#else
+    (void)acc, (void)row, (void)w, (void)begin, (void)d, (void)n, (void)xq, (void)xs, (void)offsets;
+    return 0;
+#endif
+}
+
+// add_groups_x4: add_group for four tokens' dot products of group g with one
+// row (scale sw): with AVX-512 and FMA in the four lanes of one register, the
+// same multiply and fused multiply-add per lane, so the same sums.
+static inline void add_groups_x4(float acc[4], const int32_t dots[4], const float* const xs[4], int g, float sw) {
+#if defined(__AVX512BW__) && defined(HAS_FMA)
+    const __m128 sx = _mm_set_ps(xs[3][g], xs[2][g], xs[1][g], xs[0][g]);
+    const __m128 dx = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)dots)), sx);
+    _mm_storeu_ps(acc, _mm_fmadd_ps(dx, _mm_set1_ps(sw), _mm_loadu_ps(acc)));
+#else
+    for (int t = 0; t < 4; t++) acc[t] = add_group(acc[t], dots[t], xs[t][g], sw);
+#endif
+}
+
 template <int GS>
 static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTensor& w, int n, int d, int nb,
                         int begin, int end) {
@@ -2739,10 +2826,6 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
     const auto len = [&](int g) { return GS && n % (GS ? GS : 1) == 0 ? GS : std::min(gs, n - g * gs); };
     QuantizedTensor row[4];  // the tile's rows; missing ones repeat the first (computed, never stored)
     for (int r = 0; r < 4; r++) row[r] = w.row(begin + (r < rows ? r : 0), n);
-#if defined(__AVX512VNNI__) && defined(HAS_FMA)
-    // the groups taken four at a time (a multiple of 4), the rest one by one
-    const int quad_groups = GS == kQuad && w.bits == 4 ? 4 * (n / kQuadValues) : 0;
-#endif
     alignas(64) int8_t unpacked[kMaxGroup4];
     int b = 0;
     for (; b + 4 <= nb; b += 4)  // four tokens of a prompt block, row by row
@@ -2751,32 +2834,11 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
             const float* xs[4];
             for (int t = 0; t < 4; t++) xs[t] = x.s + (size_t)(b + t) * groups;
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            int g = 0;
-#if defined(__AVX512VNNI__) && defined(HAS_FMA)
-            if (quad_groups) {
-                const float* ws[4] = {row[r].s, row[r].s, row[r].s, row[r].s};
-                __m128 acc4 = _mm_setzero_ps();
-                for (; g < quad_groups; g += 4) {
-                    __m512i lanes[4];
-                    for (int t = 0; t < 4; t++)
-                        lanes[t] = dot_i4_lanes(row[r].q + g * kQuad / 2, x4_of(xq + (size_t)t * n + g * kQuad));
-                    acc4 = add_groups4(acc4, sum_lanes4(lanes), scales4x4(xs, g), scales4x4(ws, g));
-                }
-                _mm_storeu_ps(acc, acc4);
-            }
-#endif
-            for (; g < groups; g++) {
+            for (int g = tokens4_first<GS>(acc, row[r], w, xq, xs, n); g < groups; g++) {
                 const int8_t* wg = w.bits == 4 ? unpack4(unpacked, row[r].q, g * gs, len(g)) : row[r].q + g * gs;
                 int32_t dots[4];
                 dot_i8_x4(wg, xq + g * gs, n, len(g), dots);
-#if defined(__AVX512BW__) && defined(HAS_FMA)
-                // add_group for the four tokens in the four lanes of one register
-                const __m128 sx = _mm_set_ps(xs[3][g], xs[2][g], xs[1][g], xs[0][g]);
-                const __m128 dx = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)dots)), sx);
-                _mm_storeu_ps(acc, _mm_fmadd_ps(dx, _mm_set1_ps(row[r].s[g]), _mm_loadu_ps(acc)));
-#else
-                for (int t = 0; t < 4; t++) acc[t] = add_group(acc[t], dots[t], xs[t][g], row[r].s[g]);
-#endif
+                add_groups_x4(acc, dots, xs, g, row[r].s[g]);
             }
             for (int t = 0; t < 4; t++) out[(size_t)(b + t) * d + begin + r] = acc[t];
         }
@@ -2784,33 +2846,7 @@ static void matmul_rows(float* out, const QuantizedTensor& x, const QuantizedTen
         const int8_t* xq = x.q + (size_t)b * n;
         const float* xs = x.s + (size_t)b * groups;
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        int g = 0;
-#if defined(__AVX512VNNI__) && defined(HAS_FMA)
-        QuantizedTensor ahead[4];  // the rows to prefetch, clamped to the matrix's last
-        for (int r = 0; r < 4; r++) ahead[r] = w.row(std::min(begin + r + kPrefetchRows, d - 1), n);
-        if constexpr (GS == 32 || GS % 64 == 0) {
-            if (GS != 0 && w.bits == 8 && x.offsets) {
-                const int whole = n / gs;  // a short last group takes the path below
-                g = GS == 32 ? whole / 2 * 2 : whole;
-                _mm_storeu_ps(acc, rows4_i8<GS ? GS : 64>(row, ahead, xq, xs, x.offsets + (size_t)b * groups, g));
-            }
-        }
-        if (quad_groups) {
-            const float *xs4[4] = {xs, xs, xs, xs}, *ws[4] = {row[0].s, row[1].s, row[2].s, row[3].s};
-            __m128 acc4 = _mm_setzero_ps();
-            for (; g < quad_groups; g += 4) {
-                const X4 xg = x4_of(xq + g * kQuad);
-                __m512i lanes[4];
-                for (int r = 0; r < 4; r++) {
-                    lanes[r] = dot_i4_lanes(row[r].q + g * kQuad / 2, xg);
-                    _mm_prefetch((const char*)(ahead[r].q + g * kQuad / 2), _MM_HINT_T1);
-                    _mm_prefetch((const char*)(ahead[r].s + g), _MM_HINT_T1);
-                }
-                acc4 = add_groups4(acc4, sum_lanes4(lanes), scales4x4(xs4, g), scales4x4(ws, g));
-            }
-            _mm_storeu_ps(acc, acc4);
-        }
-#endif
+        const int g = rows4_first<GS>(acc, row, w, begin, d, n, xq, xs, x.offsets ? x.offsets + (size_t)b * groups : nullptr);
         for (int r = 0; r < rows; r++) {
             for (int k = g; k < groups; k++)
                 acc[r] = add_group(acc[r], w.bits == 4 ? dot_i4(row[r].q, k * gs, xq + k * gs, len(k))
