@@ -2260,7 +2260,7 @@ static inline int dot_i8_avx2_lanes(__m256i& acc, const int8_t* a, const int8_t*
     }
     return i;
 }
-static inline int32_t dot_i8_avx2(const int8_t* a, const int8_t* b, int n) {
+[[maybe_unused]] static inline int32_t dot_i8_avx2(const int8_t* a, const int8_t* b, int n) {
     __m256i acc = _mm256_setzero_si256();
     const int i = dot_i8_avx2_lanes(acc, a, b, 0, n);
     return hsum_8(acc) + dot_i8_portable(a + i, b + i, n - i);
@@ -2274,7 +2274,7 @@ static inline __m256i fold_16_to_8(__m512i v) {
     return _mm256_add_epi32(_mm512_maskz_extracti64x4_epi64(0xF, v, 0), _mm512_maskz_extracti64x4_epi64(0xF, v, 1));
 }
 // Bytes i .. i + 63 of p, zeros past n.
-static inline __m512i load_i8x64(const int8_t* p, int i, int n) {
+[[maybe_unused]] static inline __m512i load_i8x64(const int8_t* p, int i, int n) {
     return n - i >= 64 ? _mm512_loadu_si512(p + i) : _mm512_maskz_loadu_epi8(~0ULL >> (64 - (n - i)), p + i);
 }
 // Four int32 vectors' sums, 128-bit block by block: block k of the result is
@@ -2289,7 +2289,7 @@ static inline __m512i sum_lanes4(const __m512i a[4]) {
     return _mm512_add_epi32(_mm512_maskz_unpacklo_epi64(0xFF, s01, s23), _mm512_maskz_unpackhi_epi64(0xFF, s01, s23));
 }
 // 32 values at a time into 16 lanes, then AVX2's 16 at a time.
-static inline int32_t dot_i8_avx512(const int8_t* a, const int8_t* b, int n) {
+[[maybe_unused]] static inline int32_t dot_i8_avx512(const int8_t* a, const int8_t* b, int n) {
     __m512i acc512 = _mm512_setzero_si512();
     int i = 0;
     for (; i + 32 <= n; i += 32) {
@@ -2304,7 +2304,7 @@ static inline int32_t dot_i8_avx512(const int8_t* a, const int8_t* b, int n) {
 #endif
 
 #if defined(__ARM_FEATURE_DOTPROD)
-static inline int32_t dot_i8_neon(const int8_t* a, const int8_t* b, int n) {
+[[maybe_unused]] static inline int32_t dot_i8_neon(const int8_t* a, const int8_t* b, int n) {
     int32x4_t acc = vdupq_n_s32(0);
     int i = 0;
     for (; i + 16 <= n; i += 16) acc = vdotq_s32(acc, vld1q_s8(a + i), vld1q_s8(b + i));
@@ -2335,7 +2335,7 @@ static inline int32_t dot_i8(const int8_t* a, const int8_t* b, int n) {
 // loads read the tail (n % 64) as zeros. With AVX-512BW alone, the weights are
 // widened to int16 once for all four. Elsewhere, four dot_i8.
 
-static inline void dot_i8_x4_rows(const int8_t* w, const int8_t* x, size_t stride, int n, int32_t out[4]) {
+[[maybe_unused]] static inline void dot_i8_x4_rows(const int8_t* w, const int8_t* x, size_t stride, int n, int32_t out[4]) {
     for (int t = 0; t < 4; t++) out[t] = dot_i8(w, x + t * stride, n);
 }
 
@@ -2349,7 +2349,7 @@ static inline void dot_i8_x4_finish(const __m512i acc[4], const int8_t* w, const
     if (i < n)
         for (int t = 0; t < 4; t++) out[t] += dot_i8(w + i, x + t * stride + i, n - i);
 }
-static inline void dot_i8_x4_avx512(const int8_t* w, const int8_t* x, size_t stride, int n, int32_t out[4]) {
+[[maybe_unused]] static inline void dot_i8_x4_avx512(const int8_t* w, const int8_t* x, size_t stride, int n, int32_t out[4]) {
     __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     int i = 0;
     for (; i + 32 <= n; i += 32) {
@@ -2364,7 +2364,7 @@ static inline void dot_i8_x4_avx512(const int8_t* w, const int8_t* x, size_t str
 #endif
 
 #if defined(__AVX512VNNI__)
-static inline void dot_i8_x4_vnni(const int8_t* w, const int8_t* x, size_t stride, int n, int32_t out[4]) {
+[[maybe_unused]] static inline void dot_i8_x4_vnni(const int8_t* w, const int8_t* x, size_t stride, int n, int32_t out[4]) {
     __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     const __m512i k128 = _mm512_set1_epi8((char)0x80);
     __m512i offset = _mm512_setzero_si512();
@@ -2408,7 +2408,7 @@ static inline void nibbles32(const int8_t* bytes, __m128i& v0, __m128i& v1) {
     v0 = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), k8), k8);
     v1 = _mm_sub_epi8(_mm_xor_si128(_mm_unpackhi_epi8(lo, hi), k8), k8);
 }
-static inline const int8_t* unpack4_sse2(int8_t* out, const int8_t* row, int first, int len) {
+[[maybe_unused]] static inline const int8_t* unpack4_sse2(int8_t* out, const int8_t* row, int first, int len) {
     int j = 0;
     for (; first % 2 == 0 && j + 32 <= len; j += 32) {  // byte-aligned
         __m128i v0, v1;
@@ -2426,7 +2426,7 @@ static inline void nibbles32(const int8_t* bytes, int8x16_t& v0, int8x16_t& v1) 
     v0 = vsubq_s8(veorq_s8(vreinterpretq_s8_u8(vzip1q_u8(lo, hi)), k8), k8);
     v1 = vsubq_s8(veorq_s8(vreinterpretq_s8_u8(vzip2q_u8(lo, hi)), k8), k8);
 }
-static inline const int8_t* unpack4_neon(int8_t* out, const int8_t* row, int first, int len) {
+[[maybe_unused]] static inline const int8_t* unpack4_neon(int8_t* out, const int8_t* row, int first, int len) {
     int j = 0;
     for (; first % 2 == 0 && j + 32 <= len; j += 32) {  // byte-aligned
         int8x16_t v0, v1;
@@ -2461,7 +2461,7 @@ static inline int32_t dot_i4_portable(const int8_t* row, int first, const int8_t
 }
 
 #if defined(__AVX2__)
-static inline int32_t dot_i4_avx2(const int8_t* row, int first, const int8_t* x, int n) {
+[[maybe_unused]] static inline int32_t dot_i4_avx2(const int8_t* row, int first, const int8_t* x, int n) {
     __m256i acc = _mm256_setzero_si256();
     int j = 0;
     for (; first % 2 == 0 && j + 32 <= n; j += 32) {
@@ -2477,7 +2477,7 @@ static inline int32_t dot_i4_avx2(const int8_t* row, int first, const int8_t* x,
 #endif
 
 #if defined(__AVX512BW__)
-static inline int32_t dot_i4_avx512(const int8_t* row, int first, const int8_t* x, int n) {
+[[maybe_unused]] static inline int32_t dot_i4_avx512(const int8_t* row, int first, const int8_t* x, int n) {
     __m512i acc = _mm512_setzero_si512();
     int j = 0;
     for (; first % 2 == 0 && j + 32 <= n; j += 32) {
@@ -2492,7 +2492,7 @@ static inline int32_t dot_i4_avx512(const int8_t* row, int first, const int8_t* 
 #endif
 
 #if defined(__ARM_FEATURE_DOTPROD)
-static inline int32_t dot_i4_neon(const int8_t* row, int first, const int8_t* x, int n) {
+[[maybe_unused]] static inline int32_t dot_i4_neon(const int8_t* row, int first, const int8_t* x, int n) {
     int32x4_t acc = vdupq_n_s32(0);
     int j = 0;
     for (; first % 2 == 0 && j + 32 <= n; j += 32) {
